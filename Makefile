@@ -1,0 +1,29 @@
+# `make demo`: install, train the tiny preset on input.txt (or the default corpus), quantize, serve the app.
+# `make test`: install and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+MINUTES ?= 3
+
+.PHONY: install test demo clean
+
+install: $(VENV)/.installed
+
+# torch goes in first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) train.py --preset tiny --time-budget-min $(MINUTES) --output-dir $(OUT)/toygpt --overwrite
+	$(PY) quantize.py $(OUT)/toygpt $(OUT)/toygpt-int8 --overwrite
+	TOYGPT_MODEL=$(OUT)/toygpt-int8 $(PY) space/app.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

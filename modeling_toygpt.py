@@ -1,0 +1,249 @@
+"""ToyGPT: the GPT-2 decoder as nanoGPT writes it, shaped as a transformers model.
+
+Shapes: B batch, T new tokens, P tokens already in the KV cache, S = P + T keys, C n_embd, nh heads, hs = C // nh.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:
+    from .configuration_toygpt import ToyGPTConfig
+except ImportError:  # imported as a plain module (repo checkout, tests)
+    from configuration_toygpt import ToyGPTConfig
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # scaled init, see _init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs): past keys/values + these T
+        # attn_mask is None exactly when plain top-left causal masking is right (no padding, no offset).
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T > 1,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # scaled init, see _init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def build_attention_mask(attention_mask, T, P):
+    """None when SDPA's built-in causal mask is right; else a bool (B, 1, T, S) mask, True = may attend.
+
+    attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, or None.
+    """
+    has_padding = attention_mask is not None and not bool(attention_mask.all())
+    if not has_padding and (P == 0 or T == 1):
+        return None  # no padding; and either no cache offset, or one query that may see every key
+    S = P + T
+    device = attention_mask.device if attention_mask is not None else None
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=P)  # query i sees keys <= P + i
+    mask = causal[None, None]  # (1, 1, T, S)
+    if has_padding:
+        mask = mask & attention_mask[:, None, None, -S:].bool()  # (B, 1, T, S)
+        # A padding query sees no key at all; let it see every key so softmax stays finite. Its output is never used.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class ToyGPTPreTrainedModel(PreTrainedModel):
+    config_class = ToyGPTConfig
+    config: ToyGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        # GPT-2 init: N(0, 0.02) for matrices and embeddings, zeros for biases, ones for LayerNorm gains;
+        # residual output projections scaled by 1/sqrt(2 * n_layer) (two residual adds per block).
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class ToyGPTModel(ToyGPTPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        cache=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        B, T, C = inputs_embeds.size()
+
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputing a block would write its keys/values into the cache twice
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        P = cache.get_seq_length() if cache is not None else 0
+        if P + T > self.config.block_size:
+            raise ValueError(
+                f"Sequence length {P + T} ({P} cached + {T} new tokens) exceeds the model's context "
+                f"block_size={self.config.block_size}. Truncate the input (keep the last {self.config.block_size} "
+                "tokens) or lower max_new_tokens."
+            )
+
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: count positions from each row's first real token, as if it were alone.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(P, P + T, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
+
+        x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        attn_mask = build_attention_mask(attention_mask, T, P)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states += (x,)
+            x = block(x, attn_mask=attn_mask, cache=cache)
+        x = self.ln_f(x)
+        if output_hidden_states:
+            all_hidden_states += (x,)
+        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache, hidden_states=all_hidden_states)
+
+
+class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = ToyGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        cache=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.transformer(
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        x = out.last_hidden_state  # (B, T, C)
+        if logits_to_keep:  # generate() only needs the last position's logits
+            x = x[:, -logits_to_keep:, :]
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if labels is not None:
+            # labels are the inputs: position t predicts token t+1; -100 is ignored.
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
+        )
+
+
+ToyGPTConfig.register_for_auto_class()
+ToyGPTModel.register_for_auto_class("AutoModel")
+ToyGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["ToyGPTPreTrainedModel", "ToyGPTModel", "ToyGPTForCausalLM"]
