@@ -46,6 +46,11 @@ class ToyGPTConfig(PretrainedConfig):
         use_cache=True,
         **kwargs,
     ):
+        # Standard names (hidden_size=...) must go through validation too, not land via attribute_map afterwards.
+        n_embd = kwargs.pop("hidden_size", n_embd)
+        n_layer = kwargs.pop("num_hidden_layers", n_layer)
+        n_head = kwargs.pop("num_attention_heads", n_head)
+        block_size = kwargs.pop("max_position_embeddings", block_size)
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.n_embd = n_embd

@@ -1,0 +1,91 @@
+"""Training tokens/s of ToyGPT against transformers' GPT2LMHeadModel on the same config, batch and AdamW.
+
+    OMP_NUM_THREADS=2 flock /tmp/toygpt-cpu.lock python bench/train_throughput.py [--steps 8] [--batch-size 8]
+
+Both models are built from one ToyGPTConfig (GPT2Config mapped by convert_gpt2), start from the same weights, see
+the same batches and use train.py's optimizer (AdamW, decay on matrices). Steps alternate between the two models
+so that CPU contention from other processes hits both alike. Prints tokens/s and the ToyGPT / GPT-2 ratio
+(target >= 1.1x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configuration_toygpt import ToyGPTConfig  # noqa: E402
+from convert_gpt2 import gpt2_config_from_toygpt, toygpt_to_gpt2  # noqa: E402
+from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
+from train import build_optimizer  # noqa: E402
+
+CONFIGS = {
+    "tiny": ToyGPTConfig.from_preset("tiny"),
+    "mid": ToyGPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+TARGET = 1.1
+
+
+def train_step(model, optimizer, batch, amp_dtype):
+    ctx = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def compare(config: ToyGPTConfig, batch_size: int, steps: int, warmup: int, amp_dtype=None) -> dict:
+    torch.manual_seed(0)
+    toygpt = ToyGPTForCausalLM(config)
+    gpt2 = toygpt_to_gpt2(toygpt)  # same weights
+    gpt2.config._attn_implementation = "sdpa"
+    assert gpt2_config_from_toygpt(config).n_embd == config.n_embd
+    opt_args = argparse.Namespace(lr=1e-4, weight_decay=0.1)
+    models = {"toygpt": toygpt, "gpt2": gpt2}
+    optimizers = {name: build_optimizer(m, opt_args, torch.device("cpu")) for name, m in models.items()}
+    seconds = {name: 0.0 for name in models}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(warmup + steps):
+        batch = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=gen)
+        order = list(models) if i % 2 == 0 else list(reversed(models))
+        for name in order:
+            t0 = time.perf_counter()
+            train_step(models[name], optimizers[name], batch, amp_dtype)
+            if i >= warmup:
+                seconds[name] += time.perf_counter() - t0
+    tokens = steps * batch_size * config.block_size
+    return {name: tokens / s for name, s in seconds.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both models")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, batch {args.batch_size}, {args.steps} timed steps each")
+    for name in args.configs:
+        config = CONFIGS[name]
+        result = compare(config, args.batch_size, args.steps, args.warmup, torch.bfloat16 if args.bf16 else None)
+        ratio = result["toygpt"] / result["gpt2"]
+        verdict = "ok" if ratio >= TARGET else f"below the {TARGET}x target"
+        print(f"{name:5s} (L{config.n_layer} H{config.n_head} C{config.n_embd} T{config.block_size}): "
+              f"ToyGPT {result['toygpt']:,.0f} tok/s, GPT2LMHeadModel {result['gpt2']:,.0f} tok/s, "
+              f"ratio {ratio:.2f}x ({verdict})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

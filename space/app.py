@@ -1,0 +1,330 @@
+"""ToyGPT Space: sample text from a ToyGPT model, streamed token by token, up to five sequences side by side.
+
+Which model: TOYGPT_MODEL (Hub repo id or local directory), else `model_id.txt` beside this file (the push step
+writes it), else ../out/toygpt-int8 or ../out/toygpt. On CPU the int8 variant is preferred: subfolder `int8` of
+the model repo/dir when present. TOYGPT_VARIANT=fp32|int8|auto (default auto) overrides; TOYGPT_REVISION picks
+a Hub branch. Self-contained on purpose: a Space is deployed alone, so this imports pip packages only.
+
+    TOYGPT_MODEL=out/toygpt-int8 python space/app.py        # http://127.0.0.1:7860 (GRADIO_SERVER_PORT to change)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+
+import gradio as gr
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+APP_DIR = Path(__file__).resolve().parent
+VARIANTS = ("auto", "fp32", "int8")
+INT8_SUBFOLDER = "int8"
+MAX_SEQUENCES = 5
+MAX_NEW_TOKENS = 512  # slider cap; a smaller model context lowers it further
+CONCURRENCY_LIMIT = 1  # one generation at a time: it already uses every CPU core, and seeds stay reproducible
+EXAMPLES = [
+    "Hello, my name is",
+    "ROMEO:",
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "To be, or not to be",
+]
+EMPTY_PROMPT_MESSAGE = "Please type a prompt first, or pick one of the examples (e.g. “ROMEO:”)."
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    precision: str  # "int8" or "fp32"
+    device: str
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def max_new_tokens(self) -> int:
+        return max(1, min(MAX_NEW_TOKENS, self.context - 1))  # at least one prompt token must fit
+
+    def describe(self) -> str:
+        return f"`{self.model_id}` · {self.precision} · {self.device} · {self.context}-token context"
+
+
+def default_model_id(variant: str = "auto") -> str:
+    """TOYGPT_MODEL, else model_id.txt beside this file, else the `make demo` output dirs."""
+    if os.environ.get("TOYGPT_MODEL"):
+        return os.environ["TOYGPT_MODEL"]
+    config_file = APP_DIR / "model_id.txt"
+    if config_file.is_file() and config_file.read_text().strip():
+        value = config_file.read_text().strip()
+        return str(APP_DIR / value) if (APP_DIR / value).is_dir() else value  # a relative dir or a repo id
+    names = ["toygpt"] if variant == "fp32" else ["toygpt-int8", "toygpt"]
+    for name in names:
+        if (APP_DIR.parent / "out" / name / "config.json").is_file():
+            return str(APP_DIR.parent / "out" / name)
+    raise SystemExit(
+        "No model to serve: set TOYGPT_MODEL to a Hub repo id or a model directory (e.g. "
+        "`TOYGPT_MODEL=out/toygpt-int8 python space/app.py`), or write one into space/model_id.txt, "
+        "or run `make demo` to train and quantize one into out/."
+    )
+
+
+def has_int8_subfolder(model_id: str, revision: str | None = None) -> bool:
+    """Whether the model dir / Hub repo carries the int8 variant in subfolder `int8`."""
+    if Path(model_id).is_dir():
+        return (Path(model_id) / INT8_SUBFOLDER / "config.json").is_file()
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    filename = f"{INT8_SUBFOLDER}/config.json"
+    if constants.HF_HUB_OFFLINE:  # only the local cache can answer
+        return isinstance(huggingface_hub.try_to_load_from_cache(model_id, filename, revision=revision), str)
+    return huggingface_hub.file_exists(model_id, filename, revision=revision)
+
+
+def load_model(model_id: str, variant: str = "auto", revision: str | None = None) -> LoadedModel:
+    """Load model + tokenizer with the auto classes, from subfolder `int8` when that variant is chosen."""
+    if variant not in VARIANTS:
+        raise ValueError(f"TOYGPT_VARIANT must be one of {', '.join(VARIANTS)}; got {variant!r}.")
+    cuda = torch.cuda.is_available()
+    # int8 kernels are a CPU speed-up; on a GPU the fp32 weights are the fast choice.
+    want_int8 = variant == "int8" or (variant == "auto" and not cuda)
+    subfolder = INT8_SUBFOLDER if want_int8 and has_int8_subfolder(model_id, revision) else ""
+    # trust_remote_code for the tokenizer too: AutoTokenizer reads config.json, whose auto_map names the remote code.
+    kwargs = dict(subfolder=subfolder, revision=revision, trust_remote_code=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    except OSError as err:
+        where = f"{model_id}/{subfolder}" if subfolder else model_id
+        raise SystemExit(
+            f"Could not load the model from {where!r}: it is neither a complete local model directory nor a "
+            f"reachable Hub repo. Check TOYGPT_MODEL (or space/model_id.txt). Details: {err}"
+        ) from err
+    precision = "int8" if getattr(model.config, "quantization", None) else "fp32"
+    if variant != "auto" and precision != variant:
+        raise SystemExit(
+            f"TOYGPT_VARIANT={variant}, but {model_id!r} holds {precision} weights and no {variant} variant; "
+            "point TOYGPT_MODEL at the other model dir, or leave TOYGPT_VARIANT unset (auto)."
+        )
+    device = "cuda" if cuda and precision == "fp32" else "cpu"
+    return LoadedModel(model.to(device).eval(), tokenizer, model_id, precision, device)
+
+
+class BatchTextStreamer(BaseStreamer):
+    """TextIteratorStreamer for a batch: after each step, yields every sequence's new text so far.
+
+    Whole-sequence decoding each step keeps multi-byte characters split over tokens correct once complete.
+    """
+
+    def __init__(self, tokenizer, batch_size: int):
+        self.tokenizer = tokenizer
+        self.token_ids = [[] for _ in range(batch_size)]
+        self.queue: Queue = Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        for ids, token in zip(self.token_ids, value.reshape(-1).tolist()):
+            ids.append(token)
+        texts = [
+            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for ids in self.token_ids
+        ]
+        self.queue.put(texts)
+
+    def end(self):
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (texts := self.queue.get()) is not None:
+            while not self.queue.empty():  # skip snapshots the browser has not had time for
+                newer = self.queue.get()
+                if newer is None:
+                    yield texts
+                    return
+                texts = newer
+            yield texts
+
+    @property
+    def steps(self) -> int:
+        return len(self.token_ids[0])
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation early once the request is gone (Stop button, closed tab, client timeout)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def clamp(value, low, high):
+    return max(low, min(high, value))
+
+
+def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed):
+    """Yield (texts, status) as tokens arrive: `texts` has one prompt+continuation per sequence.
+
+    Out-of-range values are clamped (the sliders reject them first in the app); temperature 0 means greedy;
+    `seed` is a whole number (as text or int) or blank for a random one.
+    """
+    if not prompt or not prompt.strip():
+        yield [], EMPTY_PROMPT_MESSAGE
+        return
+    num_sequences = int(clamp(int(num_sequences), 1, MAX_SEQUENCES))
+    max_new_tokens = int(clamp(int(max_new_tokens), 1, loaded.max_new_tokens))
+    temperature = max(0.0, float(temperature))
+    top_k = max(0, int(top_k))  # 0 = no top-k filtering
+    top_p = clamp(float(top_p), 0.01, 1.0)
+    seed = str(seed if seed is not None else "").strip()
+    if not seed:
+        seed = random.randrange(2**32)
+    elif not seed.isdigit() or int(seed) >= 2**32:
+        yield [], f"The seed must be a whole number from 0 to {2**32 - 1}, or blank for a random one; got {seed!r}."
+        return
+    seed = int(seed)
+
+    notes = []
+    prompt_ids = loaded.tokenizer(prompt, verbose=False)["input_ids"]  # long ones are cut below
+    room = loaded.context - max_new_tokens  # prompt + new tokens must fit the context
+    if len(prompt_ids) > room:
+        prompt_ids = prompt_ids[-room:]
+        prompt = loaded.tokenizer.decode(prompt_ids, clean_up_tokenization_spaces=False)
+        notes.append(
+            f"⚠️ The prompt was cut to its last {room} tokens so that it plus {max_new_tokens} new tokens "
+            f"fit the model's {loaded.context}-token context."
+        )
+
+    streamer = BatchTextStreamer(loaded.tokenizer, num_sequences)
+    stop = threading.Event()
+    input_ids = torch.tensor([prompt_ids] * num_sequences, device=loaded.device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    generate_kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        **(sampling if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)),
+        pad_token_id=loaded.tokenizer.eos_token_id,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+    )
+    errors = []
+
+    def run():
+        try:
+            torch.manual_seed(seed)  # the global generator: CONCURRENCY_LIMIT = 1 keeps this reproducible
+            with torch.inference_mode():
+                loaded.model.generate(**generate_kwargs)
+        except Exception as err:  # surfaced to the user below instead of hanging the stream
+            errors.append(err)
+            streamer.end()
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    texts = [""] * num_sequences
+    try:
+        for texts in streamer:
+            yield [prompt + text for text in texts], f"Generating… {streamer.steps}/{max_new_tokens} tokens"
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise gr.Error(f"Generation failed: {errors[0]}")
+    seconds = time.perf_counter() - start
+    tokens = streamer.steps * num_sequences
+    status = (
+        f"{loaded.describe()} · last answer: {streamer.steps} tokens × {num_sequences} in {seconds:.2f} s "
+        f"= **{tokens / seconds:.1f} tokens/s** · seed {seed}"
+    )
+    yield [prompt + text for text in texts], "\n\n".join([status, *notes])
+
+
+def build_demo(model_id: str | None = None, variant: str | None = None, revision: str | None = None) -> gr.Blocks:
+    """The Gradio app around one loaded model; `model_id=None` picks it as `python app.py` does."""
+    variant = variant or os.environ.get("TOYGPT_VARIANT", "auto")
+    revision = revision or os.environ.get("TOYGPT_REVISION") or None
+    loaded = load_model(model_id or default_model_id(variant), variant, revision)
+
+    def generate(prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed):
+        for texts, status in generate_stream(
+            loaded, prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed
+        ):
+            if not texts:  # the input was refused: say why in a toast too
+                gr.Warning(status)
+            yield *texts, *[""] * (MAX_SEQUENCES - len(texts)), status
+
+    with gr.Blocks(title="ToyGPT", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# ToyGPT\nA small GPT-2-style language model. Type a prompt and press **Generate**; "
+            "the text streams in as it is sampled."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="ROMEO:", autofocus=True)
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary")
+                    stop_button = gr.Button("Stop", variant="stop")
+                gr.Examples(EXAMPLES, inputs=prompt, cache_examples=False)
+            with gr.Column(scale=2):
+                max_new_tokens = gr.Slider(  # the default leaves half the context for the prompt
+                    1, loaded.max_new_tokens, value=min(100, loaded.context // 2), step=1, label="Max new tokens"
+                )
+                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
+                num_sequences = gr.Slider(1, MAX_SEQUENCES, value=1, step=1, label="Number of sequences")
+                # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty.
+                seed = gr.Textbox(label="Seed", placeholder="blank = random", max_lines=1)
+        with gr.Row():
+            outputs = [
+                gr.Textbox(
+                    label=f"Sequence {i + 1}", lines=12, visible=i == 0, buttons=["copy"], elem_id=f"sequence-{i + 1}"
+                )
+                for i in range(MAX_SEQUENCES)
+            ]
+        status = gr.Markdown(f"{loaded.describe()} · ready")
+
+        num_sequences.change(
+            lambda n: [gr.Textbox(visible=i < n) for i in range(MAX_SEQUENCES)],
+            inputs=num_sequences,
+            outputs=outputs,
+            api_visibility="private",
+        )
+        event = gr.on(
+            [generate_button.click, prompt.submit],
+            generate,
+            inputs=[prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed],
+            outputs=[*outputs, status],
+            api_name="generate",
+            show_progress="minimal",
+        )
+        stop_button.click(None, cancels=[event])
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=32)
+    return demo
+
+
+def main():
+    demo = build_demo()
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+    )
+
+
+if __name__ == "__main__":
+    main()

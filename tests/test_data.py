@@ -1,0 +1,320 @@
+"""data.py: the split, input validation, the training stream (shuffle, ranks, exact resume), val windows,
+the offline default corpus, and memory that does not grow with the file size."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import bpe
+import data
+from conftest import run_python
+
+BLOCK = 16
+
+
+def write(path, text):
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def numbered_lines(n, tag="L", extra=""):
+    """Text whose lines carry unique markers `<tag>000123;`, so any window can be traced to its lines."""
+    return "".join(f"{tag}{i:06d}; a line of some text{extra} number {i:06d}\n" for i in range(n))
+
+
+def marker_ids(window, tag="L"):
+    return set(re.findall(rf"{tag}(\d{{6}});", bpe.decode(window.tolist())))
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split
+
+
+@pytest.mark.parametrize("scan_chunk", [7, 1 << 20])
+def test_split_is_nanogpt_split_by_characters(tmp_path, monkeypatch, scan_chunk):
+    # Multi-byte characters everywhere, so characters != bytes; tiny scan chunks split sequences across reads.
+    monkeypatch.setattr(data, "SCAN_CHUNK", scan_chunk)
+    text = "".join(f"ligne {i}: café, naïve — 🙂 {'é' * (i % 5)}\n" for i in range(300))
+    path = write(tmp_path / f"in{scan_chunk}.txt", text)
+    split = data.split_text(path)
+    n = len(text)
+    assert (split.n_chars, split.train_chars) == (n, int(n * 0.9))
+    raw = path.read_bytes()
+    assert raw[: split.boundary_byte].decode("utf-8") == text[: int(n * 0.9)]
+    assert raw[split.boundary_byte :].decode("utf-8") == text[int(n * 0.9) :]
+
+
+def test_train_and_val_windows_never_mix(tmp_path):
+    # The first 90% of characters use only "train" words, the last 10% only "valid" words.
+    train_text = numbered_lines(900, "T")
+    val_text = numbered_lines(100, "V")
+    assert len(train_text) == 9 * len(val_text)
+    path = write(tmp_path / "marked.txt", train_text + val_text)
+    assert data.split_text(path).train_chars == len(train_text)
+
+    stream = data.TrainWindows(path, BLOCK, shuffle_buffer=32)
+    for window in take(stream, 600):  # more than one epoch
+        decoded = bpe.decode(window.tolist())
+        assert "V" not in decoded and "T" in decoded
+        assert decoded in train_text
+    val = data.val_windows(path, BLOCK)
+    for window in val.windows:
+        decoded = bpe.decode(window.tolist())
+        assert "T" not in decoded and "V" in decoded
+        assert decoded in val_text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input validation
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(data.InputError, match=r"does not exist.*--input"):
+        data.resolve_input(str(tmp_path / "nope.txt"), BLOCK)
+
+
+def test_empty_file(tmp_path):
+    with pytest.raises(data.InputError, match="is empty"):
+        data.validate_input(write(tmp_path / "empty.txt", ""), BLOCK)
+
+
+def test_directory_is_rejected(tmp_path):
+    with pytest.raises(data.InputError, match="not a regular file"):
+        data.validate_input(tmp_path, BLOCK)
+
+
+@pytest.mark.parametrize(
+    "prefix_len, bad",
+    [
+        (0, b"\xff"),
+        (3_000_001, b"\xc3("),  # far past the first 1 MiB scan chunk: found while streaming
+        ((1 << 20) - 1, b"\xe2\x82"),  # a 3-byte sequence cut short, straddling the chunk boundary
+    ],
+)
+def test_not_utf8_names_first_bad_byte(tmp_path, prefix_len, bad):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"a" * prefix_len + bad + b" more text\n" + b"\xff")
+    with pytest.raises(data.InputError, match=rf"not valid UTF-8: the first bad byte is at byte offset {prefix_len} "):
+        data.validate_input(path, BLOCK)
+
+
+def test_truncated_final_character(tmp_path):
+    path = tmp_path / "cut.txt"
+    path.write_bytes(b"hello " * 100 + "é".encode()[:1])
+    with pytest.raises(data.InputError, match="byte offset 600 "):
+        data.validate_input(path, BLOCK)
+
+
+def test_too_short(tmp_path):
+    path = write(tmp_path / "short.txt", "To be, or not to be, that is the question.\n" * 20)
+    with pytest.raises(data.InputError, match=r"too short for block_size=256.*at least block_size\+1 = 257.*--block-size"):
+        data.validate_input(path, 256)
+    data.validate_input(path, 8)  # long enough for a small block
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training stream
+
+
+def test_train_windows_shape_and_text(shakespeare_path):
+    text = shakespeare_path.read_text(encoding="utf-8")
+    train_text = text[: int(len(text) * 0.9)]
+    stream = data.TrainWindows(shakespeare_path, 64)
+    batch = next(stream.batches(8))
+    assert batch.shape == (8, 65) and batch.dtype == torch.long
+    for window in batch:
+        assert bpe.decode(window.tolist()) in train_text
+    # shuffled: consecutive windows do not come from consecutive text
+    starts = [train_text.index(bpe.decode(w.tolist())) for w in batch]
+    assert starts != sorted(starts)
+
+
+def assert_pieces_tokenize_like_the_whole_text(path):
+    split = data.split_text(path)
+    shards = data._shard_ranges(path, split.boundary_byte, world_size=1)
+    assert len(shards) > 1 and shards[0][0] == 0 and shards[-1][1] == split.boundary_byte
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    pieces = [ex["text"] for _, ex in data._generate_pieces(str(path), shards)]
+    assert len(pieces) > 20
+    tokens = [t for piece in pieces for t in bpe.encode(piece)]
+    assert tokens == bpe.encode(path.read_text(encoding="utf-8")[: split.train_chars])
+
+
+def test_pieces_tokenize_like_the_whole_text(shakespeare_path, tmp_path, monkeypatch):
+    # Shards and pieces are cut where the GPT-2 pre-tokenizer splits anyway: same tokens as one encode() call.
+    monkeypatch.setattr(data, "PIECE_BYTES", 3000)
+    assert_pieces_tokenize_like_the_whole_text(shakespeare_path)
+    # blank lines, indentation and trailing spaces around every newline
+    text = "".join(f"Stanza {i}:  \n\n\n   indented line {i} 🙂\t\n\n" for i in range(4000))
+    monkeypatch.setattr(data, "MIN_SHARD_BYTES", 8 << 10)
+    assert_pieces_tokenize_like_the_whole_text(write(tmp_path / "spaced.txt", text))
+
+
+def epoch_of_each_window(stream, n):
+    windows, epochs = [], []
+    for _ in range(n):
+        windows.append(next(stream))
+        epochs.append(stream.epoch)
+    return windows, epochs
+
+
+def test_exact_resume_including_epoch_boundary(tmp_path):
+    path = write(tmp_path / "resume.txt", numbered_lines(1000))  # ~ 800 windows of 17 tokens per epoch
+    kwargs = dict(seed=7, shuffle_buffer=16)
+    reference = data.TrainWindows(path, BLOCK, **kwargs)
+    windows, epochs = epoch_of_each_window(reference, 2000)
+    boundary = epochs.index(1)
+    assert 0 < boundary < 1900 and epochs[-1] >= 2
+
+    checkpoints = [0, 1, 5, 333, boundary - 1, boundary, boundary + 3, 1950]
+    stream = data.TrainWindows(path, BLOCK, **kwargs)
+    taken = 0
+    for k in checkpoints:
+        take(stream, k - taken)
+        taken = k
+        state = json.loads(json.dumps(stream.state_dict()))  # must survive JSON
+        resumed = data.TrainWindows(path, BLOCK, **kwargs)
+        resumed.load_state_dict(state)
+        for expected in windows[k : k + 50]:
+            assert torch.equal(next(resumed), expected), f"resumed after {k} windows"
+    # a new epoch gets a new order
+    first_epoch = [tuple(w.tolist()) for w in windows[:200]]
+    second_epoch = [tuple(w.tolist()) for w in windows[boundary : boundary + 200]]
+    assert first_epoch != second_epoch
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    path = write(tmp_path / "a.txt", numbered_lines(500))
+    state = data.TrainWindows(path, BLOCK, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed was 1 in the checkpoint but is 2"):
+        data.TrainWindows(path, BLOCK, seed=2).load_state_dict(state)
+
+
+def test_ranks_see_disjoint_windows(tmp_path):
+    path = write(tmp_path / "ranks.txt", numbered_lines(3000))
+    seen = []
+    for rank in (0, 1):
+        stream = data.TrainWindows(path, 64, rank=rank, world_size=2, shuffle_buffer=16)
+        windows = []
+        while stream.epoch == 0:  # one epoch of this rank (all but the last ~16 windows, still in the buffer)
+            windows.append(next(stream))
+        seen.append(set().union(*(marker_ids(w) for w in windows)))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # Together they cover the train part's 2700 lines, but for those still in the shuffle buffers (~2 x 70) and
+    # those whose marker a window edge cuts (~4 tokens in 64).
+    assert seen[0] | seen[1] <= {f"{i:06d}" for i in range(2700)}
+    assert len(seen[0] | seen[1]) > 2400
+
+
+def test_rank_state_resumes_exactly(tmp_path):
+    path = write(tmp_path / "ranks.txt", numbered_lines(1000))
+    stream = data.TrainWindows(path, BLOCK, rank=1, world_size=2, shuffle_buffer=8)
+    take(stream, 123)
+    state = json.loads(json.dumps(stream.state_dict()))
+    resumed = data.TrainWindows(path, BLOCK, rank=1, world_size=2, shuffle_buffer=8)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(take(stream, 40), take(resumed, 40)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation windows
+
+
+def test_val_windows_tile_the_val_part_and_count_characters(tmp_path):
+    text = "".join(f"Vers {i}: « déjà vu » — ça va? 🙂\n" for i in range(400))
+    path = write(tmp_path / "fr.txt", text)
+    val = data.val_windows(path, BLOCK)
+    again = data.val_windows(path, BLOCK)
+    assert torch.equal(val.windows, again.windows)  # same data at each eval
+    encoding = bpe.get_encoding()
+    val_bytes = text[int(len(text) * 0.9) :].encode("utf-8")
+    # consecutive windows share one token, so the targets tile the val text after its first token
+    first = encoding.decode_bytes(val.windows[0, :1].tolist())
+    targets = [encoding.decode_bytes(w[1:].tolist()) for w in val.windows]
+    covered = first + b"".join(targets)
+    assert val_bytes.startswith(covered) and len(val_bytes) - len(covered) < 4 * (BLOCK + 1) * 4
+    assert val.target_chars.tolist() == [sum(not 0x80 <= b < 0xC0 for b in t) for t in targets]
+    assert data.val_windows(path, BLOCK, max_windows=3).windows.shape == (3, BLOCK + 1)
+    bpc = data.bits_per_char(1.0, val)
+    assert bpc == pytest.approx(val.windows[:, 1:].numel() / val.target_chars.sum().item() / 0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The default corpus and resolve_input
+
+
+def test_default_corpus_offline_is_assembled_in_tiny_shakespeare_format(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOYGPT_OFFLINE", "1")
+    monkeypatch.setenv("TOYGPT_CACHE", str(tmp_path / "cache"))
+    path, description = data.default_corpus()
+    assert description == data.ASSEMBLED and path.parent == tmp_path / "cache"
+    text = path.read_text(encoding="utf-8")
+    assert 1_000_000 < len(text) < 2_000_000
+    speeches = text.rstrip("\n").split("\n\n")
+    assert len(speeches) > 5000
+    for speech in speeches:
+        speaker, *lines = speech.split("\n")
+        assert re.fullmatch(r"[^:\n*_#\[\]\\]+:", speaker), speech
+        assert lines and all(line.strip() for line in lines), speech
+    assert not re.search(r"\*\*|_\\?\[|^#|\\", text, re.M)  # no Markdown left
+    assert "MENENIUS:\n" in text  # Coriolanus comes first, like tiny Shakespeare
+    data.validate_input(path, 256)
+    assert data.val_windows(path, 256, max_windows=4).windows.shape == (4, 257)
+    mtime = path.stat().st_mtime_ns
+    assert data.default_corpus() == (path, description) and path.stat().st_mtime_ns == mtime  # cached
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp files left
+
+
+def test_resolve_input_prefers_input_txt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOYGPT_OFFLINE", "1")
+    monkeypatch.setenv("TOYGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    path, description = data.resolve_input(None, BLOCK)
+    assert description == data.ASSEMBLED
+    write(tmp_path / "input.txt", numbered_lines(200))
+    assert data.resolve_input(None, BLOCK) == (data.DEFAULT_INPUT, "input.txt")
+    other = write(tmp_path / "mine.txt", numbered_lines(200))
+    assert data.resolve_input(str(other), BLOCK) == (other, "mine.txt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory does not grow with the file size
+
+MEMORY_PROBE = """
+import resource, sys
+import data
+path = sys.argv[1]
+data.validate_input(path, 256)
+stream = data.TrainWindows(path, 256)
+for _, batch in zip(range(20), stream.batches(16)):
+    pass
+state = stream.state_dict()
+val = data.val_windows(path, 256, max_windows=64)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def write_big(path, n_bytes):
+    block = numbered_lines(20_000, extra=" é").encode("utf-8")
+    with open(path, "wb") as f:
+        for _ in range(n_bytes // len(block) + 1):
+            f.write(block)
+    return path
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_file_size(tmp_path):
+    small = write_big(tmp_path / "small.txt", 1 << 20)
+    big = write_big(tmp_path / "big.txt", 150 << 20)
+    rss = {}
+    for path in (small, big):
+        code = MEMORY_PROBE.replace("sys.argv[1]", repr(str(path)))
+        rss[path.name] = int(run_python(code, cwd=data.__file__.rsplit("/", 1)[0]).split()[-1])
+    assert rss["big.txt"] < 1.2 * rss["small.txt"], rss

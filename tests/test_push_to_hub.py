@@ -1,0 +1,368 @@
+"""push_to_hub.py against a stand-in Hub (tests/hub_server.py): push, load back, serve the Space, clear errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import push_to_hub
+from conftest import REPO, run_python
+from hub_server import FakeHub
+
+REPO_ID, SPACE_ID = "alice/toygpt-test", "alice/toygpt-test-demo"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hub_env(hub_url: str, home: Path, token: str | None = "hf_dummy_token") -> dict:
+    """Environment for a client process: the stand-in Hub, a private HF_HOME, no Xet, online."""
+    env = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TOYGPT_MODEL", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run_push(args, env, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "push_to_hub.py", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"push_to_hub.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tree_bytes(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# A card shaped like train.py's: metadata, sections, and a load snippet with a local path.
+TRAINED_CARD = """---
+library_name: transformers
+license: mit
+pipeline_tag: text-generation
+tags:
+- toygpt
+---
+
+# ToyGPT (test)
+
+## Results
+
+| metric | value |
+|---|---|
+| validation loss | 9.1234 |
+
+![loss curve](loss_curve.png)
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("path/to/this/model", trust_remote_code=True)
+```
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    """tiny_model_dir as train.py leaves it: a card, metrics, a plot, and leftovers that must not be pushed."""
+    out = tmp_path_factory.mktemp("trained") / "toygpt"
+    shutil.copytree(tiny_model_dir, out)
+    (out / "README.md").write_text(TRAINED_CARD)
+    (out / "metrics.jsonl").write_text('{"step": 10, "val_loss": 9.1234}\n')
+    (out / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (out / "checkpoint" / "step-00000010").mkdir(parents=True)
+    (out / "checkpoint" / "step-00000010" / "optimizer.safetensors").write_bytes(b"\0" * 64)
+    (out / "__pycache__").mkdir()
+    (out / "__pycache__" / "modeling_toygpt.cpython-311.pyc").write_bytes(b"\0")
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "toygpt-int8"
+    subprocess.run([sys.executable, "quantize.py", str(model_dir), str(out), "--speed-tokens", "8"], cwd=REPO,
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    hub = FakeHub(tmp_path_factory.mktemp("hub"))
+    hub.start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, model_dir, int8_dir, tmp_path_factory):
+    """Dry run (no token), then the real push of the same dirs, as a subprocess against the stand-in Hub."""
+    tmp = tmp_path_factory.mktemp("push")
+    args = ["--model-dir", model_dir, "--quantized-dir", int8_dir, "--repo-id", REPO_ID, "--space-id", SPACE_ID]
+    dry = run_push([*args, "--dry-run", tmp / "stage"], hub_env(hub.url, tmp / "home-dry", token=None))
+    push = run_push(args, hub_env(hub.url, tmp / "home"))
+    return dict(stage=tmp / "stage", dry=dry.stdout, stdout=push.stdout, stderr=push.stderr, model_dir=model_dir,
+                tmp=tmp, args=args)
+
+
+@pytest.mark.slow
+def test_push_uploads_exactly_the_dry_run_stage(hub, pushed):
+    stage = pushed["stage"]
+    assert "nothing was uploaded" in pushed["dry"]
+    model_files = hub.files("model", REPO_ID)
+    assert model_files == tree_bytes(stage / "model")  # byte-identical, and no file more or less
+    assert hub.files("space", SPACE_ID) == tree_bytes(stage / "space")
+    assert not any(path.startswith(("checkpoint", "__pycache__")) for path in model_files)
+    assert {"config.json", "model.safetensors", "int8/config.json", "int8/model.safetensors"} <= set(model_files)
+    assert json.loads(model_files["int8/config.json"])["quantization"]
+    # One commit per repo on top of the repo's initial commit; the printed URLs are the Hub's.
+    assert hub.commit_count("model", REPO_ID) == 2 and hub.commit_count("space", SPACE_ID) == 2
+    head = hub.repos[("model", REPO_ID)]["branches"]["main"]
+    assert f"{hub.url}/{REPO_ID}/commit/{head}" in pushed["stdout"]
+    assert f"{hub.url}/spaces/{SPACE_ID}/commit/" in pushed["stdout"]
+    assert hub.repos[("space", SPACE_ID)]["sdk"] == "gradio"
+    # Weights went through the LFS basic transfer; Xet was never involved.
+    assert any(r.startswith("POST /alice/toygpt-test.git/info/lfs/objects/batch") for r in hub.requests)
+    assert any(r.startswith("PUT /lfs-upload/") for r in hub.requests)
+    assert not any("xet" in r.lower() for r in hub.requests)
+
+
+@pytest.mark.slow
+def test_pushed_card_combines_both_cards_and_space_names_the_model(hub, pushed, int8_dir):
+    card = hub.files("model", REPO_ID)["README.md"].decode()
+    metadata, text = card.split("---")[1], card.split("---", 2)[2]
+    for line in ("library_name: transformers", "license: mit", "pipeline_tag: text-generation", "- custom_code"):
+        assert line in metadata
+    # Each section once: the fp32 card's, then what the int8 card adds (it is a copy of the fp32 card plus that).
+    fp32_headings = [line for line in TRAINED_CARD.splitlines() if line.startswith("## ")]
+    int8_headings = [line for line in (int8_dir / "README.md").read_text().splitlines()
+                     if line.startswith("## ") and line not in fp32_headings]
+    assert int8_headings
+    for heading in fp32_headings + int8_headings + ["## Files and sizes"]:
+        assert text.count(heading + "\n") == 1, heading
+    assert "validation loss | 9.1234" in text and "![loss curve](loss_curve.png)" in text
+    # Load snippets name the Hub repo, both variants; no local paths survive.
+    assert f'repo = "{REPO_ID}"' in text and 'from_pretrained(repo, subfolder="int8", trust_remote_code=True)' in text
+    assert "path/to" not in text
+    assert "| int8 | `int8/` |" in text and f"spaces/{SPACE_ID}" in text
+    space = hub.files("space", SPACE_ID)
+    assert space["model_id.txt"].decode().strip() == REPO_ID
+    assert f"models:\n- {REPO_ID}" in space["README.md"].decode()
+    assert b"from transformers" in space["app.py"]
+
+
+@pytest.mark.slow
+def test_model_loads_from_hub_and_generates(hub, pushed):
+    """A fresh process loads fp32, int8 and the tokenizer by repo id only, and gets the local model's logits."""
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+repo = {REPO_ID!r}
+tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+fp32 = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
+int8 = AutoModelForCausalLM.from_pretrained(repo, subfolder="int8", trust_remote_code=True)
+local = AutoModelForCausalLM.from_pretrained({str(pushed["model_dir"])!r}, trust_remote_code=True)
+ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
+out = {{}}
+for name, model in (("fp32", fp32), ("int8", int8)):
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    out[name] = tokenizer.decode(generated[0])
+with torch.no_grad():
+    out["fp32_matches_local"] = torch.equal(fp32(ids).logits, local(ids).logits)
+out["int8_quantization"] = int8.config.quantization is not None
+print(json.dumps(out))
+"""
+    result = json.loads(run_python(code, pushed["tmp"], hub_env(hub.url, pushed["tmp"] / "home-load")).splitlines()[-1])
+    assert result["fp32"].startswith("ROMEO:") and len(result["fp32"]) > len("ROMEO:")
+    assert result["int8"].startswith("ROMEO:") and len(result["int8"]) > len("ROMEO:")
+    assert result["fp32_matches_local"] and result["int8_quantization"]
+
+
+@pytest.mark.slow
+def test_pushed_space_serves_the_pushed_model(hub, pushed):
+    """Download the Space from the Hub, run `python app.py` there, call /generate with gradio_client."""
+    from gradio_client import Client
+
+    tmp = pushed["tmp"]
+    env = hub_env(hub.url, tmp / "home-space")
+    space_dir = tmp / "space-checkout"
+    run_python(
+        f"from huggingface_hub import snapshot_download\n"
+        f"snapshot_download({SPACE_ID!r}, repo_type='space', local_dir={str(space_dir)!r})",
+        tmp, env,
+    )
+    assert (space_dir / "model_id.txt").read_text().strip() == REPO_ID
+    port = free_port()
+    env |= {"GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(tmp / "app.log", "w")
+    app = subprocess.Popen([sys.executable, "app.py"], cwd=space_dir, env=env, stdin=subprocess.DEVNULL,
+                           stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert app.poll() is None, f"app.py exited:\n{(tmp / 'app.log').read_text()}"
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"app.py never answered:\n{(tmp / 'app.log').read_text()}"
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        # prompt, max_new_tokens, temperature (0 = greedy), top_k, top_p, num_sequences, seed
+        *texts, status = client.predict("ROMEO:", 8, 0.0, 50, 1.0, 1, 0, api_name="/generate")
+        assert texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:"), texts
+        assert REPO_ID in status and "int8" in status, status  # the Space serves the pushed int8 variant
+        *texts, status = client.predict("", 8, 0.0, 50, 1.0, 1, 0, api_name="/generate")
+        assert texts == [""] * 5 and "Please type a prompt" in status
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        log.close()
+    assert any(r.startswith("HEAD /alice/toygpt-test/resolve/") for r in hub.requests)
+
+
+@pytest.mark.slow
+def test_second_push_is_idempotent(hub, pushed):
+    before_model, before_space = hub.files("model", REPO_ID), hub.files("space", SPACE_ID)
+    commits = hub.commit_count("model", REPO_ID), hub.commit_count("space", SPACE_ID)
+    proc = run_push(pushed["args"], hub_env(hub.url, pushed["tmp"] / "home"))
+    assert "commit:" in proc.stdout
+    assert hub.files("model", REPO_ID) == before_model and hub.files("space", SPACE_ID) == before_space
+    # Unchanged files are skipped: no new commit at all.
+    assert (hub.commit_count("model", REPO_ID), hub.commit_count("space", SPACE_ID)) == commits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clear, early errors
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = push_to_hub.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+def test_no_token_says_how_to_log_in(capsys, tiny_model_dir, no_token):
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID)
+    assert code == 1
+    assert "No Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err
+
+
+def test_dry_run_needs_no_token(capsys, tiny_model_dir, no_token, tmp_path):
+    code = push_to_hub.main(["--model-dir", str(tiny_model_dir), "--repo-id", REPO_ID, "--space-id", SPACE_ID,
+                             "--dry-run", str(tmp_path / "stage")])
+    assert code == 0
+    assert "nothing was uploaded" in capsys.readouterr().out
+    staged = tree_bytes(tmp_path / "stage" / "model")
+    # No card in the dir: a minimal one with the metadata the Hub needs.
+    assert "library_name: transformers" in staged["README.md"].decode()
+    assert staged["model.safetensors"] == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "stage" / "space" / "model_id.txt").read_text().strip() == REPO_ID
+
+
+@pytest.mark.parametrize("repo_id", ["toygpt", "alice/toy/gpt", "alice/toy gpt", "alice/", "alice/toy--gpt"])
+def test_malformed_repo_id(capsys, tiny_model_dir, tmp_path, repo_id):
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", repo_id, "--dry-run", tmp_path / "s")
+    assert code == 1 and "not a valid Hub repo id" in err and "USER/NAME" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_malformed_space_id(capsys, tiny_model_dir, tmp_path):
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--space-id", "demo",
+                         "--dry-run", tmp_path / "s")
+    assert code == 1 and "--space-id 'demo' is not a valid Hub repo id" in err
+
+
+def broken_copy(src: Path, dst: Path, change) -> Path:
+    shutil.copytree(src, dst)
+    change(dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "modeling_toygpt.py").unlink(), "lacks modeling_toygpt.py"),
+        (lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()), "n_head": 3})), "does not load"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage"), "does not load"),
+    ],
+    ids=["no-weights", "bad-json", "no-remote-code", "bad-config", "corrupt-weights"],
+)
+def test_bad_model_dir(capsys, tiny_model_dir, tmp_path, change, message):
+    model_dir = broken_copy(tiny_model_dir, tmp_path / "model", change)
+    code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and err.startswith("error: --model-dir:") and message in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    code, err = run_main(capsys, "--model-dir", tmp_path / "nope", "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and "is not a directory" in err
+
+
+@pytest.mark.slow  # needs the quantized dir
+def test_variants_swapped(capsys, tiny_model_dir, int8_dir, tmp_path):
+    code, err = run_main(capsys, "--model-dir", int8_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and "holds int8 weights" in err
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--quantized-dir", tiny_model_dir,
+                         "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and "holds fp32 weights" in err
+
+
+def test_dry_run_refuses_to_replace_other_dirs(capsys, tiny_model_dir, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "precious.txt").write_text("keep me")
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and "not a previous stage dir" in err
+    assert (tmp_path / "s" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_network_failure_says_nothing_was_pushed(tiny_model_dir, tmp_path):
+    env = hub_env(f"http://127.0.0.1:{free_port()}", tmp_path / "home")  # nothing listens there
+    proc = run_push(["--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--space-id", SPACE_ID], env, check=False)
+    assert proc.returncode == 1
+    assert "Push failed while creating model repo" in proc.stderr and "ConnectError" in proc.stderr
+    assert "nothing was pushed; not pushed: model repo, Space" in proc.stderr
+
+
+@pytest.mark.slow
+def test_partial_failure_says_what_was_pushed(tiny_model_dir, tmp_path):
+    hub = FakeHub(tmp_path / "hub")
+    hub.refuse_repo_types = {"space"}  # the Hub answers 403 to creating the Space
+    hub.start()
+    try:
+        proc = run_push(["--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--space-id", SPACE_ID],
+                        hub_env(hub.url, tmp_path / "home"), check=False)
+    finally:
+        hub.stop()
+    assert proc.returncode == 1
+    head = hub.repos[("model", REPO_ID)]["branches"]["main"]
+    assert f"model repo {REPO_ID} pushed at commit {head}; not pushed: Space" in proc.stderr, proc.stderr
+    assert ("space", SPACE_ID) not in hub.repos

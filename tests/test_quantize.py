@@ -1,0 +1,310 @@
+"""quantize.py and the int8 section of modeling_toygpt.py: round trip, file formats, error bounds, fallback, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import modeling_toygpt
+import quantize
+from conftest import run_python, small_config
+from modeling_toygpt import (
+    DequantizedKernel,
+    Int8Embedding,
+    Int8Linear,
+    Int8Rows,
+    ToyGPTForCausalLM,
+    dequantize_rows,
+    int8_kernel,
+    quantize_int8,
+    quantize_rows,
+)
+
+INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_model_dir, shakespeare_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "tiny-int8"
+    figures = quantize.quantize_dir(tiny_model_dir, out, eval_input=shakespeare_path, eval_batches=1, batch_size=2,
+                                    speed_tokens=8, log=lambda *a: None)
+    return out, figures
+
+
+@pytest.fixture
+def fresh_kernel_choice():
+    """Forget the cached kernel choice before and after a test that changes what the probe sees."""
+    modeling_toygpt._choose_int8_kernel.cache_clear()
+    yield
+    modeling_toygpt._choose_int8_kernel.cache_clear()
+
+
+def random_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return ToyGPTForCausalLM(small_config(**overrides)).eval()
+
+
+def relative_error(approx, exact):
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output directory and round trip
+
+
+def test_output_dir_holds_int8_safetensors_and_the_scheme(int8_dir, tiny_model_dir):
+    out, figures = int8_dir
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["method"] == "toygpt-int8"
+    assert "quantization_config" not in config  # transformers would try its own quantizers on that name
+
+    tensors = load_file(out / "model.safetensors")
+    n_layer = config["n_layer"]
+    int8_names = {"transformer.wte.weight"} | {f"transformer.h.{i}.{m}.weight" for i in range(n_layer)
+                                                for m in INT8_LINEARS}
+    assert {k for k, v in tensors.items() if v.dtype == torch.int8} == int8_names
+    for name in int8_names:  # one fp32 scale per output row
+        assert tensors[name.replace(".weight", ".weight_scale")].shape == (tensors[name].shape[0],)
+    assert "lm_head.weight" not in tensors  # the tied embedding is stored once
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k not in int8_names)
+    assert tensors["transformer.wpe.weight"].dtype == torch.float32
+
+    assert figures["size_int8"] == (out / "model.safetensors").stat().st_size
+    assert figures["size_int8"] < 0.3 * figures["size_fp32"]
+    assert abs(figures["after"]["val_loss"] / figures["before"]["val_loss"] - 1) < 0.01
+    card = (out / "README.md").read_text()
+    assert "## int8 quantized variant" in card and "trust_remote_code=True" in card
+    assert f"{figures['size_fp32'] / 1e6:.1f}" in card and f"{figures['after']['val_loss']:.4f}" in card
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "modeling_toygpt.py",
+                 "configuration_toygpt.py"):
+        assert (out / name).is_file(), name
+    assert not list(out.parent.glob(".tiny-int8.tmp-*"))
+
+
+def test_no_file_in_output_is_a_pickle(int8_dir):
+    out, _ = int8_dir
+    for path in out.rglob("*"):
+        if path.is_dir():
+            continue
+        assert path.suffix in {".safetensors", ".json", ".txt", ".py", ".md", ".png"}, path.name
+        head = path.read_bytes()[:8]
+        assert not head.startswith(b"\x80"), f"{path.name} is a pickle"  # pickle protocol 2+ opcode
+        assert not head.startswith(b"PK\x03\x04"), f"{path.name} is a zip (torch.save)"
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:  # parses as safetensors, header included
+                assert len(list(f.keys())) > 0
+
+
+ROUND_TRIP = r"""
+import json, logging, os, warnings
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+messages = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        messages.append(record.getMessage())
+logging.getLogger("transformers").addHandler(Collect(level=logging.WARNING))
+warnings.simplefilter("always")
+out, fp32_dir, resaved = os.environ["INT8_DIR"], os.environ["FP32_DIR"], os.environ["RESAVED_DIR"]
+with warnings.catch_warnings(record=True) as caught:
+    model, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+ids = tokenizer("ROMEO: the day is young", return_tensors="pt").input_ids
+cached = model.generate(ids, max_new_tokens=12, do_sample=False)
+uncached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+text = pipeline("text-generation", model=model, tokenizer=tokenizer)("ROMEO:", max_new_tokens=5, do_sample=False)
+fp32 = AutoModelForCausalLM.from_pretrained(fp32_dir, trust_remote_code=True)
+with torch.no_grad():
+    logits, logits_fp32 = model(ids).logits, fp32(ids).logits
+model.save_pretrained(resaved)  # after generate(): weights are packed, state_dict() must unpack them
+c_attn = model.transformer.h[0].attn.c_attn
+print(json.dumps({
+    "info": {k: sorted(map(str, v)) for k, v in info.items()},
+    "messages": messages + [str(w.message) for w in caught],
+    "int8": [str(model.transformer.wte.weight.dtype), type(c_attn).__name__, type(model.lm_head).__name__],
+    "kernel": c_attn._kernel.name,
+    "cached": cached.tolist(), "uncached": uncached.tolist(), "text": text[0]["generated_text"],
+    "logits_rel_err": ((logits - logits_fp32).norm() / logits_fp32.norm()).item(),
+    "argmax_agree": (logits.argmax(-1) == logits_fp32.argmax(-1)).float().mean().item(),
+}))
+"""
+
+
+def test_round_trip_fresh_process(int8_dir, tiny_model_dir, tmp_path):
+    out, _ = int8_dir
+    resaved = tmp_path / "resaved"
+    env = {"INT8_DIR": str(out), "FP32_DIR": str(tiny_model_dir), "RESAVED_DIR": str(resaved)}
+    result = json.loads(run_python(ROUND_TRIP, cwd=tmp_path, env=env).strip().splitlines()[-1])
+    assert result["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert not [m for m in result["messages"] if "initialized" in m or "not used" in m or "tie" in m.lower()]
+    assert result["int8"] == ["torch.int8", "Int8Linear", "Int8TiedLMHead"]
+    assert result["kernel"] == "fbgemm"
+    assert result["cached"] == result["uncached"] and len(result["cached"][0]) > 12
+    assert result["text"].startswith("ROMEO:") and len(result["text"]) > len("ROMEO:")
+    assert result["logits_rel_err"] < 0.05 and result["argmax_agree"] >= 0.8
+    original, again = load_file(out / "model.safetensors"), load_file(resaved / "model.safetensors")
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-layer error bounds
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (64, 256)])
+def test_int8_weight_reconstruction_bound(shape):
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * 0.02
+    weight[3] *= 50  # an outlier row must not cost the other rows precision (per-row scales)
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and scale.shape == (shape[0],) and int(q.abs().max()) == 127
+    error = dequantize_rows(q, scale) - weight
+    assert (error.abs() <= scale[:, None] / 2 + 1e-7).all()  # rounding: at most half a step per element
+    assert relative_error(dequantize_rows(q, scale)[4:], weight[4:]) < 0.01
+
+
+def test_int8_linear_and_embedding_output_bounds():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 192)
+    q, scale = quantize_rows(linear.weight)
+    int8 = Int8Linear(128, 192)
+    int8.load_state_dict({"weight": q, "weight_scale": scale, "bias": linear.bias.detach()})
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        exact, approx = F.linear(x, linear.weight), int8(x) - linear.bias
+    assert relative_error(approx, exact) < 0.04  # int8 weight error + per-call int8 activations
+    assert int8.weight is None and int8.state_dict()["weight"].equal(q)  # packed once; state_dict unpacks
+
+    table = torch.randn(50, 16)
+    q, scale = quantize_rows(table)
+    embedding = Int8Embedding(50, 16)
+    embedding.load_state_dict({"weight": q, "weight_scale": scale})
+    ids = torch.tensor([[0, 7, 49]])
+    assert torch.allclose(embedding(ids), dequantize_rows(q, scale)[ids])
+
+
+def test_quantized_model_logits_close_to_fp32():
+    model = random_model()
+    int8 = quantize_int8(model)
+    assert isinstance(int8.transformer.h[1].mlp.c_fc, Int8Linear)
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
+    for module in int8.modules():
+        if isinstance(module, Int8Rows):
+            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float32
+    ids = torch.randint(0, 50257, (2, 24))
+    with torch.no_grad():
+        rel = relative_error(int8(ids).logits, model(ids).logits)
+    assert rel < 0.05
+    assert int8.config.quantization["method"] == "toygpt-int8" and model.config.quantization is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fallback without int8 kernels
+
+
+def test_forced_fallback_gives_close_logits(monkeypatch, fresh_kernel_choice):
+    model = random_model()
+    ids = torch.randint(0, 50257, (1, 20))
+    fast = quantize_int8(model)
+    with torch.no_grad():  # the kernel is chosen when a layer first runs
+        fast_logits, exact = fast(ids).logits, model(ids).logits
+    monkeypatch.setenv("TOYGPT_INT8_KERNEL", "fallback")
+    slow = quantize_int8(model)
+    with pytest.warns(UserWarning, match="dequantizing the int8 weights to fp32"), torch.no_grad():
+        slow_logits = slow(ids).logits
+    assert slow.transformer.h[0].attn.c_attn._kernel.name == "fallback"
+    assert fast.transformer.h[0].attn.c_attn._kernel.name == "fbgemm"
+    assert relative_error(slow_logits, exact) < 0.02  # weight rounding only
+    assert relative_error(slow_logits, fast_logits) < 0.05
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert all(torch.equal(fast_state[k], slow_state[k]) for k in fast_state)  # both unpack to the same int8
+
+
+def test_probe_failure_falls_back(monkeypatch, fresh_kernel_choice):
+    def broken(*args, **kwargs):
+        raise RuntimeError("quantized::linear_dynamic is not available")
+
+    monkeypatch.setattr(modeling_toygpt.FbgemmInt8Kernel, "linear", broken)
+    with pytest.warns(UserWarning, match="unusable"):
+        assert isinstance(int8_kernel(), DequantizedKernel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error, nothing written
+
+
+def run_main(argv, capsys):
+    code = quantize.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_src_dirs(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main([tmp_path / "missing", out], capsys)
+    assert code == 2 and "is not a directory" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run_main([tmp_path / "empty", out], capsys)
+    assert code == 2 and "no config.json" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, err = run_main([tmp_path / "other", out], capsys)
+    assert code == 2 and "not a ToyGPT" in err
+    assert_nothing_written(out)
+
+
+def test_already_quantized_src(int8_dir, tmp_path, capsys):
+    out = tmp_path / "again"
+    code, err = run_main([int8_dir[0], out], capsys)
+    assert code == 2 and "already quantized" in err and "fp32" in err
+    assert_nothing_written(out)
+
+
+def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, err = run_main([tiny_model_dir, tiny_model_dir, "--overwrite"], capsys)
+    assert code == 2 and "is SRC_DIR itself" in err
+    assert run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)[0] == 0
+    assert not (out / "keep.txt").exists() and json.loads((out / "config.json").read_text())["quantization"]
+
+
+def test_corrupt_weights(tiny_model_dir, tmp_path, capsys):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    code, err = run_main([truncated, out], capsys)
+    assert code == 2 and "could not load the weights" in err and "corrupt" in err
+    assert_nothing_written(out)
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_model_dir, incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_main([incomplete, out], capsys)
+    assert code == 2 and "transformer.h.1.mlp.c_fc.weight" in err
+    assert_nothing_written(out)
+
+
+def test_bad_eval_input(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main([tiny_model_dir, out, "--eval-input", tmp_path / "nope.txt"], capsys)
+    assert code == 2 and "--eval-input" in err
+    assert_nothing_written(out)
+

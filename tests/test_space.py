@@ -1,0 +1,211 @@
+"""The Space (space/app.py): a real `python app.py` server, driven by gradio_client and by headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_python
+
+SPACE = REPO / "space"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+CONTEXT = 64  # conftest.small_config's block_size
+SEED = 1234
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tmp_path_factory):
+    """One `python space/app.py` process for the module, run outside the repo so only pip packages import."""
+    workdir = tmp_path_factory.mktemp("space")
+    port = free_port()
+    env = {
+        **os.environ,
+        "TOYGPT_MODEL": str(tiny_model_dir),
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    log_path = workdir / "app.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(SPACE / "app.py")], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while "Running on local URL" not in log_path.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"app.py did not start (exit code {proc.poll()}):\n{log_path.read_text()}")
+            time.sleep(0.5)
+        assert url in log_path.read_text()  # it prints the URL it serves on
+        urllib.request.urlopen(url + "/", timeout=30).read()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False, download_files=False)
+
+
+def generate(client, prompt, max_new_tokens=8, temperature=0.8, top_k=50, top_p=1.0, num_sequences=1, seed=SEED):
+    """The documented API call: (prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed)."""
+    result = client.predict(
+        prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed, api_name="/generate"
+    )
+    *texts, status = result
+    assert len(texts) == 5
+    return texts, status
+
+
+@pytest.mark.slow
+def test_generate_api_streams_prompt_continuations(client, tiny_model_dir):
+    texts, status = generate(client, "ROMEO:", num_sequences=3)
+    for text in texts[:3]:
+        assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+    assert texts[3:] == ["", ""]  # unused output boxes stay empty
+    assert len(set(texts[:3])) == 3  # three independent samples
+    assert str(tiny_model_dir) in status and "fp32" in status and "tokens/s" in status
+    assert f"seed {SEED}" in status
+    assert generate(client, "ROMEO:", num_sequences=3)[0] == texts  # same seed, same texts
+    # Streaming: growing partial outputs arrive before the final one (that of the same call via predict).
+    job = client.submit("ROMEO:", 8, 0.8, 50, 1.0, 1, SEED, api_name="/generate")
+    final = job.result()[0]
+    partial = [update[0] for update in job.outputs()]
+    assert len(partial) >= 2 and partial[-1] == final == generate(client, "ROMEO:")[0][0]
+    assert all(final.startswith(text) for text in partial)
+
+
+@pytest.mark.slow
+def test_empty_prompt_gets_a_friendly_message(client):
+    texts, status = generate(client, "   ")
+    assert texts == [""] * 5
+    assert "Please type a prompt" in status and "Traceback" not in status
+
+
+@pytest.mark.slow
+def test_too_long_prompt_is_cut_from_the_left_with_a_note(client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = "".join(f" line {i}" for i in range(100))  # ~300 tokens > the 64-token context
+    max_new_tokens = 10
+    texts, status = generate(client, prompt, max_new_tokens=max_new_tokens)
+    kept = tokenizer.decode(tokenizer(prompt)["input_ids"][-(CONTEXT - max_new_tokens):])
+    assert kept.endswith(" line 99") and texts[0].startswith(kept) and len(texts[0]) > len(kept)
+    assert f"cut to its last {CONTEXT - max_new_tokens} tokens" in status
+
+
+@pytest.mark.slow
+def test_out_of_range_inputs_are_rejected_clearly(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="greater than maximum value 63"):  # context 64 - 1 prompt token
+        generate(client, "ROMEO:", max_new_tokens=10**6)
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        generate(client, "ROMEO:", temperature=-1.0)
+    with pytest.raises(AppError, match="greater than maximum value 5"):
+        generate(client, "ROMEO:", num_sequences=50)
+
+
+def test_generate_stream_clamps_out_of_range_values(tiny_model_dir):
+    """Called directly (no slider checks in between), the generator clamps instead of failing."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(SPACE)!r})
+import app
+loaded = app.load_model({str(tiny_model_dir)!r})
+*_, (texts, status) = app.generate_stream(loaded, "ROMEO:", 10**6, -3.0, -5, 7.0, 99, 0)
+print(len(texts), status)
+"""
+    out = run_python(code, cwd=REPO)
+    # 5 sequences (max), greedy (temperature 0) and 63 new tokens: what fits the 64-token context after the prompt.
+    assert out.startswith("5 ") and "last answer: 63 tokens × 5" in out
+
+
+def test_int8_subfolder_is_preferred_on_cpu_unless_fp32_is_asked_for(tiny_model_dir, tmp_path):
+    sys.path.insert(0, str(SPACE))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(SPACE))
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model_dir, repo)
+    assert not app.has_int8_subfolder(str(repo))
+    shutil.copytree(tiny_model_dir, repo / "int8")
+    assert app.has_int8_subfolder(str(repo))
+    # The copy in int8/ is fp32, so an explicit int8 request loads it and then refuses it by name.
+    with pytest.raises(SystemExit, match="TOYGPT_VARIANT=int8.*holds fp32 weights"):
+        app.load_model(str(repo), variant="int8")
+    assert app.load_model(str(repo), variant="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match="TOYGPT_VARIANT must be one of"):
+        app.load_model(str(repo), variant="fp16")
+
+
+def test_space_card_and_requirements_match_installed_gradio():
+    import gradio
+
+    header = (SPACE / "README.md").read_text().split("---")[1]
+    card = yaml.safe_load(header)
+    assert card["sdk"] == "gradio" and card["app_file"] == "app.py"
+    assert card["sdk_version"] == gradio.__version__
+    requirements = (SPACE / "requirements.txt").read_text().split()
+    assert f"gradio=={gradio.__version__}" in requirements
+    # Self-contained: app.py imports only packages the Space installs, none of the repo's modules.
+    for module in ("bpe", "model_dir", "configuration_toygpt", "modeling_toygpt"):
+        assert f"import {module}" not in (SPACE / "app.py").read_text()
+
+
+@pytest.mark.slow
+def test_browser_types_a_prompt_and_sees_generated_text(app_url, tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"Chromium not found at {CHROMIUM}; install it (apt-get install chromium) for the browser test")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app_url + "/", timeout=60_000)
+            page.get_by_label("Number of sequences", exact=True).fill("2")
+            page.get_by_label("Number of sequences", exact=True).press("Enter")
+            page.get_by_label("Seed").fill("7")
+            page.get_by_label("Prompt").fill("ROMEO:")
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("tokens/s").wait_for(timeout=60_000)
+            for label in ("Sequence 1", "Sequence 2"):
+                text = page.get_by_label(label).input_value()
+                assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+            screenshot = tmp_path / "space.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    if os.environ.get("TOYGPT_SCREENSHOT_DIR"):
+        target = REPO / os.environ["TOYGPT_SCREENSHOT_DIR"]  # relative paths are relative to the repo
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, target / "space.png")
