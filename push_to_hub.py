@@ -75,9 +75,9 @@ def require_token() -> str:
 
 
 def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
-    """ModelDirError checks + remote-code and tokenizer files present + config and weights header actually load."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
+    """ModelDirError checks + remote-code and tokenizer files present + model and tokenizer load with every weight."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
     try:
         config = check_model_dir(directory)
@@ -90,12 +90,19 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
             f"{flag}: {directory} lacks {', '.join(missing)}, which from_pretrained(repo) needs; "
             "re-create the directory with train.py / quantize.py."
         )
-    try:
-        AutoConfig.from_pretrained(str(directory), trust_remote_code=True)
-        with safe_open(str(directory / "model.safetensors"), "pt") as weights:
-            weights.keys()
-    except Exception as err:  # any failure here means the Hub copy would not load either
+    logging.disable_progress_bar()
+    try:  # exactly what a user of the Hub repo runs; a failure here means the Hub copy would not load either
+        _, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, output_loading_info=True)
+        AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
+    except Exception as err:
         raise PushError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
+    problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
+                for kind, keys in info.items() if kind != "error_msgs" and keys]
+    if problems:  # from_pretrained would silently fill these with random values
+        raise PushError(
+            f"{flag}: {directory} does not load cleanly, its weights do not match config.json ({'; '.join(problems)}); "
+            "re-create the directory with train.py / quantize.py."
+        )
     if quantized and not config.get("quantization"):
         raise PushError(f"{flag}: {directory} holds fp32 weights; pass the int8 dir written by quantize.py.")
     if not quantized and config.get("quantization"):
@@ -280,7 +287,7 @@ def describe_stage(out: Path, args) -> None:
     model = out / "model"
     print(f"model repo {args.repo_id}: {len(files_in(model))} files, {human_size(tree_size(model))}")
     if (model / INT8_SUBFOLDER).is_dir():
-        print(f"  int8 variant in {INT8_SUBFOLDER}/: {len(files_in(model / INT8_SUBFOLDER))} files, "
+        print(f"  of which the int8 variant in {INT8_SUBFOLDER}/: {len(files_in(model / INT8_SUBFOLDER))} files, "
               f"{human_size(tree_size(model / INT8_SUBFOLDER))}")
     if args.space_id:
         space = out / "space"
@@ -346,6 +353,9 @@ def push(args) -> None:
         quantized = (Path(args.quantized_dir), check_loadable(Path(args.quantized_dir), "--quantized-dir", True))
     if args.revision and args.space_id:
         print(f"note: the Space loads {args.repo_id} from its default branch, not {args.revision}.")
+    if args.private and args.space_id:
+        print(f"note: to load the private {args.repo_id}, the Space needs a read token: add it as the Space "
+              "secret HF_TOKEN (Space settings -> Variables and secrets).")
 
     if args.dry_run:
         out = Path(args.dry_run)
@@ -360,6 +370,9 @@ def push(args) -> None:
         stage(args, config, quantized, Path(tmp))
         describe_stage(Path(tmp), args)
         upload(HfApi(token=token), args, Path(tmp))
+    revision = f", revision={args.revision!r}" if args.revision else ""
+    print(f'done: AutoModelForCausalLM.from_pretrained("{args.repo_id}"{revision}, trust_remote_code=True) loads it'
+          + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if quantized else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -145,6 +145,22 @@ def model_config(args) -> ToyGPTConfig:
 # Device, distributed, optimizer, schedule
 
 
+def check_device(device_arg: str) -> None:
+    """A --device this machine does not have is a command-line error, reported before any work."""
+    if device_arg == "auto":
+        return
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError as err:
+        raise TrainError(f"--device {device_arg!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {device_arg}: no CUDA GPU is available here; use --device cpu (or auto).")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainError(f"--device {device_arg}: MPS is not available here; use --device cpu (or auto).")
+
+
 def init_distributed(device_arg: str):
     """(rank, world_size, device): torchrun's env when present (NCCL on GPUs, gloo on CPU), else one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -241,6 +257,8 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, trainer_state: d
     """Write OUTPUT/checkpoint/step-N atomically (temp + rename); older checkpoints go once it is in place."""
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # what a run killed mid-write or mid-delete left
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{trainer_state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
@@ -252,15 +270,23 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, trainer_state: d
         state = {**trainer_state, "scheduler": scheduler.state_dict(), "ranks": rank_states}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # written last: marks completeness
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in root.glob("step-*"):
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
+
+
+def _discard(directory: Path) -> None:
+    """Delete a checkpoint, renamed out of step-* first: a kill mid-delete never leaves a broken step-* behind."""
+    trash = directory.with_name(f".tmp-old-{directory.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(directory, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(directory: Path, model, optimizer, rank: int, world_size: int) -> dict:
@@ -332,9 +358,16 @@ def autocast(device, amp_dtype):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a killed run is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return records
 
 
 def plot_loss_curve(records: list[dict], path: Path) -> None:
@@ -412,7 +445,7 @@ on {final["device"]}.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 repo = "path/to/this/model"  # a local directory or a Hub repo id
-tokenizer = AutoTokenizer.from_pretrained(repo)
+tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)  # else it asks before reading config.json
 model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
 inputs = tokenizer("ROMEO:", return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=100)  # samples with top-k 50 (generation_config.json)
@@ -452,7 +485,9 @@ def prepare_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | N
         if checkpoint is None:
             raise TrainError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; start the run without --resume.")
         return checkpoint
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"--output-dir {out_dir} is a file, not a directory; choose another --output-dir.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise TrainError(
             f"{out_dir} already exists; pass --overwrite to replace it, --resume to continue its checkpoint, "
             "or choose another --output-dir."
@@ -475,6 +510,7 @@ def train(args: argparse.Namespace) -> dict:
     else:
         args = resolve_args(args)
     config = model_config(args)
+    check_device(args.device)
     # Everything that can be wrong with the input or output is reported here, before any work.
     input_path, data_description = data.resolve_input(args.input, args.block_size)
     if not args.resume:
@@ -526,12 +562,13 @@ def train(args: argparse.Namespace) -> dict:
         budget_fitted = False
     metrics_path = out_dir / "metrics.jsonl"
     if is_main:  # drop records a killed run wrote after its last checkpoint
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step and not r.get("final")]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     raw_model = model
     if args.compile:
         model = torch.compile(model)
+    eval_model = model  # not DDP-wrapped: eval batches differ per rank and need no gradient sync
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -551,7 +588,7 @@ def train(args: argparse.Namespace) -> dict:
             dist.barrier()
 
     def run_eval(max_batches):
-        result = evaluate(model, val, args.batch_size, max_batches, device, amp_dtype, rank, world_size)
+        result = evaluate(eval_model, val, args.batch_size, max_batches, device, amp_dtype, rank, world_size)
         log({"step": step, **result})
         return result
 

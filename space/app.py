@@ -16,12 +16,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 
 import gradio as gr
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 APP_DIR = Path(__file__).resolve().parent
 VARIANTS = ("auto", "fp32", "int8")
@@ -29,6 +33,8 @@ INT8_SUBFOLDER = "int8"
 MAX_SEQUENCES = 5
 MAX_NEW_TOKENS = 512  # slider cap; a smaller model context lowers it further
 CONCURRENCY_LIMIT = 1  # one generation at a time: it already uses every CPU core, and seeds stay reproducible
+QUEUE_SIZE = 32  # requests waiting beyond this are refused with "queue full" instead of piling up
+MAX_PROMPT_CHARS = 100_000  # cut before tokenizing, so a pasted book costs no time; far more than any context
 EXAMPLES = [
     "Hello, my name is",
     "ROMEO:",
@@ -120,38 +126,33 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
     return LoadedModel(model.to(device).eval(), tokenizer, model_id, precision, device)
 
 
-class BatchTextStreamer(BaseStreamer):
-    """TextIteratorStreamer for a batch: after each step, yields every sequence's new text so far.
+class BatchTextStreamer(TextIteratorStreamer):
+    """transformers' TextIteratorStreamer for a batch (it takes batch size 1 only): after each step it queues every
+    sequence's new text so far, and iterating yields the newest such list.
 
     Whole-sequence decoding each step keeps multi-byte characters split over tokens correct once complete.
     """
 
     def __init__(self, tokenizer, batch_size: int):
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         self.token_ids = [[] for _ in range(batch_size)]
-        self.queue: Queue = Queue()
-        self.prompt_seen = False
 
     def put(self, value):
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
+        if self.next_tokens_are_prompt:  # generate() hands over the prompt first
+            self.next_tokens_are_prompt = False
             return
         for ids, token in zip(self.token_ids, value.reshape(-1).tolist()):
             ids.append(token)
-        texts = [
-            self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for ids in self.token_ids
-        ]
-        self.queue.put(texts)
+        self.on_finalized_text([self.tokenizer.decode(ids, **self.decode_kwargs) for ids in self.token_ids])
 
     def end(self):
-        self.queue.put(None)
+        self.text_queue.put(self.stop_signal)
 
     def __iter__(self):
-        while (texts := self.queue.get()) is not None:
-            while not self.queue.empty():  # skip snapshots the browser has not had time for
-                newer = self.queue.get()
-                if newer is None:
+        queue = self.text_queue
+        while (texts := queue.get()) is not self.stop_signal:
+            while not queue.empty():  # skip snapshots the browser has not had time for
+                if (newer := queue.get()) is self.stop_signal:
                     yield texts
                     return
                 texts = newer
@@ -193,19 +194,21 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     seed = str(seed if seed is not None else "").strip()
     if not seed:
         seed = random.randrange(2**32)
-    elif not seed.isdigit() or int(seed) >= 2**32:
+    elif not (seed.isascii() and seed.isdigit()) or int(seed) >= 2**32:
         yield [], f"The seed must be a whole number from 0 to {2**32 - 1}, or blank for a random one; got {seed!r}."
         return
     seed = int(seed)
 
     notes = []
+    cut = len(prompt) > MAX_PROMPT_CHARS
+    prompt = prompt[-MAX_PROMPT_CHARS:]
     prompt_ids = loaded.tokenizer(prompt, verbose=False)["input_ids"]  # long ones are cut below
     room = loaded.context - max_new_tokens  # prompt + new tokens must fit the context
-    if len(prompt_ids) > room:
+    if cut or len(prompt_ids) > room:
         prompt_ids = prompt_ids[-room:]
         prompt = loaded.tokenizer.decode(prompt_ids, clean_up_tokenization_spaces=False)
         notes.append(
-            f"⚠️ The prompt was cut to its last {room} tokens so that it plus {max_new_tokens} new tokens "
+            f"⚠️ The prompt was cut to its last {len(prompt_ids)} tokens so that it plus {max_new_tokens} new tokens "
             f"fit the model's {loaded.context}-token context."
         )
 
@@ -239,7 +242,8 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     texts = [""] * num_sequences
     try:
         for texts in streamer:
-            yield [prompt + text for text in texts], f"Generating… {streamer.steps}/{max_new_tokens} tokens"
+            progress = f"Generating… {streamer.steps}/{max_new_tokens} tokens"
+            yield [prompt + text for text in texts], "\n\n".join([progress, *notes])
     finally:
         stop.set()
         thread.join()
@@ -275,21 +279,24 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
         )
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="ROMEO:", autofocus=True)
+                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="ROMEO:", autofocus=True, elem_id="prompt")
                 with gr.Row():
-                    generate_button = gr.Button("Generate", variant="primary")
-                    stop_button = gr.Button("Stop", variant="stop")
+                    generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 gr.Examples(EXAMPLES, inputs=prompt, cache_examples=False)
             with gr.Column(scale=2):
                 max_new_tokens = gr.Slider(  # the default leaves half the context for the prompt
-                    1, loaded.max_new_tokens, value=min(100, loaded.context // 2), step=1, label="Max new tokens"
+                    1, loaded.max_new_tokens, value=min(100, loaded.context // 2), step=1, label="Max new tokens",
+                    elem_id="max-new-tokens",
                 )
-                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", info="0 = greedy")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
-                num_sequences = gr.Slider(1, MAX_SEQUENCES, value=1, step=1, label="Number of sequences")
+                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", info="0 = greedy",
+                                        elem_id="temperature")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off", elem_id="top-k")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off", elem_id="top-p")
+                num_sequences = gr.Slider(1, MAX_SEQUENCES, value=1, step=1, label="Number of sequences",
+                                          elem_id="num-sequences")
                 # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty.
-                seed = gr.Textbox(label="Seed", placeholder="blank = random", max_lines=1)
+                seed = gr.Textbox(label="Seed", placeholder="blank = random", max_lines=1, elem_id="seed")
         with gr.Row():
             outputs = [
                 gr.Textbox(
@@ -297,7 +304,7 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
                 )
                 for i in range(MAX_SEQUENCES)
             ]
-        status = gr.Markdown(f"{loaded.describe()} · ready")
+        status = gr.Markdown(f"{loaded.describe()} · ready", elem_id="status")
 
         num_sequences.change(
             lambda n: [gr.Textbox(visible=i < n) for i in range(MAX_SEQUENCES)],
@@ -311,10 +318,11 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
             inputs=[prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed],
             outputs=[*outputs, status],
             api_name="generate",
+            concurrency_limit=CONCURRENCY_LIMIT,
             show_progress="minimal",
         )
         stop_button.click(None, cancels=[event])
-    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=32)
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 
 

@@ -7,6 +7,9 @@ Files live content-addressed (sha256) under `root/objects`; each commit is a ful
 
     hub = FakeHub(tmp_path); hub.start()   # hub.url -> HF_ENDPOINT
     hub.files("model", "user/name")        # {path: bytes} at main
+
+By hand (e.g. to try push_to_hub.py): `python tests/hub_server.py --root /tmp/hub --port 8765`, then
+`HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1 HF_TOKEN=hf_anything python push_to_hub.py ...`.
 """
 
 from __future__ import annotations
@@ -46,14 +49,14 @@ class FakeHub:
         self.server = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> str:
+    def start(self, port: int = 0) -> str:
         hub = self
 
         class Handler(HubHandler):
             pass
 
         Handler.hub = hub
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # port 0: the OS picks a free port
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # port 0: the OS picks a free port
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self.url
@@ -356,3 +359,20 @@ class HubHandler(BaseHTTPRequestHandler):
         if entry["lfs"]:  # the client keys its cache on the LFS sha256, as on the real Hub
             headers |= {"X-Linked-Etag": f'"{entry["sha256"]}"', "X-Linked-Size": len(data)}
         self.send(200, headers=headers, raw=data)
+
+
+if __name__ == "__main__":
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description="Serve the stand-in Hub until Ctrl+C (state is kept in memory).")
+    parser.add_argument("--root", help="where uploaded files are stored (default: a new temp dir)")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    args = parser.parse_args()
+    hub = FakeHub(args.root or tempfile.mkdtemp(prefix="toygpt-hub-"))
+    print(f"stand-in Hub on {hub.start(args.port)} storing files in {hub.root}; "
+          "HF_ENDPOINT to this URL, HF_HUB_DISABLE_XET=1", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        hub.stop()

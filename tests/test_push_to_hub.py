@@ -302,6 +302,15 @@ def broken_copy(src: Path, dst: Path, change) -> Path:
     return dst
 
 
+def drop_a_tensor(directory: Path) -> None:
+    """Weights that load without error but lack a tensor: from_pretrained would fill it with random values."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(directory / "model.safetensors")
+    del weights["transformer.h.0.attn.c_proj.weight"]
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -311,8 +320,9 @@ def broken_copy(src: Path, dst: Path, change) -> Path:
         (lambda d: (d / "config.json").write_text(json.dumps(
             {**json.loads((d / "config.json").read_text()), "n_head": 3})), "does not load"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage"), "does not load"),
+        (drop_a_tensor, "weights do not match config.json (missing keys: transformer.h.0.attn.c_proj.weight)"),
     ],
-    ids=["no-weights", "bad-json", "no-remote-code", "bad-config", "corrupt-weights"],
+    ids=["no-weights", "bad-json", "no-remote-code", "bad-config", "corrupt-weights", "missing-tensor"],
 )
 def test_bad_model_dir(capsys, tiny_model_dir, tmp_path, change, message):
     model_dir = broken_copy(tiny_model_dir, tmp_path / "model", change)

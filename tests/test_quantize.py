@@ -79,6 +79,9 @@ def test_output_dir_holds_int8_safetensors_and_the_scheme(int8_dir, tiny_model_d
     card = (out / "README.md").read_text()
     assert "## int8 quantized variant" in card and "trust_remote_code=True" in card
     assert f"{figures['size_fp32'] / 1e6:.1f}" in card and f"{figures['after']['val_loss']:.4f}" in card
+    assert f"{figures['before']['val_loss']:.4f}" in card and f"{figures['size_int8'] / 1e6:.1f}" in card
+    assert f"| {figures['before']['tokens_per_s']:.1f} | {figures['after']['tokens_per_s']:.1f} |" in card
+    assert "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)" in card
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "modeling_toygpt.py",
                  "configuration_toygpt.py"):
         assert (out / name).is_file(), name
@@ -308,3 +311,20 @@ def test_bad_eval_input(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "--eval-input" in err
     assert_nothing_written(out)
 
+
+
+def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def broken(directory, int8):
+        raise RuntimeError("simulated failure after the files were written")
+
+    monkeypatch.setattr(quantize, "check_written", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"])
+    assert_nothing_written(out)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")  # --overwrite: the old OUT survives a failed write untouched
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".out.*"))

@@ -1,5 +1,6 @@
 """The Space (space/app.py): a real `python app.py` server, driven by gradio_client and by headless Chromium."""
 
+import inspect
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import TextIteratorStreamer
 
 from conftest import REPO, run_python
 
@@ -149,11 +151,7 @@ print(len(texts), status)
 
 
 def test_int8_subfolder_is_preferred_on_cpu_unless_fp32_is_asked_for(tiny_model_dir, tmp_path):
-    sys.path.insert(0, str(SPACE))
-    try:
-        import app
-    finally:
-        sys.path.remove(str(SPACE))
+    app = import_app()
     repo = tmp_path / "repo"
     shutil.copytree(tiny_model_dir, repo)
     assert not app.has_int8_subfolder(str(repo))
@@ -165,6 +163,29 @@ def test_int8_subfolder_is_preferred_on_cpu_unless_fp32_is_asked_for(tiny_model_
     assert app.load_model(str(repo), variant="fp32").precision == "fp32"
     with pytest.raises(ValueError, match="TOYGPT_VARIANT must be one of"):
         app.load_model(str(repo), variant="fp16")
+
+
+def import_app():
+    sys.path.insert(0, str(SPACE))
+    try:
+        import app
+    finally:
+        sys.path.remove(str(SPACE))
+    return app
+
+
+def test_app_wiring_queue_limit_named_api_examples(tiny_model_dir):
+    """What a Space needs beyond the UI: one generation at a time, a bounded queue, `/generate` for gradio_client."""
+    app = import_app()
+    demo = app.build_demo(str(tiny_model_dir))
+    fns = {fn.api_name: fn for fn in demo.fns.values()}
+    generate_fn = fns["generate"]
+    assert generate_fn.concurrency_limit == 1 and generate_fn.api_visibility == "public"
+    assert demo._queue.max_size == app.QUEUE_SIZE
+    assert {"Hello, my name is", "ROMEO:"} <= set(app.EXAMPLES)
+    # Streaming: the handler is a generator, fed by a TextIteratorStreamer.
+    assert generate_fn.fn.__code__.co_flags & inspect.CO_GENERATOR
+    assert issubclass(app.BatchTextStreamer, TextIteratorStreamer)
 
 
 def test_space_card_and_requirements_match_installed_gradio():
@@ -191,15 +212,20 @@ def test_browser_types_a_prompt_and_sees_generated_text(app_url, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(app_url + "/", timeout=60_000)
-            page.get_by_label("Number of sequences", exact=True).fill("2")
-            page.get_by_label("Number of sequences", exact=True).press("Enter")
-            page.get_by_label("Seed").fill("7")
-            page.get_by_label("Prompt").fill("ROMEO:")
-            page.get_by_role("button", name="Generate").click()
-            page.get_by_text("tokens/s").wait_for(timeout=60_000)
-            for label in ("Sequence 1", "Sequence 2"):
-                text = page.get_by_label(label).input_value()
+            # Components by elem_id (set in app.py): gradio's own labels on a slider's number box vary by version.
+            sequences = page.locator("#num-sequences input[type=number]")
+            sequences.fill("2")
+            sequences.press("Enter")
+            page.locator("#seed input").fill("7")
+            page.locator("#prompt textarea").fill("ROMEO:")
+            page.locator("#generate").click()
+            page.locator("#status").get_by_text("tokens/s").wait_for(timeout=60_000)
+            for i in (1, 2):
+                text = page.locator(f"#sequence-{i} textarea").input_value()
                 assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+            assert not page.locator("#sequence-3").is_visible()  # only as many boxes as sequences
+            status = page.locator("#status").inner_text()
+            assert "fp32" in status and "seed 7" in status, status
             screenshot = tmp_path / "space.png"
             page.screenshot(path=str(screenshot), full_page=True)
         finally:

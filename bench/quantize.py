@@ -1,0 +1,209 @@
+"""int8 (quantize.py) against fp32, in one run: size on disk, greedy tokens/s, peak RSS at load, val loss, fidelity.
+
+    flock -s /tmp/toygpt-cpu.lock python train.py --preset tiny --time-budget-min 3 \
+        --input ../shared/data/tinyshakespeare.txt --output-dir /tmp/toygpt-tiny
+    flock -x /tmp/toygpt-cpu.lock python bench/quantize.py --trained-dir /tmp/toygpt-tiny [--repeats 3] [--threads 2]
+
+Without --trained-dir it first trains that model itself (3 minutes). Every figure is a ratio against fp32
+measured in the same run, with its target:
+- 124M `gpt2` preset, random weights (seeded), written by save_model_dir and quantized by quantize.py's CLI path:
+  * size of model.safetensors, int8 / fp32                                       (target <= 0.27x)
+  * greedy tokens/s, batch 1, 16-token prompt, 256 new tokens, KV cache, both loaded with from_pretrained; fp32 and
+    int8 take turns, repeat after repeat, so contention hits both alike; medians  (target >= 2.0x)
+  * peak RSS (ru_maxrss) of a fresh process that imports transformers and runs from_pretrained, int8 / fp32
+    (target <= 0.5x); the growth over the process's RSS before from_pretrained is printed beside it
+- the trained model (tiny Shakespeare), quantized the same way:
+  * val loss over every window of the held-out last 10% (data.val_windows), relative rise   (target <= 1%)
+  * greedy continuations (64 new tokens) of 20 prompts (the first 32 tokens of 20 evenly spaced held-out
+    windows): share of positions where int8 emits fp32's token                                (target >= 90%)
+Exit status 1 if any target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import data  # noqa: E402
+import quantize  # noqa: E402
+from configuration_toygpt import ToyGPTConfig  # noqa: E402
+from model_dir import save_model_dir  # noqa: E402
+from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+PROMPT_TOKENS = 16
+TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "agreement": 0.90}
+
+# Peak RSS of from_pretrained in a fresh interpreter. transformers' model-loading modules are imported first, so the
+# "before" figure is the interpreter + torch + transformers; ru_maxrss is in KiB on Linux.
+RSS_CODE = r"""
+import json, resource, sys
+import torch
+import transformers.modeling_utils
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[2]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024, "class": type(model.lm_head).__name__}))
+"""
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def greedy(model, prompt, new_tokens):
+    """Exactly `new_tokens` greedy steps with the KV cache (no early stop at <|endoftext|>); (tokens, seconds)."""
+    eot = ToyGPTConfig().eos_token_id
+    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                              eos_token_id=eot, pad_token_id=eot)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        output = model.generate(prompt, generation_config=config)
+        seconds = time.perf_counter() - start
+    return output[0, prompt.shape[1]:].tolist(), seconds
+
+
+def load(directory):
+    return AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True).eval()
+
+
+def load_rss(directory, threads):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", RSS_CODE, str(directory), str(threads)], cwd=directory.parent,
+                          env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int) -> dict:
+    torch.manual_seed(0)
+    fp32_dir = save_model_dir(ToyGPTForCausalLM(ToyGPTConfig.from_preset("gpt2")), work / "gpt2-fp32")
+    int8_dir = work / "gpt2-int8"
+    start = time.perf_counter()
+    assert quantize.main([str(fp32_dir), str(int8_dir), "--speed-tokens", "0"]) == 0
+    print(f"124M: quantize.py took {time.perf_counter() - start:.1f} s (no measurements)")
+    dirs = {"fp32": fp32_dir, "int8": int8_dir}
+    sizes = {k: (d / "model.safetensors").stat().st_size for k, d in dirs.items()}
+
+    rss = {k: load_rss(d, threads) for k, d in dirs.items()}
+
+    models = {k: load(d) for k, d in dirs.items()}
+    assert type(models["int8"].lm_head).__name__ == "Int8TiedLMHead", "int8 dir did not load as int8"
+    prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    for model in models.values():  # warm-up: int8 packing, allocator, thread pool
+        greedy(model, prompt, 8)
+    seconds = {k: [] for k in models}
+    tokens = {}
+    for _ in range(repeats):
+        for k, model in models.items():
+            tokens[k], elapsed = greedy(model, prompt, new_tokens)
+            seconds[k].append(elapsed)
+    rate = {k: new_tokens / statistics.median(s) for k, s in seconds.items()}
+    same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / new_tokens
+    return {"sizes": sizes, "rss": rss, "rate": rate, "seconds": seconds, "same": same}
+
+
+def train_tiny(work: Path, corpus: Path) -> Path:
+    out = work / "tiny-trained"
+    cmd = [sys.executable, str(REPO / "train.py"), "--preset", "tiny", "--time-budget-min", "3", "--input",
+           str(corpus), "--output-dir", str(out)]
+    print("training:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continuation: int, batch_size: int):
+    int8_dir = work / "trained-int8"
+    assert quantize.main([str(trained), str(int8_dir), "--speed-tokens", "0"]) == 0
+    models = {"fp32": load(trained), "int8": load(int8_dir)}
+    block_size = models["fp32"].config.block_size
+    windows = data.val_windows(corpus, block_size).windows
+    loss = {k: quantize.val_loss(m, windows, batch_size) for k, m in models.items()}
+
+    picks = torch.linspace(0, len(windows) - 1, prompts).long()
+    agree = total = 0
+    for i in picks:
+        prompt = windows[i, :32][None]
+        fp32_tokens, _ = greedy(models["fp32"], prompt, continuation)
+        int8_tokens, _ = greedy(models["int8"], prompt, continuation)
+        agree += sum(a == b for a, b in zip(fp32_tokens, int8_tokens))
+        total += continuation
+    return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agree / total}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trained-dir", type=Path, help="fp32 model dir from train.py on --input (else trains one, 3 min)")
+    p.add_argument("--input", type=Path, default=SHAKESPEARE, help="the corpus the trained model saw")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per model (default 3)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--continuation-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="val loss batch size")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    results = []  # (label, value text, target text, ok)
+    with tempfile.TemporaryDirectory(prefix="toygpt-bench-quantize-") as tmp:
+        work = Path(tmp)
+        trained = args.trained_dir or train_tiny(work, args.input)
+        print(f"torch {torch.__version__}, {args.threads} threads, int8 kernel: "
+              f"{__import__('modeling_toygpt').int8_kernel().name}")
+
+        big = bench_124m(work, args.repeats, args.new_tokens, args.threads)
+        s, r, t = big["sizes"], big["rss"], big["rate"]
+        print(f"\n124M gpt2 preset (random weights):")
+        print(f"  model.safetensors    fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
+        print(f"  peak RSS at load     fp32 {r['fp32']['peak_mb']:8.1f} MB   int8 {r['int8']['peak_mb']:8.1f} MB"
+              f"   (before from_pretrained: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
+        growth = {k: v["peak_mb"] - v["before_mb"] for k, v in r.items()}
+        print(f"  RSS growth in load   fp32 {growth['fp32']:8.1f} MB   int8 {growth['int8']:8.1f} MB"
+              f"   ({growth['int8'] / growth['fp32']:.3f}x)")
+        print(f"  greedy tokens/s      fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
+              f"      (batch 1, {args.new_tokens} new tokens, KV cache, median of {args.repeats}; seconds "
+              f"fp32 {[round(x, 2) for x in big['seconds']['fp32']]} int8 {[round(x, 2) for x in big['seconds']['int8']]})")
+        print(f"  same greedy token as fp32 (random weights, info): {big['same']:.1%}")
+        results.append(("size on disk int8/fp32", f"{s['int8'] / s['fp32']:.3f}x", f"<= {TARGETS['size']}x",
+                        s["int8"] / s["fp32"] <= TARGETS["size"]))
+        results.append(("greedy tokens/s int8/fp32", f"{t['int8'] / t['fp32']:.2f}x", f">= {TARGETS['speed']}x",
+                        t["int8"] / t["fp32"] >= TARGETS["speed"]))
+        rss_ratio = r["int8"]["peak_mb"] / r["fp32"]["peak_mb"]
+        results.append(("peak RSS at load int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
+                         rss_ratio <= TARGETS["rss"]))
+        del big
+
+        small = bench_trained(trained, work, args.input, args.prompts, args.continuation_tokens, args.batch_size)
+        loss = small["loss"]
+        rise = loss["int8"] / loss["fp32"] - 1
+        print(f"\ntrained model {trained} (block_size {small['block_size']}):")
+        print(f"  val loss ({small['windows']} held-out windows)   fp32 {loss['fp32']:.4f}   int8 {loss['int8']:.4f}")
+        results.append(("val loss relative rise", f"{rise:+.3%}", f"<= {TARGETS['loss_rise']:.0%}",
+                        rise <= TARGETS["loss_rise"]))
+        results.append((f"greedy agreement ({args.prompts} prompts x {args.continuation_tokens} tokens)",
+                        f"{small['agreement']:.1%}", f">= {TARGETS['agreement']:.0%}",
+                        small["agreement"] >= TARGETS["agreement"]))
+
+    print("\nsummary:")
+    for label, value, target, ok in results:
+        print(f"  {label:<45} {value:>9}   target {target:<8} {verdict(ok)}")
+    return 0 if all(ok for *_, ok in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""train.py end to end: real `python train.py` processes on a tiny model and a slice of tiny Shakespeare.
+
+Every run uses a 2-layer, 32-wide model with a 32-token context (most of its time goes to the 50257-token head),
+one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_python
+
+TRAIN = REPO / "train.py"
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
+# Run A of the resume test and the run whose output directory the other tests inspect. Dropout is on so that the
+# RNG state has to survive the resume too; eval and checkpoint cadence do not change the trajectory.
+STEPS = 24
+RUN = TINY + ["--max-steps", str(STEPS), "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--dropout", "0.1",
+              "--eval-every", "8", "--eval-batches", "2", "--seed", "7"]
+
+
+def train_cmd(*args):
+    return [sys.executable, str(TRAIN), *map(str, args)]
+
+
+def train_env(**extra):
+    # One thread per process: the CI box has 2 cores and the DDP test runs two trainers at once.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOYGPT_OFFLINE": "1", **extra}
+
+
+def run_train(*args, cwd=None, timeout=300, **env):
+    proc = subprocess.run(train_cmd(*args), cwd=cwd, env=train_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, shakespeare_path):
+    path = tmp_path_factory.mktemp("text") / "input.txt"
+    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, text_file):
+    """One uninterrupted run (its final checkpoint only): the reference for resume, and the output dir checked."""
+    out = tmp_path_factory.mktemp("run_a") / "model"
+    run_train("--input", text_file, "--output-dir", out, *RUN, "--checkpoint-every", "1000")
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    import train
+
+    return train
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: exit 2 with a clear message, before any work, leaving no output directory
+
+
+def bad_inputs(tmp):
+    (tmp / "empty.txt").write_bytes(b"")
+    good = "First Citizen:\nBefore we proceed any further, hear me speak.\n".encode() * 40 + b"caf"
+    (tmp / "latin1.txt").write_bytes(good + "\xe9\n".encode("latin-1") + b"more text\n" * 100)
+    (tmp / "short.txt").write_text("To be, or not to be.\n" * 3)
+    return {
+        "missing": (["--input", tmp / "nope.txt"], "nope.txt does not exist"),
+        "directory": (["--input", tmp], "not a regular file"),
+        "empty": (["--input", tmp / "empty.txt"], "is empty"),
+        "not_utf8": (["--input", tmp / "latin1.txt"], f"not valid UTF-8: the first bad byte is at byte offset {len(good)} (0xe9)"),
+        "too_short": (["--input", tmp / "short.txt"], "too short for block_size=32"),
+    }
+
+
+BAD_FLAGS = {
+    "heads_do_not_divide": (["--n-embd", "30", "--n-head", "4"], "n_embd"),
+    "zero_batch": (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    "zero_steps": (["--max-steps", "0"], "--max-steps must be positive"),
+    "negative_lr": (["--lr=-0.001"], "--lr must be >= 0"),
+    "min_lr_above_lr": (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr (0.001) must not exceed --lr (0.0001)"),
+    "dropout_one": (["--dropout", "1.0"], "dropout"),
+    "zero_budget": (["--time-budget-min", "0"], "--time-budget-min must be positive"),
+    "no_gpu": (["--device", "cuda"], "no CUDA GPU is available"),
+}
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "not_utf8", "too_short", *BAD_FLAGS])
+def test_bad_input_is_a_clear_error_before_any_work(case, tmp_path, text_file, train_module, capsys):
+    if case in BAD_FLAGS:
+        flags, message = BAD_FLAGS[case]
+        argv = ["--input", str(text_file), *TINY, *flags]
+    else:
+        flags, message = bad_inputs(tmp_path)[case]
+        argv = [*map(str, flags), *TINY]
+    out = tmp_path / "out"
+    assert train_module.main([*argv, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_existing_output_dir_needs_overwrite(tmp_path, text_file, train_module, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert train_module.main(["--input", str(text_file), *TINY, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and "--resume" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # A file where the directory should go is refused even with --overwrite.
+    (tmp_path / "file").write_text("x")
+    argv = ["--input", str(text_file), *TINY, "--output-dir", str(tmp_path / "file"), "--overwrite"]
+    assert train_module.main(argv) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path, train_module, capsys):
+    assert train_module.main(["--resume", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_through_the_real_cli(tmp_path):
+    """The same through a real process: exit status 2, one error line, no traceback, no output dir."""
+    flags, message = bad_inputs(tmp_path)["not_utf8"]
+    out = tmp_path / "out"
+    proc = subprocess.run(train_cmd(*flags, *TINY, "--output-dir", out), env=train_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "iconv" in proc.stderr  # says how to fix it
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def scheduled_lrs(train_module, total_steps, **overrides):
+    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, **overrides})
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=args.lr)
+    scheduler = train_module.build_scheduler(optimizer, args, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs, optimizer.param_groups[0]["lr"]
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_min_lr(train_module):
+    lrs, after = scheduled_lrs(train_module, 110)
+    # Warmup: a straight line from 0 to --lr over --warmup-steps steps.
+    assert lrs[:11] == pytest.approx([1e-3 * i / 10 for i in range(11)], abs=1e-12)
+    # Then a half cosine from --lr down to --min-lr, reached at the last step.
+    for i in range(10, 110):
+        progress = (i - 10) / 100
+        assert lrs[i] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert after == pytest.approx(1e-4)
+    assert min(lrs[10:]) > 1e-4
+    # Resuming the schedule mid-way (step=k) continues the same curve.
+    args = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    train_module.build_scheduler(optimizer, argparse.Namespace(**args), 110)  # sets initial_lr, as a real run does
+    train_module.build_scheduler(optimizer, argparse.Namespace(**args), 110, step=57)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[57], rel=1e-12)
+
+
+def test_fit_total_steps(train_module):
+    fit = train_module.fit_total_steps
+    # 10 steps in 5 s, 60 s left: 120 more steps.
+    assert fit(10, 10, 5.0, 60.0, 10_000) == 130
+    assert fit(10, 10, 5.0, 60.0, 50) == 50  # capped by --max-steps
+    assert fit(10, 10, 5.0, -3.0, 10_000) == 11  # budget already spent: end the schedule now
+
+
+def test_run_logs_the_schedule(run_a, train_module):
+    """The lr each optimizer step of a real run used is the warmup + cosine curve, ending near --min-lr."""
+    logged = [r["lr"] for r in metrics(run_a) if "train_loss" in r and "final" not in r]
+    expected, _ = scheduled_lrs(train_module, STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=4)
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert logged[0] == 0.0 and logged[4] == pytest.approx(3e-3)
+    assert 3e-4 < logged[-1] < 3.2e-4  # one step before the end of the cosine
+
+
+def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, train_module):
+    budget_s = 6.0
+    out = tmp_path / "model"
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--time-budget-min", budget_s / 60,
+              "--max-steps", 100_000, "--warmup-steps", 2, "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", 10_000,
+              "--eval-batches", 1, "--checkpoint-every", 10_000)
+    records = metrics(out)
+    final = records[-1]
+    assert final["final"] and 0 < final["step"] < 100_000
+    # Stops once the budget is spent (one step late at most; the final eval and save come after).
+    assert final["elapsed_s"] < budget_s + 5, final
+    assert final["step"] > train_module.FIT_STEPS, "too slow to fit the schedule within 6 s"
+    state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
+    assert state["budget_fitted"] and final["step"] <= state["total_steps"] < 100_000
+    # After the fit at step FIT_STEPS (no refit: eval never runs), the lr follows the cosine ending at the fitted
+    # total step count, instead of the 100000-step one it started with.
+    lrs = [r["lr"] for r in records if "train_loss" in r and "final" not in r]
+    fitted, _ = scheduled_lrs(train_module, state["total_steps"], lr=1e-3, min_lr=1e-4, warmup_steps=2)
+    fit_step = train_module.FIT_STEPS
+    assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output directory
+
+
+def test_output_dir_is_complete(run_a):
+    names = {p.name for p in run_a.iterdir()}
+    assert {"config.json", "configuration_toygpt.py", "modeling_toygpt.py", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json", "metrics.jsonl", "training_args.json",
+            "loss_curve.png", "README.md"} <= names
+    assert not list(run_a.parent.glob(".*tmp*")), "temp dirs left beside the output"
+    assert not [p for p in run_a.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    config = json.loads((run_a / "config.json").read_text())
+    assert config["model_type"] == "toygpt" and (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 32)
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_toygpt.ToyGPTForCausalLM"
+    generation = json.loads((run_a / "generation_config.json").read_text())
+    assert generation["do_sample"] is True and generation["top_k"] == 50
+    args = json.loads((run_a / "training_args.json").read_text())
+    assert args["max_steps"] == STEPS and args["seed"] == 7 and args["dropout"] == 0.1
+    assert (run_a / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    records = metrics(run_a)
+    assert [r["step"] for r in records if "train_loss" in r and "final" not in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if "val_loss" in r and "final" not in r] == [8, 16, 24]  # + final eval
+    final = records[-1]
+    assert final["final"] and final["step"] == STEPS and final["tokens_seen"] == STEPS * 4 * 32
+    assert final["val_perplexity"] == pytest.approx(math.exp(final["val_loss"]))
+    assert 0 < final["val_bits_per_char"] < final["val_loss"] / math.log(2)  # GPT-2 tokens span > 1 character
+    assert final["val_loss"] < records[0]["train_loss"]  # it learned something
+
+
+def test_model_card(run_a):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run_a / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation"
+    assert card.data.license and "toygpt" in card.data.tags
+    final = metrics(run_a)[-1]
+    assert f"{final['val_bits_per_char']:.4f}" in card.text and f"{final['val_perplexity']:.2f}" in card.text
+    assert "2 layers, 2 heads, 32-dim" in card.text
+    assert "loss_curve.png" in card.text
+    assert "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)" in card.text
+    assert "AutoTokenizer.from_pretrained(repo, trust_remote_code=True)" in card.text
+
+
+def test_output_dir_loads_in_a_fresh_process(run_a, tmp_path):
+    """From another working directory, without the repo on the path: the remote code in the dir is what runs."""
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(run_a)!r}, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained({str(run_a)!r}, trust_remote_code=True)  # as the model card says
+assert type(model).__name__ == "ToyGPTForCausalLM", type(model)
+assert model.generation_config.top_k == 50 and model.generation_config.do_sample
+ids = tok("ROMEO:", return_tensors="pt")
+torch.manual_seed(0)
+out = model.generate(**ids, max_new_tokens=8)
+print(json.dumps([out.shape[1] - ids["input_ids"].shape[1], tok.decode(out[0])]))
+"""
+    stdout = run_python("import json\n" + code, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    n_new, text = json.loads(stdout.strip().splitlines()[-1])
+    assert n_new == 8 and text.startswith("ROMEO:"), stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a, tmp_path, text_file):
+    out = tmp_path / "model"
+    cmd = train_cmd("--input", text_file, "--output-dir", out, *RUN, "--checkpoint-every", 3)
+    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Kill it as soon as the second checkpoint is complete (trainer_state.json is written last).
+        marker = out / "checkpoint" / "step-00000006" / "trainer_state.json"
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not (out / "config.json").exists()  # the model directory is only written at the end
+    checkpoints = sorted(p.name for p in (out / "checkpoint").glob("step-*") if (p / "trainer_state.json").exists())
+    assert checkpoints and checkpoints[-1] >= "step-00000006"
+    killed_at = int(checkpoints[-1].split("-")[1])
+    assert killed_at < STEPS
+
+    # Checkpoints hold safetensors and JSON only: nothing to unpickle.
+    for path in (out / "checkpoint" / checkpoints[-1]).iterdir():
+        assert path.suffix in (".safetensors", ".json"), path
+        if path.suffix == ".safetensors":
+            load_file(path)
+
+    resumed = run_train("--resume", "--output-dir", out)  # every setting comes from the checkpoint
+    assert f"resumed from {out / 'checkpoint' / checkpoints[-1]} at step {killed_at}" in resumed.stderr
+
+    a, b = load_file(run_a / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The metrics read as one run: each step once (records after the last checkpoint were dropped), same losses.
+    train_a = [(r["step"], r["train_loss"], r["lr"]) for r in metrics(run_a) if "lr" in r]
+    train_b = [(r["step"], r["train_loss"], r["lr"]) for r in metrics(out) if "lr" in r]
+    assert train_b == train_a
+    assert metrics(out)[-1]["val_loss"] == metrics(run_a)[-1]["val_loss"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, train_module, monkeypatch):
+    from conftest import small_config
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(block_size=16))
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_steps=2, weight_decay=0.1)
+    optimizer = train_module.build_optimizer(model, args, torch.device("cpu"))
+    scheduler = train_module.build_scheduler(optimizer, args, 10)
+    ids = torch.randint(0, 100, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    rank_states = [{"stream": {"epoch": 0}, "python_random": [3, [1, 2], None]}]
+    rngs = [train_module.rng_state()]
+    good = train_module.save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 3}, rank_states, rngs)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    # A crash in the middle of writing the next checkpoint leaves the last good one as it was, and no temp dir.
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module, "optimizer_to_files", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train_module.save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 6}, rank_states, rngs)
+    assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == [good.name]
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    # What a SIGKILL mid-write leaves (a temp dir; a step dir without trainer_state.json) is never resumed from.
+    (tmp_path / "checkpoint" / ".tmp-killed").mkdir()
+    (tmp_path / "checkpoint" / "step-00000009").mkdir()
+    assert train_module.latest_checkpoint(tmp_path) == good
+
+    # Loading restores weights and optimizer without unpickling anything.
+    monkeypatch.setattr(torch, "load", crash)
+    torch.manual_seed(1)
+    fresh = ToyGPTForCausalLM(small_config(block_size=16))
+    fresh_opt = train_module.build_optimizer(fresh, args, torch.device("cpu"))
+    state = train_module.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=1)
+    assert state["step"] == 3 and state["rank_state"] == rank_states[0]
+    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), name
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(value, fresh_opt.state_dict()["state"][0][key]), key
+    with pytest.raises(train_module.TrainError, match="same number"):
+        train_module.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DistributedDataParallel
+
+
+@pytest.mark.slow
+def test_two_process_ddp_over_gloo(tmp_path, text_file):
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN),
+           "--input", str(text_file), "--output-dir", str(out), *TINY, "--max-steps", "4", "--warmup-steps", "1",
+           "--eval-every", "2", "--eval-batches", "3", "--checkpoint-every", "2"]
+    proc = subprocess.run(cmd, env=train_env(TOYGPT_LOG_BATCH_HASH="1"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes = dict(re.findall(r"rank (\d) first batch sha256 ([0-9a-f]+)", proc.stderr))
+    assert set(hashes) == {"0", "1"} and hashes["0"] != hashes["1"], proc.stderr[-3000:]
+
+    final = metrics(out)[-1]
+    assert final["world_size"] == 2 and final["step"] == 4 and final["tokens_seen"] == 4 * 4 * 32 * 2
+    state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
+    assert [r["stream"]["rank"] for r in state["ranks"]] == [0, 1]  # every rank's stream position, for --resume
+
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    model = ToyGPTForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[464, 3290, 318]])
+    assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)
