@@ -20,9 +20,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: install
 	$(PY) -m pytest
 
+# Trains on ./input.txt if present, else the default corpus; the app prints its local URL (Ctrl+C stops it).
 demo: install
 	$(PY) train.py --preset tiny --time-budget-min $(MINUTES) --output-dir $(OUT)/toygpt --overwrite
 	$(PY) quantize.py $(OUT)/toygpt $(OUT)/toygpt-int8 --overwrite
+	@echo "demo: serving $(OUT)/toygpt-int8. Publishing is a separate step: $(PY) push_to_hub.py --model-dir" \
+		"$(OUT)/toygpt --quantized-dir $(OUT)/toygpt-int8 --repo-id USER/toygpt --space-id USER/toygpt-demo"
 	TOYGPT_MODEL=$(OUT)/toygpt-int8 $(PY) space/app.py
 
 clean:

@@ -10,8 +10,9 @@ measured in the same run, with its target:
   * size of model.safetensors, int8 / fp32                                       (target <= 0.27x)
   * greedy tokens/s, batch 1, 16-token prompt, 256 new tokens, KV cache, both loaded with from_pretrained; fp32 and
     int8 take turns, repeat after repeat, so contention hits both alike; medians  (target >= 2.0x)
-  * peak RSS (ru_maxrss) of a fresh process that imports transformers and runs from_pretrained, int8 / fp32
-    (target <= 0.5x); the growth over the process's RSS before from_pretrained is printed beside it
+  * peak RSS (VmHWM) of a fresh process over from_pretrained + one greedy token (mmapped weights become resident
+    only when used), counted above the RSS it had before loading (interpreter, torch, transformers: the same for
+    both), int8 / fp32 (target <= 0.5x); the whole-process figures are printed too
 - the trained model (tiny Shakespeare), quantized the same way:
   * val loss over every window of the held-out last 10% (data.val_windows), relative rise   (target <= 1%)
   * greedy continuations (64 new tokens) of 20 prompts (the first 32 tokens of 20 evenly spaced held-out
@@ -47,18 +48,26 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS = 16
 TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "agreement": 0.90}
 
-# Peak RSS of from_pretrained in a fresh interpreter. transformers' model-loading modules are imported first, so the
-# "before" figure is the interpreter + torch + transformers; ru_maxrss is in KiB on Linux.
+# Peak RSS of loading in a fresh interpreter: from_pretrained, then one greedy token (safetensors are mmapped
+# lazily, so only a first forward makes the weights resident: that is the memory a loaded model costs).
+# transformers' loading modules are imported first, so "before" is the interpreter + torch + transformers.
+# Linux's ru_maxrss survives exec (a child forked from this big process would start at our RSS), so read the
+# high-water mark of the new address space, VmHWM, instead.
 RSS_CODE = r"""
-import json, resource, sys
+import json, sys
 import torch
 import transformers.modeling_utils
 from transformers import AutoModelForCausalLM
+def hwm_mb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 torch.set_num_threads(int(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm_mb()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024, "class": type(model.lm_head).__name__}))
+loaded = hwm_mb()
+with torch.inference_mode():
+    model.generate(torch.arange(16)[None], max_new_tokens=1, do_sample=False, pad_token_id=0)
+print(json.dumps({"before_mb": before, "loaded_mb": loaded, "peak_mb": hwm_mb()}))
 """
 
 
@@ -169,13 +178,13 @@ def main(argv=None):
         big = bench_124m(work, args.repeats, args.new_tokens, args.threads)
         s, r, t = big["sizes"], big["rss"], big["rate"]
         print(f"\n124M gpt2 preset (random weights):")
-        print(f"  model.safetensors    fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
-        print(f"  peak RSS at load     fp32 {r['fp32']['peak_mb']:8.1f} MB   int8 {r['int8']['peak_mb']:8.1f} MB"
-              f"   (before from_pretrained: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
+        print(f"  model.safetensors           fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
         growth = {k: v["peak_mb"] - v["before_mb"] for k, v in r.items()}
-        print(f"  RSS growth in load   fp32 {growth['fp32']:8.1f} MB   int8 {growth['int8']:8.1f} MB"
-              f"   ({growth['int8'] / growth['fp32']:.3f}x)")
-        print(f"  greedy tokens/s      fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
+        print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"
+              f"   (from_pretrained alone: {r['fp32']['loaded_mb']:.1f} / {r['int8']['loaded_mb']:.1f} MB;"
+              f" before loading: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
+        print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB")
+        print(f"  greedy tokens/s             fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
               f"      (batch 1, {args.new_tokens} new tokens, KV cache, median of {args.repeats}; seconds "
               f"fp32 {[round(x, 2) for x in big['seconds']['fp32']]} int8 {[round(x, 2) for x in big['seconds']['int8']]})")
         print(f"  same greedy token as fp32 (random weights, info): {big['same']:.1%}")
@@ -183,8 +192,8 @@ def main(argv=None):
                         s["int8"] / s["fp32"] <= TARGETS["size"]))
         results.append(("greedy tokens/s int8/fp32", f"{t['int8'] / t['fp32']:.2f}x", f">= {TARGETS['speed']}x",
                         t["int8"] / t["fp32"] >= TARGETS["speed"]))
-        rss_ratio = r["int8"]["peak_mb"] / r["fp32"]["peak_mb"]
-        results.append(("peak RSS at load int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
+        rss_ratio = growth["int8"] / growth["fp32"]
+        results.append(("peak RSS at load (growth) int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
                          rss_ratio <= TARGETS["rss"]))
         del big
 

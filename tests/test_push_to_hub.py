@@ -240,7 +240,11 @@ def test_pushed_space_serves_the_pushed_model(hub, pushed):
 def test_second_push_is_idempotent(hub, pushed):
     before_model, before_space = hub.files("model", REPO_ID), hub.files("space", SPACE_ID)
     commits = hub.commit_count("model", REPO_ID), hub.commit_count("space", SPACE_ID)
-    proc = run_push(pushed["args"], hub_env(hub.url, pushed["tmp"] / "home"))
+    # This time without HF_TOKEN: the token `hf auth login` caches in HF_HOME is used.
+    home = pushed["tmp"] / "home-login"
+    home.mkdir()
+    (home / "token").write_text("hf_cached_login_token")
+    proc = run_push(pushed["args"], hub_env(hub.url, home, token=None))
     assert "commit:" in proc.stdout
     assert hub.files("model", REPO_ID) == before_model and hub.files("space", SPACE_ID) == before_space
     # Unchanged files are skipped: no new commit at all.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from transformers import TextIteratorStreamer
 
 from conftest import REPO, run_python
@@ -197,6 +198,10 @@ def test_space_card_and_requirements_match_installed_gradio():
     assert card["sdk_version"] == gradio.__version__
     requirements = (SPACE / "requirements.txt").read_text().split()
     assert f"gradio=={gradio.__version__}" in requirements
+    # The project's own requirement admits the Space's gradio.
+    project = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert all(card["sdk_version"] in r.specifier for r in project if r.name == "gradio")
     # Self-contained: app.py imports only packages the Space installs, none of the repo's modules.
     for module in ("bpe", "model_dir", "configuration_toygpt", "modeling_toygpt"):
         assert f"import {module}" not in (SPACE / "app.py").read_text()
@@ -206,8 +211,9 @@ def test_space_card_and_requirements_match_installed_gradio():
 def test_browser_types_a_prompt_and_sees_generated_text(app_url, tmp_path):
     if not CHROMIUM.is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM}; install it (apt-get install chromium) for the browser test")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # requirements-dev.txt: only Chromium may be missing
+
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -297,22 +297,28 @@ print(json.dumps([out.shape[1] - ids["input_ids"].shape[1], tok.decode(out[0])])
 def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a, tmp_path, text_file):
     out = tmp_path / "model"
     cmd = train_cmd("--input", text_file, "--output-dir", out, *RUN, "--checkpoint-every", 3)
-    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed_run.log"  # a file, not a pipe: nobody reads it while the run goes on
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=f)
     try:
-        # Kill it as soon as the second checkpoint is complete (trainer_state.json is written last).
-        marker = out / "checkpoint" / "step-00000006" / "trainer_state.json"
+        # Kill it as soon as a checkpoint from step 6 on is complete (trainer_state.json is written last).
+        def complete_checkpoints():
+            return sorted(p.parent.name for p in out.glob("checkpoint/step-*/trainer_state.json"))
+
         deadline = time.monotonic() + 240
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if complete_checkpoints() and complete_checkpoints()[-1] >= "step-00000006":
+                break
             time.sleep(0.02)
-        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stderr.read().decode()[-3000:]}"
+        assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
+            proc.wait()
     assert not (out / "config.json").exists()  # the model directory is only written at the end
-    checkpoints = sorted(p.name for p in (out / "checkpoint").glob("step-*") if (p / "trainer_state.json").exists())
+    checkpoints = complete_checkpoints()
     assert checkpoints and checkpoints[-1] >= "step-00000006"
     killed_at = int(checkpoints[-1].split("-")[1])
     assert killed_at < STEPS
@@ -382,6 +388,12 @@ def test_checkpoint_write_is_atomic(tmp_path, train_module, monkeypatch):
         assert torch.equal(value, fresh_opt.state_dict()["state"][0][key]), key
     with pytest.raises(train_module.TrainError, match="same number"):
         train_module.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=2)
+
+
+def test_metrics_line_cut_short_by_a_kill_is_skipped(tmp_path, train_module):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 10.9}\n{"step": 2, "train_loss": 10.8}\n{"step": 3, "tra')
+    assert [r["step"] for r in train_module.read_metrics(path)] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
