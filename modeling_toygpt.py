@@ -200,6 +200,69 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache, hidden_states=all_hidden_states)
 
 
+FUSED_CE_CHUNK_ROWS = 512  # rows of hidden states per chunk: a (512, vocab) fp32 logits block is ~100 MB at 50257
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(h @ W.T, targets) for training, chunked over rows, gradients computed in the same pass.
+
+    For each chunk of rows: logits = h_chunk @ W.T, the summed loss, then (in place) grad_logits =
+    (softmax - onehot) * scale, grad_h_chunk = grad_logits @ W and grad_W += grad_logits.T @ h_chunk. The full
+    (N, vocab) logits and their gradient never exist at once (~800 MB at batch 8 x 256 with GPT-2's vocabulary),
+    the FLOPs are those of the plain path. backward only scales the stored gradients (Liger-Kernel's scheme).
+    Loss = summed loss / (number of targets != ignore_index), or / num_items_in_batch when given, as
+    transformers' ForCausalLMLoss.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index=-100, num_items_in_batch=None, chunk_rows=FUSED_CE_CHUNK_ROWS):
+        # h (N, C), weight (V, C), targets (N,) long.
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        valid = targets != ignore_index
+        count = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=h.device)
+        scale = 1.0 / count.float().clamp(min=1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
+            w = weight.to(dtype)
+            for start in range(0, h.size(0), chunk_rows):
+                hc = h[start:start + chunk_rows].to(dtype)
+                v = valid[start:start + chunk_rows]
+                t = targets[start:start + chunk_rows].masked_fill(~v, 0)[:, None]  # any in-range index; row scale is 0
+                logits = (hc @ w.t()).float()  # (n, V)
+                top = logits.amax(dim=1, keepdim=True)
+                target_logit = logits.gather(1, t)
+                logits.sub_(top).exp_()
+                total = logits.sum(dim=1, keepdim=True)
+                loss_sum += ((top + total.log() - target_logit).squeeze(1) * v).sum()
+                if not (need_h or need_w):
+                    continue
+                row_scale = v[:, None] * scale  # (n, 1): 0 for ignored rows
+                logits.mul_(row_scale / total)  # softmax * scale
+                logits.scatter_add_(1, t, -row_scale)  # - onehot * scale
+                g = logits.to(dtype)
+                if need_h:
+                    grad_h[start:start + chunk_rows] = g @ w
+                if need_w:
+                    if g.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)
+                    else:
+                        grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss_sum / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy's mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
+        grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
 class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -245,12 +308,29 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         x = out.last_hidden_state  # (B, T, C)
+        shift_labels = kwargs.get("shift_labels")
+        has_targets = labels is not None or shift_labels is not None
+        if (has_targets and self.training and torch.is_grad_enabled() and not logits_to_keep
+                and type(self.lm_head) is nn.Linear and self.lm_head.bias is None):
+            # Training: fused chunked lm_head + cross-entropy, the (B, T, vocab) logits are never built, so the
+            # output's logits are None. Same loss and gradients as the path below.
+            if shift_labels is None:  # labels are the inputs: position t predicts token t+1
+                x, shift_labels = x[:, :-1], labels[..., 1:]
+            loss = FusedLinearCrossEntropy.apply(
+                x.reshape(-1, x.size(-1)),
+                self.lm_head.weight,
+                shift_labels.reshape(-1).to(x.device),
+                kwargs.get("ignore_index", -100),
+                kwargs.get("num_items_in_batch"),
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache, hidden_states=out.hidden_states)
         if logits_to_keep:  # generate() only needs the last position's logits
             x = x[:, -logits_to_keep:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
-        if labels is not None:
-            # labels are the inputs: position t predicts token t+1; -100 is ignored.
+        if has_targets:
+            # labels are the inputs: position t predicts token t+1 (or shift_labels[t] is position t's target,
+            # already shifted); -100 is ignored.
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
@@ -264,7 +344,8 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
 # with one fp32 scale per output row (symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms, biases and
 # positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data.
 # state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale` (fp32), nothing else.
-# Compute: PyTorch's fbgemm/x86 int8 GEMM on CPU (torch.ops.quantized), with weights packed on first use. Where
+# Compute: PyTorch's fbgemm/x86 int8 GEMM on CPU (torch.ops.quantized), with weights packed on first use; the
+# packed copy then replaces the int8 rows in memory (release_file_pages), so a loaded model holds each weight once. Where
 # those ops are missing (or TOYGPT_INT8_KERNEL=fallback, or weights are not on the CPU) the weights are
 # dequantized to fp32 instead, with a warning: same results up to activation rounding, at fp32 speed and memory.
 # ================================================================================================================
@@ -296,6 +377,40 @@ def dequantize_rows(q, scale):
     return q.float() * scale.float()[:, None]
 
 
+def release_file_pages(tensor):
+    """Let the OS drop the resident pages of a CPU tensor that lies in a mmapped .safetensors file, once copied.
+
+    from_pretrained maps model.safetensors and hands out views into it. Once a weight is packed, its bytes in the
+    mapping are dead weight, yet they stay resident (and count in RSS) as long as the mapping lives, which is as
+    long as any tensor from the file does: the int8 model would hold every weight twice. MADV_DONTNEED on the pages
+    wholly inside the tensor frees them; a later read (the embedding's row lookups) faults them in again from the
+    file, which holds the same bytes: Int8Rows never writes into such a view (see _load_from_state_dict). Linux
+    only; memory that is not a mapping of a .safetensors file is left alone (dropping it would zero it).
+    """
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    start = tensor.data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                low, high = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                if low <= first and last <= high:
+                    if line.rstrip("\n").endswith(".safetensors"):
+                        madvise = ctypes.CDLL(None, use_errno=True).madvise
+                        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
+                    return
+    except (OSError, ValueError, AttributeError):  # no /proc or no libc: keep the pages, nothing else changes
+        return
+
+
 class FbgemmInt8Kernel:
     """torch.ops.quantized (fbgemm/x86): weights prepacked per output channel, inputs quantized per call."""
 
@@ -310,6 +425,7 @@ class FbgemmInt8Kernel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch marks quantized tensors deprecated; these kernels are the point
             qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            release_file_pages(q)  # copied: its pages of a mapped model.safetensors need not stay in memory
             try:  # prepack dispatches on the global engine; the packed weight then runs the same on any engine
                 torch.backends.quantized.engine = self.engine
                 return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
@@ -411,6 +527,8 @@ class Int8Rows(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._unpack()  # new weights invalidate the packed ones; they are re-packed on next use
+        if self.weight is not None and self.weight.device.type != "meta":
+            self.weight = self.weight.clone()  # copy into our own memory, never into a view of a mapped file
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):

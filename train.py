@@ -152,7 +152,8 @@ def check_device(device_arg: str) -> None:
     try:
         device = torch.device(device_arg)
     except RuntimeError as err:
-        raise TrainError(f"--device {device_arg!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps.") from None
+        raise TrainError(f"--device {device_arg!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps.") \
+            from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {device_arg}: no CUDA GPU is available here; use --device cpu (or auto).")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -525,7 +526,10 @@ def train(args: argparse.Namespace) -> dict:
     if is_main:
         print(f"data: {data_description}", file=sys.stderr, flush=True)
         if not args.resume and out_dir.exists():
-            shutil.rmtree(out_dir)  # --overwrite (checked above): the new run owns the directory from here on
+            # --overwrite (checked above): drop the old run's checkpoints and metrics, but keep its model files
+            # until the new model directory is complete and swapped in atomically at the end.
+            shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
     if world_size > 1:
         dist.barrier()

@@ -100,7 +100,8 @@ def main(argv=None) -> None:
         result = compare(config, args.batch_size, args.steps, args.warmup, torch.bfloat16 if args.bf16 else None)
         ratio = result["toygpt"] / result["gpt2"]
         verdict = "ok" if ratio >= TARGET else f"below the {TARGET}x target"
-        print(f"{name:5s} (L{config.n_layer} H{config.n_head} C{config.n_embd} T{config.block_size} V{config.vocab_size}): "
+        shape = f"L{config.n_layer} H{config.n_head} C{config.n_embd} T{config.block_size} V{config.vocab_size}"
+        print(f"{name:5s} ({shape}): "
               f"ToyGPT {result['toygpt']:,.0f} tok/s, GPT2LMHeadModel {result['gpt2']:,.0f} tok/s, "
               f"ratio {ratio:.2f}x ({verdict}); lm_head = {head_flop_share(config, args.batch_size):.0%} of the "
               "matmul FLOPs, identical in both", flush=True)

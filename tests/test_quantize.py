@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -153,6 +154,40 @@ def test_round_trip_fresh_process(int8_dir, tiny_model_dir, tmp_path):
     original, again = load_file(out / "model.safetensors"), load_file(resaved / "model.safetensors")
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def mapped_rss_kb(address):
+    """Resident KiB of the mapping of a .safetensors file that holds `address`, or None if it is not in one."""
+    import re
+
+    smaps = open("/proc/self/smaps").read()
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps):
+        low, high = (int(x, 16) for x in block.split(maxsplit=1)[0].split("-"))
+        if low <= address < high:
+            if not block.splitlines()[0].endswith(".safetensors"):
+                return None
+            return int(re.search(r"^Rss:\s+(\d+) kB", block, re.M).group(1))
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
+def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir):
+    model = ToyGPTForCausalLM.from_pretrained(int8_dir[0]).eval()
+    wte = model.transformer.wte.weight
+    if mapped_rss_kb(wte.data_ptr()) is None:
+        pytest.skip("this transformers does not mmap model.safetensors")
+    rows = wte.clone()
+    ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits  # the 2nd looks up rows whose pages were dropped
+    assert mapped_rss_kb(wte.data_ptr()) * 1024 < wte.nbytes / 4  # packed: the int8 bytes are not resident twice
+    assert torch.equal(first, second) and torch.equal(model.transformer.wte.weight, rows)  # re-read from the file
+
+    other = quantize_int8(random_model(seed=1))  # new weights land in fresh memory, not in the mapped file ...
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        model(ids)  # ... so dropping pages at packing cannot revert them to the file's bytes
+        assert torch.equal(model(ids).logits, other(ids).logits)
 
 
 # --------------------------------------------------------------------------------------------------------------

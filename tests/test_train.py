@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from conftest import REPO, run_python
 
 TRAIN = REPO / "train.py"
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4"]
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "4", "--grad-accum", "1"]
 # Run A of the resume test and the run whose output directory the other tests inspect. Dropout is on so that the
 # RNG state has to survive the resume too; eval and checkpoint cadence do not change the trajectory.
 STEPS = 24
@@ -85,7 +86,8 @@ def bad_inputs(tmp):
         "missing": (["--input", tmp / "nope.txt"], "nope.txt does not exist"),
         "directory": (["--input", tmp], "not a regular file"),
         "empty": (["--input", tmp / "empty.txt"], "is empty"),
-        "not_utf8": (["--input", tmp / "latin1.txt"], f"not valid UTF-8: the first bad byte is at byte offset {len(good)} (0xe9)"),
+        "not_utf8": (["--input", tmp / "latin1.txt"],
+                     f"not valid UTF-8: the first bad byte is at byte offset {len(good)} (0xe9)"),
         "too_short": (["--input", tmp / "short.txt"], "too short for block_size=32"),
     }
 
@@ -237,7 +239,8 @@ def test_output_dir_is_complete(run_a):
     assert not list(run_a.parent.glob(".*tmp*")), "temp dirs left beside the output"
     assert not [p for p in run_a.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     config = json.loads((run_a / "config.json").read_text())
-    assert config["model_type"] == "toygpt" and (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 32)
+    assert config["model_type"] == "toygpt"
+    assert (config["n_layer"], config["n_embd"], config["block_size"]) == (2, 32, 32)
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_toygpt.ToyGPTForCausalLM"
     generation = json.loads((run_a / "generation_config.json").read_text())
     assert generation["do_sample"] is True and generation["top_k"] == 50
