@@ -10,10 +10,14 @@ MINUTES ?= 3
 
 install: $(VENV)/.installed
 
-# torch goes in first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch goes in first, as the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build. Where pip's
+# index has no CPU wheel of torch (plain PyPI on Linux), use PyTorch's CPU index:
+#   make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

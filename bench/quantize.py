@@ -164,6 +164,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--continuation-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="val loss batch size")
+    p.add_argument("--parts", default="124m,trained", help="which halves to run (default both: 124m,trained)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -171,42 +172,47 @@ def main(argv=None):
     results = []  # (label, value text, target text, ok)
     with tempfile.TemporaryDirectory(prefix="toygpt-bench-quantize-") as tmp:
         work = Path(tmp)
-        trained = args.trained_dir or train_tiny(work, args.input)
+        parts = set(args.parts.split(","))
+        if not parts or parts - {"124m", "trained"}:
+            p.error(f"--parts {args.parts!r}: choose from 124m, trained")
+        trained = args.trained_dir or ("trained" in parts and train_tiny(work, args.input))
         print(f"torch {torch.__version__}, {args.threads} threads, int8 kernel: "
               f"{__import__('modeling_toygpt').int8_kernel().name}")
 
-        big = bench_124m(work, args.repeats, args.new_tokens, args.threads)
-        s, r, t = big["sizes"], big["rss"], big["rate"]
-        print(f"\n124M gpt2 preset (random weights):")
-        print(f"  model.safetensors           fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
-        growth = {k: v["peak_mb"] - v["before_mb"] for k, v in r.items()}
-        print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"
-              f"   (from_pretrained alone: {r['fp32']['loaded_mb']:.1f} / {r['int8']['loaded_mb']:.1f} MB;"
-              f" before loading: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
-        print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB")
-        print(f"  greedy tokens/s             fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
-              f"      (batch 1, {args.new_tokens} new tokens, KV cache, median of {args.repeats}; seconds "
-              f"fp32 {[round(x, 2) for x in big['seconds']['fp32']]} int8 {[round(x, 2) for x in big['seconds']['int8']]})")
-        print(f"  same greedy token as fp32 (random weights, info): {big['same']:.1%}")
-        results.append(("size on disk int8/fp32", f"{s['int8'] / s['fp32']:.3f}x", f"<= {TARGETS['size']}x",
-                        s["int8"] / s["fp32"] <= TARGETS["size"]))
-        results.append(("greedy tokens/s int8/fp32", f"{t['int8'] / t['fp32']:.2f}x", f">= {TARGETS['speed']}x",
-                        t["int8"] / t["fp32"] >= TARGETS["speed"]))
-        rss_ratio = growth["int8"] / growth["fp32"]
-        results.append(("peak RSS at load (growth) int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
-                         rss_ratio <= TARGETS["rss"]))
+        big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads)
+        if big:
+            s, r, t = big["sizes"], big["rss"], big["rate"]
+            print(f"\n124M gpt2 preset (random weights):")
+            print(f"  model.safetensors           fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
+            growth = {k: v["peak_mb"] - v["before_mb"] for k, v in r.items()}
+            print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"
+                  f"   (from_pretrained alone: {r['fp32']['loaded_mb']:.1f} / {r['int8']['loaded_mb']:.1f} MB;"
+                  f" before loading: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
+            print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB")
+            print(f"  greedy tokens/s             fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
+                  f"      (batch 1, {args.new_tokens} new tokens, KV cache, median of {args.repeats}; seconds "
+                  f"fp32 {[round(x, 2) for x in big['seconds']['fp32']]} int8 {[round(x, 2) for x in big['seconds']['int8']]})")
+            print(f"  same greedy token as fp32 (random weights, info): {big['same']:.1%}")
+            results.append(("size on disk int8/fp32", f"{s['int8'] / s['fp32']:.3f}x", f"<= {TARGETS['size']}x",
+                            s["int8"] / s["fp32"] <= TARGETS["size"]))
+            results.append(("greedy tokens/s int8/fp32", f"{t['int8'] / t['fp32']:.2f}x", f">= {TARGETS['speed']}x",
+                            t["int8"] / t["fp32"] >= TARGETS["speed"]))
+            rss_ratio = growth["int8"] / growth["fp32"]
+            results.append(("peak RSS at load (growth) int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
+                             rss_ratio <= TARGETS["rss"]))
         del big
 
-        small = bench_trained(trained, work, args.input, args.prompts, args.continuation_tokens, args.batch_size)
-        loss = small["loss"]
-        rise = loss["int8"] / loss["fp32"] - 1
-        print(f"\ntrained model {trained} (block_size {small['block_size']}):")
-        print(f"  val loss ({small['windows']} held-out windows)   fp32 {loss['fp32']:.4f}   int8 {loss['int8']:.4f}")
-        results.append(("val loss relative rise", f"{rise:+.3%}", f"<= {TARGETS['loss_rise']:.0%}",
-                        rise <= TARGETS["loss_rise"]))
-        results.append((f"greedy agreement ({args.prompts} prompts x {args.continuation_tokens} tokens)",
-                        f"{small['agreement']:.1%}", f">= {TARGETS['agreement']:.0%}",
-                        small["agreement"] >= TARGETS["agreement"]))
+        if "trained" in parts:
+            small = bench_trained(trained, work, args.input, args.prompts, args.continuation_tokens, args.batch_size)
+            loss = small["loss"]
+            rise = loss["int8"] / loss["fp32"] - 1
+            print(f"\ntrained model {trained} (block_size {small['block_size']}):")
+            print(f"  val loss ({small['windows']} held-out windows)   fp32 {loss['fp32']:.4f}   int8 {loss['int8']:.4f}")
+            results.append(("val loss relative rise", f"{rise:+.3%}", f"<= {TARGETS['loss_rise']:.0%}",
+                            rise <= TARGETS["loss_rise"]))
+            results.append((f"greedy agreement ({args.prompts} prompts x {args.continuation_tokens} tokens)",
+                            f"{small['agreement']:.1%}", f">= {TARGETS['agreement']:.0%}",
+                            small["agreement"] >= TARGETS["agreement"]))
 
     print("\nsummary:")
     for label, value, target, ok in results:

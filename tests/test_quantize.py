@@ -179,8 +179,9 @@ def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir):
     rows = wte.clone()
     ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        first, second = model(ids).logits, model(ids).logits  # the 2nd looks up rows whose pages were dropped
-    assert mapped_rss_kb(wte.data_ptr()) * 1024 < wte.nbytes / 4  # packed: the int8 bytes are not resident twice
+        first = model(ids).logits
+        assert mapped_rss_kb(wte.data_ptr()) * 1024 < wte.nbytes / 4  # packed: the int8 bytes are not resident twice
+        second = model(ids).logits  # looks up rows whose pages were dropped
     assert torch.equal(first, second) and torch.equal(model.transformer.wte.weight, rows)  # re-read from the file
 
     other = quantize_int8(random_model(seed=1))  # new weights land in fresh memory, not in the mapped file ...

@@ -198,10 +198,10 @@ def test_space_card_and_requirements_match_installed_gradio():
     assert card["sdk_version"] == gradio.__version__
     requirements = (SPACE / "requirements.txt").read_text().split()
     assert f"gradio=={gradio.__version__}" in requirements
-    # The project's own requirement admits the Space's gradio.
+    # The project pins the Space's gradio.
     project = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    assert all(card["sdk_version"] in r.specifier for r in project if r.name == "gradio")
+    assert [str(r.specifier) for r in project if r.name == "gradio"] == [f"=={card['sdk_version']}"]
     # Self-contained: app.py imports only packages the Space installs, none of the repo's modules.
     for module in ("bpe", "model_dir", "configuration_toygpt", "modeling_toygpt"):
         assert f"import {module}" not in (SPACE / "app.py").read_text()
