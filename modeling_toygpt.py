@@ -215,8 +215,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index=-100, num_items_in_batch=None, chunk_rows=FUSED_CE_CHUNK_ROWS):
+    def forward(ctx, h, weight, targets, ignore_index=-100, num_items_in_batch=None, chunk_rows=None):
         # h (N, C), weight (V, C), targets (N,) long.
+        chunk_rows = chunk_rows or FUSED_CE_CHUNK_ROWS
         device_type = h.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         valid = targets != ignore_index
@@ -298,6 +299,13 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
+        """labels: the inputs (position t predicts token t+1), or kwargs shift_labels: position t's target, already
+        shifted; -100 is ignored, the loss is the mean over the rest (transformers' ForCausalLMLoss).
+
+        In training (model.train() and gradients enabled) with labels or shift_labels, lm_head and the loss are
+        fused (FusedLinearCrossEntropy) and the output's logits are None; in eval or under no_grad the full logits
+        are returned with the same loss.
+        """
         out = self.transformer(
             input_ids,
             cache=cache,

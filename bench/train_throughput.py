@@ -35,9 +35,13 @@ TARGET = 1.1
 
 def train_step(model, optimizer, batch, amp_dtype):
     ctx = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else torch.autocast("cpu", enabled=False)
+    x, y = batch[:, :-1], batch[:, 1:]
     with ctx:
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        if isinstance(model, ToyGPTForCausalLM):  # exactly train.py's call: fused lm_head + cross-entropy
+            loss = model(input_ids=x, shift_labels=y, use_cache=False).loss
+        else:  # GPT2LMHeadModel as its users train it: full logits, then cross-entropy
+            logits = model(input_ids=x, use_cache=False).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
