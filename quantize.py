@@ -184,9 +184,13 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
         build_card(src, card_section(src, sizes, before, after, eval_note, speed_tokens)).save(str(tmp / "README.md"))
         check_written(tmp, int8)
     figures = {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after}
+    def pair(key, spec):  # "not measured" where quantize_dir was asked not to measure (the bench measures itself)
+        if before[key] is None or after[key] is None:
+            return "not measured"
+        return f"{before[key]:{spec}} -> {after[key]:{spec}}"
+
     log(f"quantize: wrote {out}: model.safetensors {sizes['fp32'] / 1e6:.1f} MB -> {sizes['int8'] / 1e6:.1f} MB; "
-        f"val loss {before['val_loss']} -> {after['val_loss']}; "
-        f"tokens/s {before['tokens_per_s']} -> {after['tokens_per_s']}")
+        f"val loss {pair('val_loss', '.4f')}; tokens/s {pair('tokens_per_s', '.1f')}")
     return figures
 
 
