@@ -25,9 +25,8 @@ test: install
 	$(PY) -m pytest
 
 # Trains on ./input.txt if present, else the default corpus; the app prints its local URL (Ctrl+C stops it).
-# A few CPU minutes are only tens of optimizer steps: small batches and a short warmup learn more in them
-# (2 contended minutes on 2 cores: 16 steps, val loss 8.07, vs the preset's batch 16 / warmup 50: 7 steps, 10.08).
-DEMO_TRAIN_FLAGS ?= --batch-size 4 --warmup-steps 10
+# The tiny preset is tuned for few CPU minutes (bench/quality.py); DEMO_TRAIN_FLAGS passes extra train.py flags.
+DEMO_TRAIN_FLAGS ?=
 demo: install
 	$(PY) train.py --preset tiny --time-budget-min $(MINUTES) $(DEMO_TRAIN_FLAGS) --output-dir $(OUT)/toygpt --overwrite
 	$(PY) quantize.py $(OUT)/toygpt $(OUT)/toygpt-int8 --overwrite

@@ -10,6 +10,7 @@ to SRC's model card. The scheme and the kernels live in modeling_toygpt.py, whic
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -146,6 +147,15 @@ def build_card(src: Path, section: str) -> ModelCard:
     return card
 
 
+def training_input(src: Path) -> str | None:
+    """The text file train.py recorded for SRC (training_args.json), if it still exists."""
+    try:
+        recorded = json.loads((src / "training_args.json").read_text()).get("input_path")
+    except (OSError, ValueError):
+        return None
+    return recorded if recorded and Path(recorded).is_file() else None
+
+
 def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, batch_size=8, speed_tokens=128,
                  log=print) -> dict:
     """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures."""
@@ -156,6 +166,11 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
         raise QuantizeError(f"{out} already exists; choose another OUT_DIR or pass --overwrite.")
     fp32 = load_fp32_model(src)
 
+    if eval_input is None:  # default: the text train.py trained on (its held-out split), where it is still there
+        trained_on = training_input(src)
+        if trained_on is not None:
+            eval_input = trained_on
+            log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
     windows, eval_note = None, "Validation loss skipped: no corpus given (pass --eval-input PATH)."
     if eval_input is not None:
         import data
@@ -210,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where to write the int8 model dir (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--eval-input", default=None,
-                   help="text corpus the model was trained on; val loss before/after is measured on its last 10%%")
+                   help="text corpus the model was trained on (default: the input recorded in SRC/training_args.json); "
+                        "val loss before/after is measured on its last 10%%")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches to evaluate (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="validation batch size (default 8)")
     p.add_argument("--speed-tokens", type=int, default=128,

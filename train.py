@@ -517,6 +517,7 @@ def train(args: argparse.Namespace) -> dict:
     check_device(args.device)
     # Everything that can be wrong with the input or output is reported here, before any work.
     input_path, data_description = data.resolve_input(args.input, args.block_size)
+    args.input_path = str(input_path.resolve())  # recorded in training_args.json: quantize.py evaluates on it
     if not args.resume:
         prepare_output_dir(out_dir, resume=False, overwrite=args.overwrite)
 

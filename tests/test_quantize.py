@@ -349,6 +349,21 @@ def test_bad_eval_input(tiny_model_dir, tmp_path, capsys):
 
 
 
+def test_val_loss_defaults_to_the_text_train_py_recorded(tiny_model_dir, shakespeare_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "training_args.json").write_text(json.dumps({"input_path": str(shakespeare_path)}))
+    figures = quantize.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
+                                    log=lambda *a: None)
+    assert figures["before"]["val_loss"] > 0 and figures["after"]["val_loss"] > 0
+    assert shakespeare_path.name in (tmp_path / "out" / "README.md").read_text()
+    # A recorded path that is gone: no evaluation, and the card says how to get one.
+    (src / "training_args.json").write_text(json.dumps({"input_path": str(tmp_path / "moved.txt")}))
+    figures = quantize.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
+    assert figures["before"]["val_loss"] is None
+    assert "--eval-input" in (tmp_path / "out2" / "README.md").read_text()
+
+
 def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
     def broken(directory, int8):
         raise RuntimeError("simulated failure after the files were written")

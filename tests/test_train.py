@@ -246,6 +246,7 @@ def test_output_dir_is_complete(run_a):
     assert generation["do_sample"] is True and generation["top_k"] == 50
     args = json.loads((run_a / "training_args.json").read_text())
     assert args["max_steps"] == STEPS and args["seed"] == 7 and args["dropout"] == 0.1
+    assert Path(args["input_path"]).is_absolute() and Path(args["input_path"]).is_file()  # quantize.py evaluates on it
     assert (run_a / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     records = metrics(run_a)
