@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -43,6 +43,8 @@ import quantize  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
+from generate import generate_tokens  # noqa: E402  (bench/generate.py: exact-length greedy, timed)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS = 16
@@ -75,18 +77,6 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def greedy(model, prompt, new_tokens):
-    """Exactly `new_tokens` greedy steps with the KV cache (no early stop at <|endoftext|>); (tokens, seconds)."""
-    eot = ToyGPTConfig().eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
-                              eos_token_id=eot, pad_token_id=eot)
-    with torch.inference_mode():
-        start = time.perf_counter()
-        output = model.generate(prompt, generation_config=config)
-        seconds = time.perf_counter() - start
-    return output[0, prompt.shape[1]:].tolist(), seconds
-
-
 def load(directory):
     return AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True).eval()
 
@@ -114,12 +104,12 @@ def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int) -> dict:
     assert type(models["int8"].lm_head).__name__ == "Int8TiedLMHead", "int8 dir did not load as int8"
     prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     for model in models.values():  # warm-up: int8 packing, allocator, thread pool
-        greedy(model, prompt, 8)
+        generate_tokens(model, prompt, 8, use_cache=True)
     seconds = {k: [] for k in models}
     tokens = {}
     for _ in range(repeats):
         for k, model in models.items():
-            tokens[k], elapsed = greedy(model, prompt, new_tokens)
+            tokens[k], elapsed = generate_tokens(model, prompt, new_tokens, use_cache=True)
             seconds[k].append(elapsed)
     rate = {k: new_tokens / statistics.median(s) for k, s in seconds.items()}
     same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / new_tokens
@@ -147,8 +137,8 @@ def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continu
     agree = total = 0
     for i in picks:
         prompt = windows[i, :32][None]
-        fp32_tokens, _ = greedy(models["fp32"], prompt, continuation)
-        int8_tokens, _ = greedy(models["int8"], prompt, continuation)
+        fp32_tokens, _ = generate_tokens(models["fp32"], prompt, continuation, use_cache=True)
+        int8_tokens, _ = generate_tokens(models["int8"], prompt, continuation, use_cache=True)
         agree += sum(a == b for a, b in zip(fp32_tokens, int8_tokens))
         total += continuation
     return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agree / total}
