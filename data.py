@@ -442,6 +442,12 @@ def _produce_pieces(make_dataset, epoch: int, examples_in_epoch: int, dataset_st
         _put(out, err, stop)
 
 
+def _stop_and_join(stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()  # the producer notices within 0.1 s of finishing the piece it is tokenizing
+    if thread is not threading.current_thread():
+        thread.join()
+
+
 class TrainWindows:
     """Endless, shuffled, rank-sharded, exactly resumable stream of (block_size+1,) LongTensor training windows.
 
@@ -475,6 +481,7 @@ class TrainWindows:
         self.epoch, self.examples_in_epoch, self.dataset_state = 0, 0, None
         self._pieces: queue.Queue | None = None  # filled by the producer thread, started on first use
         self._stop = threading.Event()
+        self._stop_producer: weakref.finalize | None = None
 
     def _start_producer(self) -> None:
         make_dataset = functools.partial(
@@ -482,13 +489,18 @@ class TrainWindows:
         )
         self._pieces, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
         args = (make_dataset, self.epoch, self.examples_in_epoch, self.dataset_state, self._pieces, self._stop)
-        threading.Thread(target=_produce_pieces, args=args, daemon=True, name="TrainWindows-prefetch").start()
-        weakref.finalize(self, self._stop.set)  # the thread holds no reference to self: stop it with self
+        thread = threading.Thread(target=_produce_pieces, args=args, daemon=True, name="TrainWindows-prefetch")
+        thread.start()
+        # The thread holds no reference to self: stop it with self, or at interpreter exit at the latest (finalize
+        # runs at exit too). A daemon thread still inside native tokenizer code when Python finalizes aborts the
+        # process ("terminate called without an active exception"), so stopping also waits for it.
+        self._stop_producer = weakref.finalize(self, _stop_and_join, self._stop, thread)
 
     def close(self) -> None:
-        """Stop the prefetch thread (it also stops when the stream is garbage-collected)."""
-        self._stop.set()
-        self._pieces = None
+        """Stop the prefetch thread and wait for it (it also stops when the stream is garbage-collected)."""
+        if self._stop_producer is not None:
+            self._stop_producer()
+        self._stop_producer, self._pieces = None, None
 
     def _next_piece_tokens(self) -> np.ndarray:
         if self._pieces is None:

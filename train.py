@@ -663,6 +663,7 @@ def train(args: argparse.Namespace) -> dict:
             checkpoint(elapsed_before + time.perf_counter() - start)
             last_checkpoint_step = step
     bar.close()
+    stream.close()
 
     elapsed = elapsed_before + time.perf_counter() - start
     val_result = run_eval(FINAL_EVAL_BATCHES * args.eval_batches)

@@ -4,6 +4,7 @@ the offline default corpus, and memory that does not grow with the file size."""
 import json
 import re
 import sys
+import threading
 
 import pytest
 import torch
@@ -188,6 +189,27 @@ def test_exact_resume_including_epoch_boundary(tmp_path):
     first_epoch = [tuple(w.tolist()) for w in windows[:200]]
     second_epoch = [tuple(w.tolist()) for w in windows[boundary : boundary + 200]]
     assert first_epoch != second_epoch
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "TrainWindows-prefetch"]
+
+
+def test_close_stops_and_joins_the_prefetch_thread(tmp_path):
+    # A prefetch thread still inside native code (datasets/pyarrow) when Python finalizes aborts the process
+    # ("terminate called without an active exception"), so close() and interpreter exit wait for it to end.
+    path = write(tmp_path / "close.txt", numbered_lines(2000))
+    before = prefetch_threads()
+    stream = data.TrainWindows(path, BLOCK, shuffle_buffer=4, prefetch=64)  # a deep queue keeps it busy
+    next(stream)
+    assert len(prefetch_threads()) == len(before) + 1
+    stream.close()
+    assert prefetch_threads() == before
+    # it goes on from where it was, on a new thread once it needs more text
+    take(stream, 1000)
+    assert len(prefetch_threads()) == len(before) + 1
+    stream.close()
+    assert prefetch_threads() == before
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
