@@ -480,21 +480,20 @@ class TrainWindows:
         # Position of the last piece consumed: its epoch, its index in the epoch, the datasets stream state after it.
         self.epoch, self.examples_in_epoch, self.dataset_state = 0, 0, None
         self._pieces: queue.Queue | None = None  # filled by the producer thread, started on first use
-        self._stop = threading.Event()
-        self._stop_producer: weakref.finalize | None = None
+        self._stop_producer: weakref.finalize | None = None  # stops and joins that thread
 
     def _start_producer(self) -> None:
         make_dataset = functools.partial(
             _epoch_dataset, str(self.path), self.shards, self.seed, self.rank, self.world_size
         )
-        self._pieces, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        args = (make_dataset, self.epoch, self.examples_in_epoch, self.dataset_state, self._pieces, self._stop)
+        self._pieces, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        args = (make_dataset, self.epoch, self.examples_in_epoch, self.dataset_state, self._pieces, stop)
         thread = threading.Thread(target=_produce_pieces, args=args, daemon=True, name="TrainWindows-prefetch")
         thread.start()
         # The thread holds no reference to self: stop it with self, or at interpreter exit at the latest (finalize
         # runs at exit too). A daemon thread still inside native tokenizer code when Python finalizes aborts the
         # process ("terminate called without an active exception"), so stopping also waits for it.
-        self._stop_producer = weakref.finalize(self, _stop_and_join, self._stop, thread)
+        self._stop_producer = weakref.finalize(self, _stop_and_join, stop, thread)
 
     def close(self) -> None:
         """Stop the prefetch thread and wait for it (it also stops when the stream is garbage-collected)."""

@@ -158,7 +158,10 @@ def training_input(src: Path) -> str | None:
 
 def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, batch_size=8, speed_tokens=128,
                  log=print) -> dict:
-    """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures."""
+    """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures.
+
+    Val loss is measured on eval_batches x batch_size held-out windows of eval_input (every window if eval_batches
+    is None)."""
     src, out = Path(src), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise QuantizeError(f"OUT_DIR {out} is SRC_DIR itself; write the int8 model to a new directory.")
@@ -176,7 +179,8 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
         import data
 
         try:
-            windows = data.val_windows(eval_input, fp32.config.block_size, max_windows=eval_batches * batch_size).windows
+            max_windows = None if eval_batches is None else eval_batches * batch_size
+            windows = data.val_windows(eval_input, fp32.config.block_size, max_windows=max_windows).windows
         except (OSError, ValueError) as err:
             raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
         eval_note = (
