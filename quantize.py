@@ -3,13 +3,15 @@
 Weights of every Linear and of the tied token embedding / lm_head become int8 with one fp32 scale per output row;
 activations are quantized at run time (no calibration data). OUT_DIR is a complete model directory (safetensors
 only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(OUT_DIR,
-trust_remote_code=True)` loads as an int8 model; its README.md adds an int8 section (size, val loss, tokens/s)
-to SRC's model card. The scheme and the kernels live in modeling_toygpt.py, which travels with the model.
+trust_remote_code=True)` loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) go to
+OUT_DIR/quantization_report.json, beside SRC's training records; model_card.py renders README.md from them. Quantizing (fp32 rows -> int8 rows + scales) happens here; the int8 modules and kernels a loaded
+model runs on live in int8_toygpt.py, which travels with the model beside modeling_toygpt.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -17,17 +19,46 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from huggingface_hub import ModelCard, ModelCardData
 
+from evaluation import evaluate
+from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
+import model_card
 from model_dir import ModelDirError, atomic_dir, check_model_dir, write_model_files
-from modeling_toygpt import ToyGPTForCausalLM, int8_kernel, quantize_int8
+from modeling_toygpt import ToyGPTForCausalLM
+from training_loss import CausalLMLoss
 
 SPEED_PROMPT = "ROMEO:\nIs the day so young?"
 
 
 class QuantizeError(ValueError):
     """Bad input to quantize.py: the message names the problem and the fix."""
+
+
+def quantize_rows(weight):
+    """Symmetric per-row int8: (q (R, K) int8, scale (R,) fp32) with weight ~= q * scale[:, None]."""
+    scale = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row takes any scale
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int8(model):
+    """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32."""
+    config = copy.deepcopy(model.config)
+    config.quantization = copy.deepcopy(INT8_SCHEME)
+    with torch.device("meta"):  # no throwaway fp32 init: every tensor is assigned below
+        qmodel = ToyGPTForCausalLM(config)
+    int8_modules = {name for name, module in qmodel.named_modules() if isinstance(module, Int8Rows)}
+    wanted = set(qmodel.state_dict())
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in int8_modules and leaf == "weight":
+            state[name], state[module_name + ".weight_scale"] = quantize_rows(tensor)
+        elif name in wanted:  # lm_head.weight is not: the int8 head reads wte's rows
+            state[name] = tensor.detach().float().clone()
+    qmodel.load_state_dict(state, strict=True, assign=True)
+    qmodel.generation_config = copy.deepcopy(model.generation_config)
+    return qmodel.eval()
 
 
 def load_fp32_model(src: Path) -> ToyGPTForCausalLM:
@@ -59,18 +90,6 @@ def file_size(path: Path) -> int:
 
 
 @torch.no_grad()
-def val_loss(model, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy (nats) over (N, block_size+1) validation windows, as train.py's evaluate."""
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size]
-        logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
-
-
-@torch.no_grad()
 def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT) -> float:
     """Batch-1 greedy generation with the KV cache; EOS is not allowed to stop it early."""
     import bpe
@@ -84,67 +103,31 @@ def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT)
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
-def measure(model, windows, batch_size: int, speed_tokens: int) -> dict:
+def measure(model, val, batch_size: int, speed_tokens: int) -> dict:
     figures = {"tokens_per_s": greedy_tokens_per_second(model, speed_tokens) if speed_tokens else None}
-    figures["val_loss"] = val_loss(model, windows, batch_size) if windows is not None else None
+    figures["val_loss"] = None if val is None else evaluate(CausalLMLoss(model), val, batch_size)["val_loss"]
     return figures
 
 
-def card_section(src: Path, sizes: dict, before: dict, after: dict, eval_note: str, speed_tokens: int) -> str:
-    def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
-
-    def ratio(a, b, spec=".2f"):
-        return "n/a" if a is None or b is None else f"{a / b:{spec}}x"
-
-    loss_change = "n/a"
-    if before["val_loss"] is not None:
-        loss_change = f"{100 * (after['val_loss'] / before['val_loss'] - 1):+.2f}%"
-    return f"""
-## int8 quantized variant
-
-Produced by `python quantize.py {src.name} <out>` from the fp32 model: the weights of every Linear layer and of the
-token embedding (shared with the tied LM head, stored once) are int8 with one fp32 scale per output row (symmetric);
-LayerNorms, biases and position embeddings stay fp32. Activations are quantized per call at run time (dynamic, no
-calibration data). The int8 matrix products use PyTorch's fbgemm/x86 kernels on CPU (int8 kernel used here:
-`{int8_kernel().name}`); without them the weights are dequantized to fp32 at load, with a warning. Weights are in
-`model.safetensors` (int8 tensors + fp32 scales; no pickle), the scheme in `config.json` under `quantization`.
-
-| | fp32 | int8 | int8 / fp32 |
-|---|---|---|---|
-| model.safetensors (MB) | {sizes['fp32'] / 1e6:.1f} | {sizes['int8'] / 1e6:.1f} | {sizes['int8'] / sizes['fp32']:.3f}x |
-| validation loss (nats/token) | {fmt(before['val_loss'], '.4f')} | {fmt(after['val_loss'], '.4f')} | {loss_change} |
-| greedy tokens/s (batch 1, KV cache) | {fmt(before['tokens_per_s'], '.1f')} | {fmt(after['tokens_per_s'], '.1f')} | {ratio(after['tokens_per_s'], before['tokens_per_s'])} |
-
-{eval_note} Tokens/s: {speed_tokens} new tokens, {torch.get_num_threads()} CPU thread(s), measured by quantize.py on the
-machine that ran it.
-
-Load it exactly like the fp32 model; generation, the KV cache, the tokenizer and pipelines work the same:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-repo = "path/to/int8/model"  # a local directory, or a Hub repo id (with subfolder="int8" if it lives there)
-tokenizer = AutoTokenizer.from_pretrained(repo)
-model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)  # int8 weights, int8 CPU kernels
-output = model.generate(**tokenizer("ROMEO:", return_tensors="pt"), max_new_tokens=100)
-print(tokenizer.decode(output[0]))
-```
-"""
+def quantization_report(src: Path, sizes: dict, before: dict, after: dict, eval_input, val,
+                        speed_tokens: int) -> dict:
+    """The measured figures as quantization_report.json records them; model_card.py renders the card from it."""
+    evaluated = None if val is None else {  # None: no corpus, val loss not measured
+        "text": Path(eval_input).name, "windows": len(val.windows), "window_tokens": val.windows.shape[1] - 1}
+    return {
+        "source": src.name, "n_params": model_card.parameter_count(src / "model.safetensors"),
+        "size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after, "eval": evaluated,
+        "kernel": int8_kernel().name, "threads": torch.get_num_threads(), "speed_tokens": speed_tokens,
+    }
 
 
-def build_card(src: Path, section: str) -> ModelCard:
-    """SRC's card (if any) with the int8 section appended; otherwise a minimal card around the section."""
-    readme = src / "README.md"
-    if readme.is_file():
-        card = ModelCard.load(readme)
-    else:
-        data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
-                             tags=["toygpt", "gpt2", "text-generation", "custom_code"])
-        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# ToyGPT (int8)\n")
-    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), "int8", "quantized"]))
-    card.text = card.text.rstrip() + "\n" + section
-    return card
+def write_card(src: Path, out: Path, report: dict) -> None:
+    """The report, SRC's training records and plots (OUT's card stands alone), and README.md rendered from them."""
+    (out / model_card.INT8_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    for path in [*(src / name for name in model_card.TRAINING_RECORDS), *src.glob("*.png")]:
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    model_card.dir_card(model_card.read_records(out)).save(str(out / "README.md"))
 
 
 def training_input(src: Path) -> str | None:
@@ -174,33 +157,27 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
         if trained_on is not None:
             eval_input = trained_on
             log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
-    windows, eval_note = None, "Validation loss skipped: no corpus given (pass --eval-input PATH)."
+    val = None
     if eval_input is not None:
         import data
 
         try:
             max_windows = None if eval_batches is None else eval_batches * batch_size
-            windows = data.val_windows(eval_input, fp32.config.block_size, max_windows=max_windows).windows
+            val = data.val_windows(eval_input, fp32.config.block_size, max_windows=max_windows)
         except (OSError, ValueError) as err:
             raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
-        eval_note = (
-            f"Validation loss: mean over the first {len(windows)} windows of {fp32.config.block_size} tokens of the "
-            f"held-out last 10% of `{Path(eval_input).name}`, never trained on."
-        )
 
     log(f"quantize: measuring fp32 {src}")
-    before = measure(fp32, windows, batch_size, speed_tokens)
+    before = measure(fp32, val, batch_size, speed_tokens)
     int8 = quantize_int8(fp32)
     del fp32  # the int8 copy owns everything it needs
     log("quantize: measuring int8")
-    after = measure(int8, windows, batch_size, speed_tokens)
+    after = measure(int8, val, batch_size, speed_tokens)
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_model_files(int8, tmp)
-        for figure in src.glob("*.png"):  # plots SRC's card shows (loss curve)
-            shutil.copy2(figure, tmp / figure.name)
         sizes = {"fp32": file_size(src / "model.safetensors"), "int8": file_size(tmp / "model.safetensors")}
-        build_card(src, card_section(src, sizes, before, after, eval_note, speed_tokens)).save(str(tmp / "README.md"))
+        write_card(src, tmp, quantization_report(src, sizes, before, after, eval_input, val, speed_tokens))
         check_written(tmp, int8)
     figures = {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after}
     def pair(key, spec):  # "not measured" where quantize_dir was asked not to measure (the bench measures itself)
@@ -224,7 +201,7 @@ def check_written(directory: Path, int8) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("src_dir", help="fp32 ToyGPT model dir (train.py or convert_gpt2.py output)")
     p.add_argument("out_dir", help="where to write the int8 model dir (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -240,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("eval_batches", "batch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"quantize.py: --{name.replace('_', '-')} must be positive")
     try:
+        for name in ("eval_batches", "batch_size"):
+            if getattr(args, name) <= 0:
+                raise QuantizeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
         quantize_dir(args.src_dir, args.out_dir, overwrite=args.overwrite, eval_input=args.eval_input,
                      eval_batches=args.eval_batches, batch_size=args.batch_size, speed_tokens=args.speed_tokens)
     except QuantizeError as err:

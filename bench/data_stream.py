@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import bpe  # noqa: E402
+import corpus  # noqa: E402
 import data  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
     parser.add_argument("--step-ms", type=float, default=30.0)
     parser.add_argument("--big-mb", type=int, default=1024)
     args = parser.parse_args(argv)
-    path = args.input or data.default_corpus_path()
+    path = args.input or corpus.default_corpus_path()
     print(f"input: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     throughput(path, args.block_size, args.batch_size, args.step_ms)
     memory(path.read_text(encoding="utf-8")[:200_000], args.big_mb)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from convert_gpt2 import gpt2_config_from_toygpt, toygpt_to_gpt2  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
-from train import build_optimizer  # noqa: E402
+from optim import build_optimizer  # noqa: E402
+from training_loss import CausalLMLoss  # noqa: E402
 
 CONFIGS = {
     "tiny": ToyGPTConfig.from_preset("tiny").to_dict(),
@@ -38,7 +39,7 @@ def train_step(model, optimizer, batch, amp_dtype):
     x, y = batch[:, :-1], batch[:, 1:]
     with ctx:
         if isinstance(model, ToyGPTForCausalLM):  # exactly train.py's call: fused lm_head + cross-entropy
-            loss = model(input_ids=x, shift_labels=y, use_cache=False).loss
+            loss = CausalLMLoss(model)(x, y)
         else:  # GPT2LMHeadModel as its users train it: full logits, then cross-entropy
             logits = model(input_ids=x, use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())

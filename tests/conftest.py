@@ -42,9 +42,9 @@ def shakespeare_path():
     """The real tiny Shakespeare where ../shared has it; else the project's default corpus."""
     if SHARED_SHAKESPEARE.is_file():
         return SHARED_SHAKESPEARE
-    import data
+    import corpus
 
-    return Path(data.default_corpus_path())
+    return corpus.default_corpus_path()
 
 
 def run_python(code, cwd, env=None, timeout=300):

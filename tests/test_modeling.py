@@ -173,7 +173,8 @@ def test_save_pretrained_writes_remote_code_and_safetensors_only(tmp_path, tiny_
             "AutoModelForCausalLM": "modeling_toygpt.ToyGPTForCausalLM",
         }
         names = {p.name for p in directory.iterdir()}
-        assert {"configuration_toygpt.py", "modeling_toygpt.py", "model.safetensors"} <= names
+        # The int8 runtime that modeling_toygpt.py imports relatively travels with it (transformers copies it).
+        assert {"configuration_toygpt.py", "modeling_toygpt.py", "int8_toygpt.py", "model.safetensors"} <= names
         pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
         assert pickles == []
 
@@ -237,62 +238,12 @@ def test_pipeline_snippet_in_fresh_process(tmp_path, tiny_model_dir):
     assert module.startswith("transformers_modules")
 
 
-def test_fused_linear_cross_entropy_matches_plain_path():
-    import modeling_toygpt
-
-    torch.manual_seed(0)
-    N, C, V = 23, 32, 1000
-    h0, w0 = torch.randn(N, C), torch.randn(V, C) * 0.3
-    targets = torch.randint(0, V, (N,))
-    targets[[0, 5, 6, 22]] = -100
-    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    expected = F.cross_entropy(h @ w.t(), targets, ignore_index=-100)
-    (expected * 0.5).backward()  # a grad_output other than 1, as with gradient accumulation
-    for chunk_rows in (5, 7, 23, 64):  # 5 and 7 do not divide 23
-        fh, fw = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        loss = modeling_toygpt.FusedLinearCrossEntropy.apply(fh, fw, targets, -100, None, chunk_rows)
-        (loss * 0.5).backward()
-        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
-        torch.testing.assert_close(fh.grad, h.grad, rtol=0, atol=1e-5)
-        torch.testing.assert_close(fw.grad, w.grad, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("use_shift_labels", [False, True])
-def test_training_forward_fuses_loss_with_plain_loss_and_gradients(monkeypatch, use_shift_labels):
-    import modeling_toygpt
-
-    monkeypatch.setattr(modeling_toygpt, "FUSED_CE_CHUNK_ROWS", 5)  # 2 x 12 (or 11) rows: uneven chunks
-    model = make_model()
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_always_returns_logits_and_the_loss_with_labels(mode):
+    """One contract, as transformers' causal LMs: logits always, the loss too when labels are given."""
+    model = make_model().train(mode == "train")
     input_ids = torch.randint(0, 50257, (2, 12))
-    if use_shift_labels:  # train.py's windows: x = w[:, :-1], y = w[:, 1:], every position a target
-        inputs, targets = input_ids[:, :-1], {"shift_labels": input_ids[:, 1:].clone()}
-        targets["shift_labels"][1, :3] = -100
-    else:
-        labels = input_ids.clone()
-        labels[0, :4] = -100
-        inputs, targets = input_ids, {"labels": labels}
-
-    def loss_and_grads(train):
-        model.train(train)
-        model.zero_grad(set_to_none=True)
-        out = model(inputs, use_cache=False, **targets)
-        out.loss.backward()
-        return out, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-    fused, fused_grads = loss_and_grads(True)  # small_config has dropout 0: train and eval compute the same
-    plain, plain_grads = loss_and_grads(False)
-    assert fused.logits is None and plain.logits is not None  # eval keeps today's path, with logits
-    if use_shift_labels:
-        y = targets["shift_labels"]
-    else:
-        y = targets["labels"][:, 1:]
-    logits = plain.logits if use_shift_labels else plain.logits[:, :-1]
-    expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(plain.loss, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(fused.loss, plain.loss, rtol=0, atol=1e-5)
-    assert fused_grads.keys() == plain_grads.keys()
-    for name, grad in fused_grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=0, atol=1e-5, msg=name)
-    with torch.no_grad():  # no gradients wanted: the plain path even in training mode
-        model.train()
-        assert model(inputs, use_cache=False, **targets).logits is not None
+    out = model(input_ids, labels=input_ids, use_cache=False)
+    assert out.logits.shape == (2, 12, 50257)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 50257), input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)

@@ -49,41 +49,26 @@ def tree_bytes(directory: Path) -> dict:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-# A card shaped like train.py's: metadata, sections, and a load snippet with a local path.
-TRAINED_CARD = """---
-library_name: transformers
-license: mit
-pipeline_tag: text-generation
-tags:
-- toygpt
----
-
-# ToyGPT (test)
-
-## Results
-
-| metric | value |
-|---|---|
-| validation loss | 9.1234 |
-
-![loss curve](loss_curve.png)
-
-## Usage
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("path/to/this/model", trust_remote_code=True)
-```
-"""
+# The records train.py leaves in its output dir: the cards are rendered from these (model_card.py).
+TRAINING_ARGS = {"preset": "tiny", "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 4, "weight_decay": 0.1,
+                 "grad_clip": 1.0, "batch_size": 4, "grad_accum": 1, "seed": 7, "input_path": "/moved/input.txt",
+                 "data_description": "tiny Shakespeare (test)"}
+FINAL = {"final": True, "step": 10, "train_loss": 9.5, "val_loss": 9.1234, "val_perplexity": 9176.52,
+         "val_bits_per_char": 3.2109, "tokens_seen": 1280, "elapsed_s": 12.0, "world_size": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir, tmp_path_factory):
-    """tiny_model_dir as train.py leaves it: a card, metrics, a plot, and leftovers that must not be pushed."""
+    """tiny_model_dir as train.py leaves it: records, a card, a plot, and leftovers that must not be pushed."""
+    import model_card
+
     out = tmp_path_factory.mktemp("trained") / "toygpt"
     shutil.copytree(tiny_model_dir, out)
-    (out / "README.md").write_text(TRAINED_CARD)
-    (out / "metrics.jsonl").write_text('{"step": 10, "val_loss": 9.1234}\n')
+    final = {**FINAL, "n_params": model_card.parameter_count(out / "model.safetensors")}
+    (out / "training_args.json").write_text(json.dumps(TRAINING_ARGS, indent=2))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": 9.9}) + "\n" + json.dumps(final) + "\n")
+    config = json.loads((out / "config.json").read_text())
+    model_card.training_card(config, TRAINING_ARGS, final).save(str(out / "README.md"))
     (out / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     (out / "checkpoint" / "step-00000010").mkdir(parents=True)
     (out / "checkpoint" / "step-00000010" / "optimizer.safetensors").write_bytes(b"\0" * 64)
@@ -142,13 +127,14 @@ def test_push_uploads_exactly_the_dry_run_stage(hub, pushed):
 
 
 @pytest.mark.slow
-def test_pushed_card_combines_both_cards_and_space_names_the_model(hub, pushed, int8_dir):
-    card = hub.files("model", REPO_ID)["README.md"].decode()
+def test_pushed_card_combines_both_cards_and_space_names_the_model(hub, pushed, model_dir, int8_dir):
+    files = hub.files("model", REPO_ID)
+    card = files["README.md"].decode()
     metadata, text = card.split("---")[1], card.split("---", 2)[2]
     for line in ("library_name: transformers", "license: mit", "pipeline_tag: text-generation", "- custom_code"):
         assert line in metadata
-    # Each section once: the fp32 card's, then what the int8 card adds (it is a copy of the fp32 card plus that).
-    fp32_headings = [line for line in TRAINED_CARD.splitlines() if line.startswith("## ")]
+    # Each section once: the fp32 card's, then what the int8 card adds (the fp32 card's sections plus its own).
+    fp32_headings = [line for line in (model_dir / "README.md").read_text().splitlines() if line.startswith("## ")]
     int8_headings = [line for line in (int8_dir / "README.md").read_text().splitlines()
                      if line.startswith("## ") and line not in fp32_headings]
     assert int8_headings
@@ -159,6 +145,11 @@ def test_pushed_card_combines_both_cards_and_space_names_the_model(hub, pushed, 
     assert f'repo = "{REPO_ID}"' in text and 'from_pretrained(repo, subfolder="int8", trust_remote_code=True)' in text
     assert "path/to" not in text
     assert "| int8 | `int8/` |" in text and f"spaces/{SPACE_ID}" in text
+    # The int8 variant's own card, re-rendered for the Hub: it, too, loads by repo id.
+    int8_card = files["int8/README.md"].decode()
+    assert "## int8 quantized variant" in int8_card and "validation loss | 9.1234" in int8_card
+    assert f'repo = "{REPO_ID}"' in int8_card and "path/to" not in int8_card
+    assert 'from_pretrained(repo, subfolder="int8", trust_remote_code=True)' in int8_card
     space = hub.files("space", SPACE_ID)
     assert space["model_id.txt"].decode().strip() == REPO_ID
     assert f"models:\n- {REPO_ID}" in space["README.md"].decode()
@@ -271,7 +262,7 @@ def no_token(monkeypatch, tmp_path):
 
 def test_no_token_says_how_to_log_in(capsys, tiny_model_dir, no_token):
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID)
-    assert code == 1
+    assert code == 2 and err.startswith("push_to_hub.py: error: ")
     assert "No Hugging Face token" in err and "hf auth login" in err and "HF_TOKEN" in err
 
 
@@ -281,8 +272,9 @@ def test_dry_run_needs_no_token(capsys, tiny_model_dir, no_token, tmp_path):
     assert code == 0
     assert "nothing was uploaded" in capsys.readouterr().out
     staged = tree_bytes(tmp_path / "stage" / "model")
-    # No card in the dir: a minimal one with the metadata the Hub needs.
-    assert "library_name: transformers" in staged["README.md"].decode()
+    # No training records in the dir: a card from its config, with the metadata the Hub needs.
+    card = staged["README.md"].decode()
+    assert "library_name: transformers" in card and "2 layers, 2 heads, 32-dim" in card
     assert staged["model.safetensors"] == (tiny_model_dir / "model.safetensors").read_bytes()
     assert (tmp_path / "stage" / "space" / "model_id.txt").read_text().strip() == REPO_ID
 
@@ -290,14 +282,14 @@ def test_dry_run_needs_no_token(capsys, tiny_model_dir, no_token, tmp_path):
 @pytest.mark.parametrize("repo_id", ["toygpt", "alice/toy/gpt", "alice/toy gpt", "alice/", "alice/toy--gpt"])
 def test_malformed_repo_id(capsys, tiny_model_dir, tmp_path, repo_id):
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", repo_id, "--dry-run", tmp_path / "s")
-    assert code == 1 and "not a valid Hub repo id" in err and "USER/NAME" in err
+    assert code == 2 and "not a valid Hub repo id" in err and "USER/NAME" in err
     assert not (tmp_path / "s").exists()
 
 
 def test_malformed_space_id(capsys, tiny_model_dir, tmp_path):
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--space-id", "demo",
                          "--dry-run", tmp_path / "s")
-    assert code == 1 and "--space-id 'demo' is not a valid Hub repo id" in err
+    assert code == 2 and "--space-id 'demo' is not a valid Hub repo id" in err
 
 
 def broken_copy(src: Path, dst: Path, change) -> Path:
@@ -331,29 +323,29 @@ def drop_a_tensor(directory: Path) -> None:
 def test_bad_model_dir(capsys, tiny_model_dir, tmp_path, change, message):
     model_dir = broken_copy(tiny_model_dir, tmp_path / "model", change)
     code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 1 and err.startswith("error: --model-dir:") and message in err, err
+    assert code == 2 and err.startswith("push_to_hub.py: error: --model-dir:") and message in err, err
     assert not (tmp_path / "s").exists()
 
 
 def test_missing_model_dir(capsys, tmp_path):
     code, err = run_main(capsys, "--model-dir", tmp_path / "nope", "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 1 and "is not a directory" in err
+    assert code == 2 and "is not a directory" in err
 
 
 @pytest.mark.slow  # needs the quantized dir
 def test_variants_swapped(capsys, tiny_model_dir, int8_dir, tmp_path):
     code, err = run_main(capsys, "--model-dir", int8_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 1 and "holds int8 weights" in err
+    assert code == 2 and "holds int8 weights" in err
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--quantized-dir", tiny_model_dir,
                          "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 1 and "holds fp32 weights" in err
+    assert code == 2 and "holds fp32 weights" in err
 
 
 def test_dry_run_refuses_to_replace_other_dirs(capsys, tiny_model_dir, tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "precious.txt").write_text("keep me")
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 1 and "not a previous stage dir" in err
+    assert code == 2 and "not a previous stage dir" in err
     assert (tmp_path / "s" / "precious.txt").read_text() == "keep me"
 
 
@@ -361,7 +353,7 @@ def test_dry_run_refuses_to_replace_other_dirs(capsys, tiny_model_dir, tmp_path)
 def test_network_failure_says_nothing_was_pushed(tiny_model_dir, tmp_path):
     env = hub_env(f"http://127.0.0.1:{free_port()}", tmp_path / "home")  # nothing listens there
     proc = run_push(["--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--space-id", SPACE_ID], env, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 1 and proc.stderr.startswith("push_to_hub.py: error: Push failed")
     assert "Push failed while creating model repo" in proc.stderr and "ConnectError" in proc.stderr
     assert "nothing was pushed; not pushed: model repo, Space" in proc.stderr
 

@@ -1,4 +1,4 @@
-"""quantize.py and the int8 section of modeling_toygpt.py: round trip, file formats, error bounds, fallback, bad input."""
+"""quantize.py and the int8 runtime (int8_toygpt.py): round trip, file formats, error bounds, fallback, bad input."""
 
 import json
 import shutil
@@ -10,20 +10,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import modeling_toygpt
+import int8_toygpt
 import quantize
 from conftest import run_python, small_config
-from modeling_toygpt import (
-    DequantizedKernel,
-    Int8Embedding,
-    Int8Linear,
-    Int8Rows,
-    ToyGPTForCausalLM,
-    dequantize_rows,
-    int8_kernel,
-    quantize_int8,
-    quantize_rows,
-)
+from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize_rows, int8_kernel
+from modeling_toygpt import ToyGPTForCausalLM
+from quantize import quantize_int8, quantize_rows
 
 INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -39,9 +31,9 @@ def int8_dir(tiny_model_dir, shakespeare_path, tmp_path_factory):
 @pytest.fixture
 def fresh_kernel_choice():
     """Forget the cached kernel choice before and after a test that changes what the probe sees."""
-    modeling_toygpt._choose_int8_kernel.cache_clear()
+    int8_toygpt._choose_int8_kernel.cache_clear()
     yield
-    modeling_toygpt._choose_int8_kernel.cache_clear()
+    int8_toygpt._choose_int8_kernel.cache_clear()
 
 
 def random_model(seed=0, **overrides):
@@ -84,7 +76,7 @@ def test_output_dir_holds_int8_safetensors_and_the_scheme(int8_dir, tiny_model_d
     assert f"| {figures['before']['tokens_per_s']:.1f} | {figures['after']['tokens_per_s']:.1f} |" in card
     assert "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)" in card
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "modeling_toygpt.py",
-                 "configuration_toygpt.py"):
+                 "int8_toygpt.py", "configuration_toygpt.py"):
         assert (out / name).is_file(), name
     assert not list(out.parent.glob(".tiny-int8.tmp-*"))
 
@@ -94,7 +86,7 @@ def test_no_file_in_output_is_a_pickle(int8_dir):
     for path in out.rglob("*"):
         if path.is_dir():
             continue
-        assert path.suffix in {".safetensors", ".json", ".txt", ".py", ".md", ".png"}, path.name
+        assert path.suffix in {".safetensors", ".json", ".jsonl", ".txt", ".py", ".md", ".png"}, path.name
         head = path.read_bytes()[:8]
         assert not head.startswith(b"\x80"), f"{path.name} is a pickle"  # pickle protocol 2+ opcode
         assert not head.startswith(b"PK\x03\x04"), f"{path.name} is a zip (torch.save)"
@@ -268,7 +260,7 @@ def test_probe_failure_falls_back(monkeypatch, fresh_kernel_choice):
     def broken(*args, **kwargs):
         raise RuntimeError("quantized::linear_dynamic is not available")
 
-    monkeypatch.setattr(modeling_toygpt.FbgemmInt8Kernel, "linear", broken)
+    monkeypatch.setattr(int8_toygpt.FbgemmInt8Kernel, "linear", broken)
     with pytest.warns(UserWarning, match="unusable"):
         assert isinstance(int8_kernel(), DequantizedKernel)
 

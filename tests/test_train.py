@@ -4,7 +4,6 @@ Every run uses a 2-layer, 32-wide model with a 32-token context (most of its tim
 one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports.
 """
 
-import argparse
 import json
 import math
 import os
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_python
+from test_optim import scheduled_lrs
 
 TRAIN = REPO / "train.py"
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -156,49 +156,10 @@ def test_bad_input_through_the_real_cli(tmp_path):
 # Schedule
 
 
-def scheduled_lrs(train_module, total_steps, **overrides):
-    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, **overrides})
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=args.lr)
-    scheduler = train_module.build_scheduler(optimizer, args, total_steps)
-    lrs = []
-    for _ in range(total_steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs, optimizer.param_groups[0]["lr"]
-
-
-def test_schedule_is_linear_warmup_then_cosine_to_min_lr(train_module):
-    lrs, after = scheduled_lrs(train_module, 110)
-    # Warmup: a straight line from 0 to --lr over --warmup-steps steps.
-    assert lrs[:11] == pytest.approx([1e-3 * i / 10 for i in range(11)], abs=1e-12)
-    # Then a half cosine from --lr down to --min-lr, reached at the last step.
-    for i in range(10, 110):
-        progress = (i - 10) / 100
-        assert lrs[i] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-9)
-    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
-    assert after == pytest.approx(1e-4)
-    assert min(lrs[10:]) > 1e-4
-    # Resuming the schedule mid-way (step=k) continues the same curve.
-    args = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
-    train_module.build_scheduler(optimizer, argparse.Namespace(**args), 110)  # sets initial_lr, as a real run does
-    train_module.build_scheduler(optimizer, argparse.Namespace(**args), 110, step=57)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[57], rel=1e-12)
-
-
-def test_fit_total_steps(train_module):
-    fit = train_module.fit_total_steps
-    # 10 steps in 5 s, 60 s left: 120 more steps.
-    assert fit(10, 10, 5.0, 60.0, 10_000) == 130
-    assert fit(10, 10, 5.0, 60.0, 50) == 50  # capped by --max-steps
-    assert fit(10, 10, 5.0, -3.0, 10_000) == 11  # budget already spent: end the schedule now
-
-
 def test_run_logs_the_schedule(run_a, train_module):
     """The lr each optimizer step of a real run used is the warmup + cosine curve, ending near --min-lr."""
     logged = [r["lr"] for r in metrics(run_a) if "train_loss" in r and "final" not in r]
-    expected, _ = scheduled_lrs(train_module, STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=4)
+    expected, _ = scheduled_lrs(STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=4)
     assert logged == pytest.approx(expected, rel=1e-9)
     assert logged[0] == 0.0 and logged[4] == pytest.approx(3e-3)
     assert 3e-4 < logged[-1] < 3.2e-4  # one step before the end of the cosine
@@ -221,7 +182,7 @@ def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, train_modu
     # After the fit at step FIT_STEPS (no refit: eval never runs), the lr follows the cosine ending at the fitted
     # total step count, instead of the 100000-step one it started with.
     lrs = [r["lr"] for r in records if "train_loss" in r and "final" not in r]
-    fitted, _ = scheduled_lrs(train_module, state["total_steps"], lr=1e-3, min_lr=1e-4, warmup_steps=2)
+    fitted, _ = scheduled_lrs(state["total_steps"], lr=1e-3, min_lr=1e-4, warmup_steps=2)
     fit_step = train_module.FIT_STEPS
     assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
@@ -347,57 +308,12 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a, tmp_path, tex
     assert metrics(out)[-1]["val_loss"] == metrics(run_a)[-1]["val_loss"]
 
 
-def test_checkpoint_write_is_atomic(tmp_path, train_module, monkeypatch):
-    from conftest import small_config
-    from modeling_toygpt import ToyGPTForCausalLM
+def test_metrics_line_cut_short_by_a_kill_is_skipped(tmp_path):
+    import run_log
 
-    torch.manual_seed(0)
-    model = ToyGPTForCausalLM(small_config(block_size=16))
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, warmup_steps=2, weight_decay=0.1)
-    optimizer = train_module.build_optimizer(model, args, torch.device("cpu"))
-    scheduler = train_module.build_scheduler(optimizer, args, 10)
-    ids = torch.randint(0, 100, (2, 16))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    scheduler.step()
-    rank_states = [{"stream": {"epoch": 0}, "python_random": [3, [1, 2], None]}]
-    rngs = [train_module.rng_state()]
-    good = train_module.save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 3}, rank_states, rngs)
-    before = {p.name: p.read_bytes() for p in good.iterdir()}
-
-    # A crash in the middle of writing the next checkpoint leaves the last good one as it was, and no temp dir.
-    def crash(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(train_module, "optimizer_to_files", crash)
-    with pytest.raises(OSError, match="disk full"):
-        train_module.save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 6}, rank_states, rngs)
-    assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == [good.name]
-    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
-    # What a SIGKILL mid-write leaves (a temp dir; a step dir without trainer_state.json) is never resumed from.
-    (tmp_path / "checkpoint" / ".tmp-killed").mkdir()
-    (tmp_path / "checkpoint" / "step-00000009").mkdir()
-    assert train_module.latest_checkpoint(tmp_path) == good
-
-    # Loading restores weights and optimizer without unpickling anything.
-    monkeypatch.setattr(torch, "load", crash)
-    torch.manual_seed(1)
-    fresh = ToyGPTForCausalLM(small_config(block_size=16))
-    fresh_opt = train_module.build_optimizer(fresh, args, torch.device("cpu"))
-    state = train_module.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=1)
-    assert state["step"] == 3 and state["rank_state"] == rank_states[0]
-    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(p, q), name
-    for key, value in optimizer.state_dict()["state"][0].items():
-        assert torch.equal(value, fresh_opt.state_dict()["state"][0][key]), key
-    with pytest.raises(train_module.TrainError, match="same number"):
-        train_module.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=2)
-
-
-def test_metrics_line_cut_short_by_a_kill_is_skipped(tmp_path, train_module):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train_loss": 10.9}\n{"step": 2, "train_loss": 10.8}\n{"step": 3, "tra')
-    assert [r["step"] for r in train_module.read_metrics(path)] == [1, 2]
+    assert [r["step"] for r in run_log.read_metrics(path)] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

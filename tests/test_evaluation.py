@@ -1,0 +1,37 @@
+"""evaluation.py: one evaluation (loss, perplexity, bits per character) that train.py, quantize.py and the benches
+share, over the same windows, with the head's memory bounded by a chunk."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from conftest import small_config
+from evaluation import evaluate
+from modeling_toygpt import ToyGPTForCausalLM
+from training_loss import CausalLMLoss
+
+
+def test_evaluate_is_the_mean_cross_entropy_and_bits_per_character(tmp_path):
+    text = "".join(f"Vers {i}: « déjà vu » — ça va? 🙂\n" for i in range(400))
+    path = tmp_path / "fr.txt"
+    path.write_text(text, encoding="utf-8")
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(block_size=16)).train()
+    val = data.val_windows(path, 16)
+    with torch.no_grad():
+        logits = model.eval()(val.windows[:, :-1]).logits
+    model.train()
+    summed = F.cross_entropy(logits.flatten(0, 1), val.windows[:, 1:].flatten(), reduction="sum").item()
+    tokens = val.windows[:, 1:].numel()
+    result = evaluate(CausalLMLoss(model), val, batch_size=3)  # 3 does not divide the window count
+    assert result["val_tokens"] == tokens
+    assert result["val_loss"] == pytest.approx(summed / tokens, rel=1e-5)
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    assert result["val_bits_per_char"] == pytest.approx(summed / val.target_chars.sum().item() / math.log(2), rel=1e-5)
+    assert model.training  # put back in the mode it was in
+    # max_batches: a prefix of the same windows
+    first = evaluate(CausalLMLoss(model), val, batch_size=2, max_batches=1)
+    assert first["val_tokens"] == 2 * 16
