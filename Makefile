@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 MINUTES ?= 3
 
-.PHONY: install test demo clean
+.PHONY: install install-llama-cpp test demo clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
+
+# Optional: llama.cpp's Python binding, for the test that runs an exported GGUF in llama.cpp itself. pip compiles
+# llama.cpp from source (about 18 minutes on 2 cores), so neither `make install` nor CI installs it.
+install-llama-cpp: install
+	$(PY) -m pip install -q llama-cpp-python
 
 test: install
 	$(PY) -m pytest

@@ -78,6 +78,9 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, trainer_state: d
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{trainer_state['step']:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: a checkpoint gets the user's umask like other files
     try:
         model.config.to_json_file(tmp / "config.json")
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head/wte weight

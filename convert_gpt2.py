@@ -1,7 +1,8 @@
-"""Convert weights between ToyGPT and transformers' native GPT-2 (GPT2LMHeadModel), both ways, losslessly.
+"""Convert weights between ToyGPT and transformers' native GPT-2 (GPT2LMHeadModel), both ways, losslessly; or to GGUF.
 
     python convert_gpt2.py from-gpt2 SRC DST   # GPT-2 dir (e.g. openai-community/gpt2 downloaded) -> ToyGPT dir
     python convert_gpt2.py to-gpt2 SRC DST     # ToyGPT dir -> GPT2LMHeadModel dir (no remote code needed)
+    python convert_gpt2.py to-gguf SRC OUT.gguf [--type f32|f16|q8_0]   # ToyGPT dir -> llama.cpp (gguf_export.py)
 
 The two architectures are the same network with the same parameter names; GPT-2 stores its four projection
 matrices as Conv1D, i.e. transposed ([in, out]) relative to nn.Linear ([out, in]).
@@ -18,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import bpe
 from configuration_toygpt import ToyGPTConfig
+from gguf_export import GGUF_TYPES, export_gguf
 from model_dir import ModelDirError, atomic_dir, check_model_dir, save_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
@@ -138,13 +140,21 @@ def convert_from_gpt2(src, dst, overwrite: bool = False) -> Path:
     src, dst = Path(src), Path(dst)
     check_gpt2_dir(src)
     _check_destination(src, dst, overwrite)
-    gpt2 = GPT2LMHeadModel.from_pretrained(src)
+    try:
+        gpt2 = GPT2LMHeadModel.from_pretrained(src)
+    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
+        weights = next(src / name for name in GPT2_WEIGHT_FILES if (src / name).is_file())
+        raise ModelDirError(
+            f"{weights} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or damaged (an "
+            f"interrupted copy or download), copy or download it again; else re-save {src} with save_pretrained. "
+            "Nothing was written."
+        ) from None
     if gpt2.config.vocab_size != bpe.VOCAB_SIZE:
         raise ValueError(
             f"{src} has vocab_size={gpt2.config.vocab_size}; ToyGPT directories ship the GPT-2 BPE tokenizer "
             f"({bpe.VOCAB_SIZE} tokens), so only models with that vocabulary convert."
         )
-    return save_model_dir(gpt2_to_toygpt(gpt2), dst, overwrite=overwrite)
+    return save_model_dir(gpt2_to_toygpt(gpt2), dst, overwrite=overwrite, inputs=[src])
 
 
 def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
@@ -154,10 +164,16 @@ def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
     if config.get("quantization") is not None:
         raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; convert the fp32 directory it came from.")
     _check_destination(src, dst, overwrite)
-    toygpt = ToyGPTForCausalLM.from_pretrained(src)
+    try:
+        toygpt = ToyGPTForCausalLM.from_pretrained(src)
+    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
+        raise ModelDirError(
+            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
+            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
+        ) from None
     gpt2 = toygpt_to_gpt2(toygpt)
     gpt2.generation_config = toygpt.generation_config  # keep the shipped sampling defaults
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_dir(dst, overwrite=overwrite, inputs=[src], flag="DST") as tmp:
         gpt2.save_pretrained(tmp)
         bpe.save_tokenizer(tmp, model_max_length=gpt2.config.n_positions)
     return dst
@@ -165,21 +181,31 @@ def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_gpt2.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("direction", choices=["from-gpt2", "to-gpt2"])
+    parser.add_argument("direction", choices=["from-gpt2", "to-gpt2", "to-gguf"])
     parser.add_argument("src", help="source model directory")
-    parser.add_argument("dst", help="output model directory (written atomically)")
+    parser.add_argument("dst", help="output model directory, or the .gguf file for to-gguf (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--type", choices=list(GGUF_TYPES), help="to-gguf: the weights' type (default f32, lossless)")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    convert = convert_from_gpt2 if args.direction == "from-gpt2" else convert_to_gpt2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.type is not None and args.direction != "to-gguf":
+        parser.error(f"--type applies to to-gguf only; {args.direction} writes the fp32 weights as they are")
     try:
-        out = convert(args.src, args.dst, overwrite=args.overwrite)
+        if args.direction == "to-gguf":
+            out = export_gguf(args.src, args.dst, args.type or "f32", overwrite=args.overwrite)
+        else:
+            convert = convert_from_gpt2 if args.direction == "from-gpt2" else convert_to_gpt2
+            out = convert(args.src, args.dst, overwrite=args.overwrite)
     except (ValueError, FileExistsError) as err:  # ModelDirError is a ValueError
         print(f"convert_gpt2.py: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # writing failed: disk full, no permission
+        print(f"convert_gpt2.py: error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 

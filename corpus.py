@@ -40,7 +40,10 @@ def is_offline() -> bool:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600: the cached corpus gets the user's umask like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

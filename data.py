@@ -1,43 +1,63 @@
-"""The training data: input.txt -> GPT-2 BPE tokens -> windows of block_size+1 tokens, streamed.
+"""The training data: a source of text -> GPT-2 BPE tokens -> windows of block_size+1 tokens, streamed.
 
 Public API (train.py uses these names):
 
-    path, description = resolve_input(args.input, block_size)    # validated; InputError says what to fix
-    train = TrainWindows(path, block_size, seed=1337, rank=0, world_size=1)
+    source, description = resolve_source(input=args.input, dataset=args.dataset, dataset_config=...,
+                                         split="train", text_column="text", block_size=256)  # InputError: the fix
+    train = TrainWindows(source, block_size, seed=1337, rank=0, world_size=1)   # a source or a plain file path
     for xy in train.batches(batch_size):                          # (batch_size, block_size+1) LongTensor
         x, y = xy[:, :-1], xy[:, 1:]
     state = train.state_dict()                                    # JSON-serialisable; exact resume:
-    train2 = TrainWindows(path, block_size, ...); train2.load_state_dict(state)
-    val = val_windows(path, block_size, max_windows=64)           # ValWindows(windows, target_chars)
+    train2 = TrainWindows(source, block_size, ...); train2.load_state_dict(state)
+    val = val_windows(source, block_size, max_windows=64)         # ValWindows(windows, target_chars)
+    source.fingerprint(), source.describe(), source.spec()        # identity, log line, resolve_source kwargs
+    for ids in train_token_pieces(source): ...                    # the whole training text's tokens, one pass
+    path, description = resolve_input(args.input, block_size)     # the file-only form (quantize.py)
 
-The split is nanoGPT's: with `text` the whole file decoded as UTF-8 (newlines untranslated),
-`n = len(text); train = text[:int(n * 0.9)]; val = text[int(n * 0.9):]`. We find the character count and the
-byte offset of that boundary by streaming the file in chunks, so memory does not grow with the file size.
+Sources. `resolve_source` picks and checks one of:
+  * a text file (TextFile): nanoGPT's split. With `text` the whole file decoded as UTF-8 (newlines untranslated),
+    `n = len(text); train = text[:int(n * 0.9)]; val = text[int(n * 0.9):]`. We find the character count and the
+    byte offset of that boundary by streaming the file in chunks, so memory does not grow with the file size.
+  * a directory of text files, or a glob of them (TextFiles): every file is one document, split the same way (its
+    first 90% of characters train, its last 10% are held out).
+  * a directory `datasets` reads (parquet, jsonl, csv, arrow files), or a Hub dataset (--dataset): see
+    dataset_source.py. Each row is a document; the held-out rows are the "validation" split, else a fixed tenth.
+Documents end with GPT-2's <|endoftext|> token, as in nanoGPT's OpenWebText prepare.py (a single file is one
+document and gets none, so its tokens are exactly those of its text). A source gives the stream its training text
+as `train_examples(shards)`, a datasets IterableDataset of text over shards in a given order; its held-out text as
+`val_texts()`, (text, ends a document) pairs in a fixed order.
 
-Training stream: the train bytes are cut into shards (byte ranges of 64 KiB - 4 MiB, cut at line ends), read as
-~16 KiB text pieces by a 🤗 `datasets.IterableDataset` over a generator (what `IterableDataset.from_generator`
-builds), split across DDP ranks by `datasets.distributed.split_dataset_by_node` (whole shards per rank, so ranks
-see disjoint text), and tokenized with tiktoken in a batched `map`. Pieces are cut where the GPT-2 pre-tokenizer
-splits anyway, so the tokens are exactly those of tokenizing the train text in one go. We pack the token stream
-into windows of block_size+1 tokens (consecutive windows share one token, so every next-token pair is a target
-once) and shuffle them with our own seeded buffer. Each epoch (one pass over this rank's shards) visits the
-shards in a new order drawn from seed + epoch; the stream never ends. A background thread reads and tokenizes a
-few pieces ahead (tiktoken releases the GIL), so the training loop mostly just slices and stacks windows.
+Training stream: a text file's train bytes are cut into shards (byte ranges of 64 KiB - 4 MiB, cut at line ends;
+text files' shards may span several files), read as ~16 KiB text pieces by a 🤗 `datasets.IterableDataset` over a
+generator (what `IterableDataset.from_generator` builds); a dataset's shards are parts of its files or parquet row
+groups, read by `load_dataset(..., streaming=True)` (dataset_source.py). Each epoch (one pass over this rank's
+shards) takes the shards in a new order drawn from seed + epoch; `datasets.distributed.split_dataset_by_node` splits
+them across DDP ranks (whole shards per rank where there are a multiple of world_size, as text sources always cut,
+else every world_size-th example: either way ranks see disjoint text), and tiktoken tokenizes them in a batched
+`map` (a text piece, or ROWS_PER_PIECE dataset rows, per piece of tokens). Text pieces are cut where the GPT-2
+pre-tokenizer splits anyway, so the tokens are exactly those of tokenizing the train text in one go. We pack the
+token stream into windows of block_size+1 tokens (consecutive windows share one token, so every next-token pair is
+a target once) and shuffle them with our own seeded buffer; the stream never ends. A background thread reads and
+tokenizes a few pieces ahead (tiktoken releases the GIL), so the training loop mostly just slices and stacks windows.
 Why our own shuffle buffer: datasets' `shuffle(buffer_size=...)` does not restore its buffer on resume. Ours is
 part of `state_dict()`, with the datasets stream state after the last consumed piece, the leftover tokens, the
 RNG state and the epoch: a stream restored from it yields exactly the windows the original would have.
 
-Validation: `val_windows` packs the val part the same way, in file order, without shuffling: the same windows at
-every eval. Each window also has its target character count (the characters of its last block_size tokens), from
-which evaluation.py computes bits per character.
+Validation: `val_windows` packs the held-out text the same way, in its fixed order, without shuffling: the same
+windows at every eval. Each window also has its target character count (the characters of its last block_size
+tokens; <|endoftext|> counts none), from which evaluation.py computes bits per character.
 
-Input: `resolve_input` takes the given path, else ./input.txt, else the default corpus (tiny Shakespeare, which
-corpus.py fetches or assembles; this module only reads it), and checks it before training starts.
+Input: `resolve_source` with neither --input nor --dataset takes ./input.txt, else the default corpus (tiny
+Shakespeare, which corpus.py fetches or assembles; this module only reads it), and checks the source before
+training starts.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import glob
+import itertools
 import math
 import queue
 import re
@@ -51,6 +71,7 @@ import torch
 
 import bpe
 import corpus
+from dataset_source import DatasetError, DatasetSource, file_sha256, is_dataset_dir, visible_files
 
 DEFAULT_INPUT = Path("input.txt")
 VAL_FRACTION = 0.1
@@ -58,6 +79,7 @@ VAL_FRACTION = 0.1
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning the file
 PIECE_BYTES = 16 << 10  # bytes of text per datasets example (one tokenizer call each)
 TOKENIZE_BATCH = 8  # pieces per batched map call
+ROWS_PER_PIECE = 64  # dataset rows (documents) tokenized into one piece
 MIN_SHARD_BYTES, MAX_SHARD_BYTES = 64 << 10, 4 << 20
 # A "clean cut" is just before a newline that precedes a non-space character ("word\n\nWord" -> "word\n" +
 # "\nWord"): the GPT-2 pre-tokenizer ends a whitespace run's first token there and starts a new one at that
@@ -94,12 +116,48 @@ def _complete_prefix(data: bytes) -> int:
     return len(data)  # only continuation bytes: let the decoder report them
 
 
+def _utf16_fix(path: Path, head: bytes) -> str | None:
+    """The fix for a UTF-16 or UTF-32 file, else None. Its byte-order mark, or NUL bytes at every other position (the
+    high bytes of ASCII characters), say so plainly; `iconv -f latin1` would "work" and train on NUL-riddled text."""
+    for bom, encoding in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                          (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            why = f"it starts with a {encoding} byte-order mark"
+            break
+    else:
+        half = len(head) // 2
+        even, odd = head[0 : 2 * half : 2].count(0), head[1 : 2 * half : 2].count(0)
+        if half < 4 or min(even, odd) > half // 20 or max(even, odd) < half * 2 // 5:
+            return None
+        encoding = "UTF-16LE" if odd > even else "UTF-16BE"
+        why = f"NUL bytes at every {'odd' if odd > even else 'even'} byte offset are the pattern of {encoding}"
+    return (
+        f"{path} is {encoding[:6]} text, not UTF-8 ({why}). Convert it to UTF-8: "
+        f"`iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`."
+    )
+
+
+def _not_utf8_fix(data: bytes, bad: int, seen_non_ascii: bool) -> str:
+    """The likely fix for invalid UTF-8 at data[bad]: which encoding the bytes look like."""
+    if seen_non_ascii or not data[:bad].isascii():
+        return ("The text before it is UTF-8 with non-ASCII characters, so the file is probably UTF-8 with damaged "
+                "bytes: fix them, or drop them with `iconv -f UTF-8 -t UTF-8 -c`.")
+    if b"\0" in data:
+        return ("It holds NUL bytes: it is probably not a text file. Pass text files only (for a directory, a glob "
+                "such as --input 'DIR/*.txt').")
+    if any(0x80 <= byte < 0xA0 for byte in data[bad : bad + 4096]):  # C1 controls in latin1; quotes, dashes in CP1252
+        return "Save the file as UTF-8 text; it looks like Windows-1252 (`iconv -f CP1252 -t UTF-8`)."
+    return "Save the file as UTF-8 text (e.g. `iconv -f latin1 -t utf-8`)."
+
+
 def _decoded_chunks(path: Path) -> Iterator[tuple[int, str]]:
     """(byte offset, text) for the whole file, chunk by chunk; InputError at the first invalid UTF-8 byte."""
-    offset, carry = 0, b""
+    offset, carry, seen_non_ascii = 0, b"", False
     with open(path, "rb") as f:
         while True:
             data = f.read(SCAN_CHUNK)
+            if offset == 0 and not carry and (fix := _utf16_fix(path, data[:4096])):
+                raise InputError(fix)
             data, at_end = carry + data, not data
             cut = len(data) if at_end else _complete_prefix(data)
             try:
@@ -108,8 +166,9 @@ def _decoded_chunks(path: Path) -> Iterator[tuple[int, str]]:
                 bad = offset + e.start
                 raise InputError(
                     f"{path} is not valid UTF-8: the first bad byte is at byte offset {bad} "
-                    f"(0x{data[e.start]:02x}). Save the file as UTF-8 text (e.g. `iconv -f latin1 -t utf-8`)."
+                    f"(0x{data[e.start]:02x}). {_not_utf8_fix(data, e.start, seen_non_ascii)}"
                 ) from None
+            seen_non_ascii = seen_non_ascii or not text.isascii()
             yield offset, text
             if at_end:
                 return
@@ -197,9 +256,43 @@ def _generate_pieces(path: str, shards: list[tuple[int, int]]):
             yield f"{start}:{i}", {"text": text}
 
 
+def _with_last(items: Iterator) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last) for each item."""
+    previous = sentinel = object()
+    for item in items:
+        if previous is not sentinel:
+            yield previous, False
+        previous = item
+    if previous is not sentinel:
+        yield previous, True
+
+
+def _generate_file_pieces(paths: tuple[str, ...], shards: list[tuple]):
+    """datasets example generator for text files: (key, {"text": piece, "end": ends a document}) for each piece of
+    each shard, a shard being (file index, start, end, the file's train part ends there) byte-range segments."""
+    for segments in shards:
+        for index, start, end, ends_document in segments:
+            for i, (text, last) in enumerate(_with_last(_pieces(paths[index], start, end))):
+                yield f"{index}:{start}:{i}", {"text": text, "end": ends_document and last}
+
+
 def _tokenize(batch: dict) -> dict:
+    """Pieces of text -> token ids, one row per piece; <|endoftext|> after a piece that ends a document."""
     encoding = bpe.get_encoding()
-    return {"ids": [encoding.encode_ordinary(text) for text in batch["text"]]}
+    ends = batch["end"] if "end" in batch else [False] * len(batch["text"])
+    eot = [bpe.EOT_ID]
+    return {"ids": [encoding.encode_ordinary(text) + (eot if end else []) for text, end in zip(batch["text"], ends)]}
+
+
+def _tokenize_rows(batch: dict) -> dict:
+    """Rows (whole documents) -> one row of token ids for the whole batch, each document ending in <|endoftext|>:
+    fewer, longer pieces, so the stream's per-piece work (a state copy, a queue hop) is spread over many rows."""
+    encoding = bpe.get_encoding()
+    ids = []
+    for text in batch["text"]:
+        ids += encoding.encode_ordinary(text)
+        ids.append(bpe.EOT_ID)
+    return {"ids": [ids] if ids else []}
 
 
 def _shard_ranges(path: Path, end: int, world_size: int) -> list[tuple[int, int]]:
@@ -213,8 +306,32 @@ def _shard_ranges(path: Path, end: int, world_size: int) -> list[tuple[int, int]
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _text_file_shards(paths: list[Path], ends: list[int], world_size: int) -> list[tuple]:
+    """Cut the train parts [0, ends[i]) of several files, as if they were one text, into a multiple of world_size
+    shards sized like _shard_ranges': tuples of (file index, start, end, ends the file's train part) segments, cut
+    at clean cuts (a cut in a file never moves past that file's train part)."""
+    starts = list(itertools.accumulate(ends, initial=0))  # offset of each file's train part in the virtual text
+    total = starts[-1]
+    shard_bytes = min(max(total // 256, MIN_SHARD_BYTES), MAX_SHARD_BYTES)
+    n_shards = max(1, math.ceil(total / (shard_bytes * world_size))) * world_size
+    step = total / n_shards
+    scan = min(int(step) // 2, 1 << 16)  # < step, so the cuts increase
+    cuts = [(0, 0)]
+    for i in range(1, n_shards):
+        at = int(i * step)
+        index = bisect.bisect_right(starts, at) - 1  # the last file starting at or before `at`: never an empty one
+        with open(paths[index], "rb") as f:
+            cuts.append((index, _clean_cut_after(f, at - starts[index], ends[index], scan)))
+    cuts.append((len(ends) - 1, ends[-1]))
+    shards = []
+    for (first, start), (last, end) in zip(cuts[:-1], cuts[1:]):
+        segments = [(i, start if i == first else 0, end if i == last else ends[i]) for i in range(first, last + 1)]
+        shards.append(tuple((i, a, b, b == ends[i]) for i, a, b in segments if b > a))
+    return shards
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Input validation
+# Sources: what to train on and what to hold out (dataset_source.py has the datasets ones)
 
 
 def _count_tokens(path: Path, start: int, end: int, needed: int) -> int:
@@ -232,8 +349,9 @@ def validate_input(path: str | Path, block_size: int) -> TextSplit:
     path = Path(path)
     if not path.exists():
         raise InputError(
-            f"Input file {path} does not exist. Pass --input PATH to a UTF-8 text file, or put your text in "
-            f"./{DEFAULT_INPUT} (without either, the default tiny Shakespeare corpus is used)."
+            f"Input file {path} does not exist. Pass --input PATH to a UTF-8 text file (or a directory or glob of "
+            f"them, or a dataset directory), --dataset ID for a Hub dataset, or put your text in ./{DEFAULT_INPUT} "
+            "(without any of these, the default tiny Shakespeare corpus is used)."
         )
     if not path.is_file():
         raise InputError(f"Input {path} is not a regular file. Pass --input PATH to a UTF-8 text file.")
@@ -253,18 +371,195 @@ def validate_input(path: str | Path, block_size: int) -> TextSplit:
     return split
 
 
-def resolve_input(path: str | Path | None, block_size: int) -> tuple[Path, str]:
-    """The validated training text and a description: the given path, else ./input.txt, else the default corpus."""
-    if path is not None:
-        path = Path(path)
-        description = path.name
-    elif DEFAULT_INPUT.is_file():
-        path, description = DEFAULT_INPUT, str(DEFAULT_INPUT)
+def _check_long_enough(source, block_size: int) -> None:
+    """InputError unless the source's training text and held-out text each give block_size+1 tokens (streamed until
+    they do)."""
+    needed, counts = block_size + 1, []
+    for pieces in (train_token_pieces(source), _val_token_pieces(source)):
+        count = 0
+        for ids in pieces:
+            count += len(ids)
+            if count >= needed:
+                break
+        counts.append(count)
+    if min(counts) < needed:
+        raise InputError(
+            f"{source.describe()} is too short for block_size={block_size}: its training text gives {counts[0]} "
+            f"tokens and its held-out text ({source.holdout}) gives {counts[1]}, but each needs at least "
+            f"block_size+1 = {needed} tokens. Use more text or a smaller --block-size."
+        )
+
+
+class TextFile:
+    """One UTF-8 text file, split like nanoGPT: its first 90% of characters train, its last 10% are held out."""
+
+    holdout = "the last 10% of its characters"
+    columns = ["text"]  # of train_examples
+    rows_are_documents = False
+
+    def __init__(self, path: str | Path, description: str | None = None):
+        self.path = Path(path)
+        self.description = description or self.path.name
+
+    def describe(self) -> str:
+        return self.description
+
+    def fingerprint(self) -> dict:
+        return {"type": "file", "size": self.path.stat().st_size, "sha256": file_sha256(self.path)}  # not its name
+
+    def spec(self) -> dict:
+        return {"input": str(self.path.resolve())}
+
+    def stream_identity(self, shards: list) -> dict:
+        """What TrainWindows' state records of the source (keys other than "path" must match on resume)."""
+        return {"path": str(self.path), "n_bytes": split_text(self.path).n_bytes}
+
+    def train_shards(self, world_size: int) -> list[tuple[int, int]]:
+        return _shard_ranges(self.path, split_text(self.path).boundary_byte, world_size)
+
+    def train_examples(self, shards: list[tuple[int, int]]):
+        from datasets import IterableDataset
+        from datasets.iterable_dataset import ExamplesIterable
+
+        # The private ExamplesIterable, not the public IterableDataset.from_generator: from_generator makes a
+        # `Generator` builder, whose __init__ takes a FileLock in the datasets cache and leaves the lock file there
+        # (~/.cache/huggingface/datasets/*_generator_default-<hash of generator and gen_kwargs>_0.0.0.lock), one per
+        # input file and epoch here, since each epoch's shard order is new gen_kwargs; from_generator has no
+        # parameter to avoid it (datasets 5.2.0). Its streaming dataset is an ExamplesIterable over the generator
+        # too. A list in the kwargs makes each element a datasets shard (tuples are passed whole). test_data.py pins
+        # all of this.
+        return IterableDataset(ExamplesIterable(_generate_pieces, {"path": str(self.path), "shards": shards}))
+
+    def val_texts(self) -> Iterator[tuple[str, bool]]:
+        split = split_text(self.path)
+        for text in _pieces(str(self.path), split.boundary_byte, split.n_bytes):
+            yield text, False
+
+
+class TextFiles:
+    """UTF-8 text files (a directory's, or a glob's matches, in name order), each one document split like a single
+    file: its first 90% of characters train, its last 10% are held out."""
+
+    holdout = "the last 10% of each file's characters"
+    columns = ["text", "end"]  # of train_examples
+    rows_are_documents = False
+
+    def __init__(self, root: Path, paths: list[Path], shown: str, pattern: str):
+        # shown: for logs, never absolute ("books/" or "books/*.txt"); pattern: the absolute directory or glob
+        self.paths, self.shown, self.pattern = paths, shown, pattern
+        self.names = [path.resolve().relative_to(root.resolve()).as_posix() for path in paths]
+
+    @functools.cached_property
+    def splits(self) -> list[TextSplit]:
+        return [split_text(path) for path in self.paths]  # InputError names a file that is not UTF-8 text
+
+    def describe(self) -> str:
+        return f"{self.shown} ({len(self.paths)} text file{'s' * (len(self.paths) != 1)})"
+
+    def fingerprint(self) -> dict:
+        files = [{"name": name, "size": split.n_bytes, "sha256": file_sha256(path)}
+                 for name, path, split in zip(self.names, self.paths, self.splits)]
+        return {"type": "text_files", "files": files}
+
+    def spec(self) -> dict:
+        return {"input": self.pattern}
+
+    def stream_identity(self, shards: list) -> dict:
+        return {"source": self.describe(), "n_bytes": sum(split.n_bytes for split in self.splits),
+                "n_shards": len(shards)}
+
+    def train_shards(self, world_size: int) -> list[tuple]:
+        return _text_file_shards(self.paths, [split.boundary_byte for split in self.splits], world_size)
+
+    def train_examples(self, shards: list[tuple]):
+        from datasets import IterableDataset
+        from datasets.iterable_dataset import ExamplesIterable  # why not from_generator: TextFile.train_examples
+
+        paths = tuple(str(path) for path in self.paths)
+        return IterableDataset(ExamplesIterable(_generate_file_pieces, {"paths": paths, "shards": shards}))
+
+    def val_texts(self) -> Iterator[tuple[str, bool]]:
+        for path, split in zip(self.paths, self.splits):
+            yield from _with_last(_pieces(str(path), split.boundary_byte, split.n_bytes))
+
+
+GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def _text_files(pattern: str) -> TextFiles:
+    """A directory's files, or a glob's: InputError where there are none."""
+    path = Path(pattern)
+    if path.is_dir():
+        root, paths, rest = path, visible_files(path), []
     else:
-        try:
-            path, description = corpus.default_corpus()
-        except corpus.CorpusError as err:
-            raise InputError(str(err)) from err
+        fixed = next(i for i, part in enumerate(path.parts) if GLOB_CHARS.search(part))
+        root, rest = Path(*path.parts[:fixed]), list(path.parts[fixed:])
+        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise InputError(f"--input {pattern} holds no files: pass a file, a directory or a glob of UTF-8 text files.")
+    shown = "/".join([root.resolve().name, *rest]) + ("/" if not rest else "")
+    return TextFiles(root, paths, shown, str(Path(root.resolve(), *rest)))
+
+
+def _default_input() -> tuple[Path, str]:
+    """./input.txt, else the default corpus."""
+    if DEFAULT_INPUT.is_file():
+        return DEFAULT_INPUT, str(DEFAULT_INPUT)
+    try:
+        return corpus.default_corpus()
+    except corpus.CorpusError as err:
+        raise InputError(str(err)) from err
+
+
+def _local_source(input: str | Path | None, dataset_config: str | None = None, split: str = "train",
+                  text_column: str = "text"):
+    """What --input names, unchecked: a dataset directory, a directory or glob of text files, or a text file (None:
+    ./input.txt, else the default corpus)."""
+    if input is not None and Path(input).is_dir() and is_dataset_dir(Path(input)):
+        return DatasetSource.local(input, config=dataset_config, split=split, text_column=text_column)
+    given = [flag for flag, value, default in (("--dataset-config", dataset_config, None), ("--split", split, "train"),
+                                               ("--text-column", text_column, "text")) if value != default]
+    if given:
+        raise InputError(
+            f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to datasets only (--dataset, or --input "
+            "DIR holding parquet, jsonl, csv or arrow files), not to text files."
+        )
+    if input is None:
+        return TextFile(*_default_input())
+    if Path(input).is_dir() or (not Path(input).exists() and GLOB_CHARS.search(str(input))):
+        return _text_files(str(input))
+    return TextFile(input)
+
+
+def resolve_source(input: str | Path | None = None, dataset: str | None = None, dataset_config: str | None = None,
+                   split: str = "train", text_column: str = "text", *, block_size: int,
+                   dataset_revision: str | None = None):
+    """The checked training source and its description: --dataset (a Hub dataset), else --input (a text file, a
+    directory or glob of text files, or a dataset directory), else ./input.txt, else the default corpus."""
+    if input is not None and dataset is not None:
+        raise InputError("Pass either --input (a file, directory or glob) or --dataset (a Hub dataset), not both.")
+    split, text_column = split or "train", text_column or "text"  # None: the flag's default
+    try:
+        if dataset is not None:
+            source = DatasetSource.hub(dataset, config=dataset_config, split=split, text_column=text_column,
+                                       revision=dataset_revision)
+        else:
+            source = _local_source(input, dataset_config, split, text_column)
+        if isinstance(source, TextFile):
+            validate_input(source.path, block_size)
+        else:
+            _check_long_enough(source, block_size)  # streams until it has enough: reads every text file's split
+    except DatasetError as err:
+        raise InputError(str(err)) from err
+    except OSError as err:  # a file we may not read, a dataset the network dropped while checking it
+        raise InputError(f"Cannot read the training data: {err}") from err
+    return source, source.describe()
+
+
+def resolve_input(path: str | Path | None, block_size: int) -> tuple[Path, str]:
+    """The validated training text file and a description: the given path, else ./input.txt, else the default
+    corpus. (resolve_source also takes directories, globs and datasets.)"""
+    path, description = (Path(path), Path(path).name) if path is not None else _default_input()
     validate_input(path, block_size)
     return path, description
 
@@ -273,23 +568,42 @@ def resolve_input(path: str | Path | None, block_size: int) -> tuple[Path, str]:
 # The training stream
 
 
-def _epoch_dataset(path: str, shards: list, seed: int, rank: int, world_size: int, epoch: int):
-    """This rank's tokenized pieces for one epoch: a datasets IterableDataset over the shards in a seeded order."""
-    from datasets import IterableDataset
-    from datasets.distributed import split_dataset_by_node
-    from datasets.iterable_dataset import ExamplesIterable
+def _as_source(source):
+    """A source as it is; a path (a file, a directory, a glob) as the source resolve_source makes of it, unchecked."""
+    if hasattr(source, "train_examples"):
+        return source
+    try:
+        return _local_source(source)
+    except DatasetError as err:
+        raise InputError(str(err)) from err
 
-    # The private ExamplesIterable, not the public IterableDataset.from_generator: from_generator makes a
-    # `Generator` builder, whose __init__ takes a FileLock in the datasets cache and leaves the lock file there
-    # (~/.cache/huggingface/datasets/*_generator_default-<hash of generator and gen_kwargs>_0.0.0.lock), one per
-    # input file and epoch here, since each epoch's shard order is new gen_kwargs; from_generator has no parameter
-    # to avoid it (datasets 5.2.0). Its streaming dataset is an ExamplesIterable over the generator too.
-    # A list in the kwargs makes each element a datasets shard, and with strategy="shards" split_dataset_by_node
-    # gives each rank whole shards (there are a multiple of world_size). test_data.py pins all of this.
+
+def _tokenized(source, examples):
+    if source.rows_are_documents:
+        return examples.map(_tokenize_rows, batched=True, batch_size=ROWS_PER_PIECE, remove_columns=source.columns)
+    return examples.map(_tokenize, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=source.columns)
+
+
+def _epoch_dataset(source, shards: list, seed: int, rank: int, world_size: int, epoch: int):
+    """This rank's tokenized pieces for one epoch: a datasets IterableDataset over the shards in a seeded order."""
+    from datasets.distributed import split_dataset_by_node
+
+    source = _as_source(source)
     order = np.random.default_rng(seed + epoch).permutation(len(shards))
-    ds = IterableDataset(ExamplesIterable(_generate_pieces, {"path": path, "shards": [shards[i] for i in order]}))
-    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy="shards")
-    return ds.map(_tokenize, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=["text"])
+    ds = source.train_examples([shards[i] for i in order])
+    # strategy "auto": with a multiple of world_size shards (text sources always cut so many), each rank gets whole
+    # shards; else (a dataset with fewer parts than ranks) each rank keeps every world_size-th example. test_data.py
+    # pins this.
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    return _tokenized(source, ds)
+
+
+def train_token_pieces(source) -> Iterator[np.ndarray]:
+    """The GPT-2 token ids of the source's whole training text (every rank's), in source order, piece by piece: one
+    streaming pass with the stream's own tokenization, so memory stays flat (e.g. to find which ids occur)."""
+    source = _as_source(source)
+    for example in _tokenized(source, source.train_examples(source.train_shards(1))):
+        yield np.asarray(example["ids"], dtype=np.int64)
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
@@ -338,7 +652,7 @@ class TrainWindows:
 
     def __init__(
         self,
-        path: str | Path,
+        source,  # from resolve_source, or a text file's path
         block_size: int,
         *,
         seed: int = 1337,
@@ -349,11 +663,10 @@ class TrainWindows:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.path, self.block_size, self.seed = Path(path), block_size, seed
+        self.source, self.block_size, self.seed = _as_source(source), block_size, seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, max(1, shuffle_buffer)
         self.prefetch = max(1, prefetch)
-        self.split = split_text(self.path)
-        self.shards = _shard_ranges(self.path, self.split.boundary_byte, world_size)
+        self.shards = self.source.train_shards(world_size)
         self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
         self.buffer: list[np.ndarray] = []  # the shuffle buffer
         self.tokens = np.zeros(0, dtype=np.int64)  # tokens read but not yet cut into windows
@@ -364,7 +677,7 @@ class TrainWindows:
 
     def _start_producer(self) -> None:
         make_dataset = functools.partial(
-            _epoch_dataset, str(self.path), self.shards, self.seed, self.rank, self.world_size
+            _epoch_dataset, self.source, self.shards, self.seed, self.rank, self.world_size
         )
         self._pieces, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
         args = (make_dataset, self.epoch, self.examples_in_epoch, self.dataset_state, self._pieces, stop)
@@ -387,7 +700,9 @@ class TrainWindows:
         item = self._pieces.get()
         if isinstance(item, BaseException):
             self.close()  # a later call retries from the last consumed piece
-            raise RuntimeError(f"reading training text from {self.path} failed (rank {self.rank}): {item}") from item
+            raise RuntimeError(
+                f"reading training text from {self.source.describe()} failed (rank {self.rank}): {item}"
+            ) from item
         tokens, self.epoch, self.examples_in_epoch, self.dataset_state = item
         return tokens
 
@@ -417,8 +732,7 @@ class TrainWindows:
     def state_dict(self) -> dict:
         """Everything needed to continue exactly here; JSON-serialisable (ints, lists, strings)."""
         return {
-            "path": str(self.path),
-            "n_bytes": self.split.n_bytes,
+            **self.source.stream_identity(self.shards),  # a text file's: its path and size
             "block_size": self.block_size,
             "seed": self.seed,
             "rank": self.rank,
@@ -434,11 +748,12 @@ class TrainWindows:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("n_bytes", "block_size", "seed", "rank", "world_size", "shuffle_buffer"):
-            if state[key] != mine[key]:
+        identity = [key for key in self.source.stream_identity(self.shards) if key not in ("path", "source")]
+        for key in (*identity, "block_size", "seed", "rank", "world_size", "shuffle_buffer"):
+            if state.get(key) != mine[key]:
                 raise ValueError(
-                    f"Cannot resume the data stream: {key} was {state[key]} in the checkpoint but is {mine[key]} "
-                    f"now. Resume with the same input file and settings, or start a fresh run."
+                    f"Cannot resume the data stream: {key} was {state.get(key)} in the checkpoint but is {mine[key]} "
+                    f"now. Resume with the same input and settings, or start a fresh run."
                 )
         self.close()  # the producer restarts from the restored position
         self.epoch, self.examples_in_epoch, self.dataset_state = state["epoch"], state["examples_in_epoch"], state["dataset"]
@@ -451,34 +766,44 @@ class TrainWindows:
 
 
 class ValWindows(NamedTuple):
-    windows: torch.Tensor  # (N, block_size+1) LongTensor, in file order
+    windows: torch.Tensor  # (N, block_size+1) LongTensor, in the held-out text's order
     target_chars: torch.Tensor  # (N,) characters covered by each window's targets windows[:, 1:]
 
 
 @functools.lru_cache(maxsize=1)
 def _token_char_counts() -> np.ndarray:
-    """Characters each token contributes (UTF-8 non-continuation bytes), so partial characters count once."""
+    """Characters each token contributes (UTF-8 non-continuation bytes), so partial characters count once.
+    <|endoftext|> separates documents and stands for no text: none (predicting it still costs bits)."""
     encoding = bpe.get_encoding()
     counts = np.zeros(encoding.n_vocab, dtype=np.int64)
     for token in range(encoding.n_vocab):
         counts[token] = sum(1 for byte in encoding.decode_single_token_bytes(token) if not 0x80 <= byte < 0xC0)
+    counts[bpe.EOT_ID] = 0
     return counts
 
 
-def val_windows(path: str | Path, block_size: int, max_windows: int | None = None) -> ValWindows:
-    """The first `max_windows` (all if None) validation windows, deterministic; streamed from the val part."""
-    split = split_text(path)
+def _val_token_pieces(source) -> Iterator[np.ndarray]:
+    for text, ends_document in source.val_texts():
+        yield np.asarray(bpe.encode(text) + ([bpe.EOT_ID] if ends_document else []), dtype=np.int64)
+
+
+def val_windows(source, block_size: int, max_windows: int | None = None) -> ValWindows:
+    """The first `max_windows` (all if None) validation windows, deterministic; streamed from the held-out text of
+    `source` (from resolve_source, or a text file's path)."""
+    source = _as_source(source)
     n = block_size + 1
     windows, tokens = [], np.zeros(0, dtype=np.int64)
-    for text in _pieces(str(path), split.boundary_byte, split.n_bytes):
-        tokens = np.concatenate([tokens, np.asarray(bpe.encode(text), dtype=np.int64)])
+    for ids in _val_token_pieces(source):
+        tokens = np.concatenate([tokens, ids])
         while len(tokens) >= n and (max_windows is None or len(windows) < max_windows):
             windows.append(tokens[:n].copy())
             tokens = tokens[block_size:]
         if max_windows is not None and len(windows) >= max_windows:
             break
     if not windows:
-        raise InputError(f"{path}: the validation part (last 10%) is shorter than block_size+1 = {n} tokens.")
+        raise InputError(
+            f"{source.describe()}: the held-out text ({source.holdout}) is shorter than block_size+1 = {n} tokens."
+        )
     stacked = torch.from_numpy(np.stack(windows))
     target_chars = torch.from_numpy(_token_char_counts()[stacked[:, 1:].numpy()].sum(axis=1))
     return ValWindows(stacked, target_chars)

@@ -9,7 +9,7 @@ The records (no card is ever parsed back from its Markdown):
     training_card(config, training_args, final)           train.py: the fp32 model dir's card
     dir_card(read_records(model_dir))                      quantize.py: any model dir's card, from its records
     dir_card(records, repo_id, subfolder="int8")           push_to_hub.py: a variant's card, loaded from the Hub
-    hub_card(root_records, repo_id, folders, int8, space)  push_to_hub.py: the Hub repo's card (fp32 + int8)
+    hub_card(root_records, repo_id, folders, int8, space, gguf)  push_to_hub.py: the Hub repo's card (fp32, int8, GGUF)
 
 A model dir without training records (convert_gpt2.py output) gets a card from its config alone.
 """
@@ -33,6 +33,7 @@ INT8_TAGS = ["int8", "quantized"]
 LICENSE = "mit"
 INT8_SUBFOLDER = "int8"  # where the int8 variant lives in a Hub repo
 LOCAL_REPO = "path/to/this/model"  # the load snippet's placeholder in a local dir's card
+GGUF_TYPE = "q8_0"  # the GGUF push_to_hub.py uploads: llama.cpp's 8-bit type, close to the fp32 model's outputs
 
 
 class Records(NamedTuple):
@@ -47,6 +48,19 @@ class Records(NamedTuple):
     @property
     def trained(self) -> bool:
         return self.training_args is not None and self.final is not None
+
+
+class GgufFile(NamedTuple):
+    """The GGUF export in the Hub repo's root: file name, llama.cpp's name of its type (Q8_0), bytes."""
+
+    filename: str
+    quant: str
+    size: int
+
+
+def gguf_filename(repo_id: str, out_type: str = GGUF_TYPE) -> str:
+    """`<repo name>-Q8_0.gguf`: the Hub and llama.cpp's `-hf USER/REPO:Q8_0` read the type from the file name."""
+    return f"{repo_id.split('/')[-1]}-{out_type.upper()}.gguf"
 
 
 class FolderSizes(NamedTuple):
@@ -125,13 +139,14 @@ def dir_card(records: Records, repo_id: str | None = None, subfolder: str = "") 
 
 
 def hub_card(records: Records, repo_id: str, folders: dict[str, FolderSizes], int8: Records | None = None,
-             space_id: str | None = None) -> ModelCard:
-    """The Hub repo's card: the fp32 model at the root (`records`), `int8` in INT8_SUBFOLDER, sizes, the Space."""
+             space_id: str | None = None, gguf: GgufFile | None = None) -> ModelCard:
+    """The Hub repo's card: the fp32 model at the root (`records`), `int8` in INT8_SUBFOLDER, sizes, the Space, and
+    the GGUF file beside the weights with its llama.cpp commands."""
     title, *about = description(records, int8=False)
     space = [f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id})."] if space_id else []
     variants = [("", False)] + ([(INT8_SUBFOLDER, True)] if int8 else [])
-    sections = [title, *space, *about, *(int8_sections(int8) if int8 else []), sizes(folders),
-                usage(repo_id, variants)]
+    sections = [title, *space, *about, *(int8_sections(int8) if int8 else []), sizes(folders, gguf),
+                usage(repo_id, variants), *([gguf_usage(repo_id, gguf)] if gguf else [])]
     return render(metadata(records.trained, int8 is not None), sections)
 
 
@@ -263,14 +278,17 @@ def human_size(n: float) -> str:
         n /= 1000
 
 
-def sizes(folders: dict[str, FolderSizes]) -> str:
-    """The Hub repo's variants: "" is the fp32 root, INT8_SUBFOLDER the int8 copy."""
+def sizes(folders: dict[str, FolderSizes], gguf: GgufFile | None = None) -> str:
+    """The Hub repo's variants: "" is the fp32 root, INT8_SUBFOLDER the int8 copy, and the GGUF file."""
     fp32 = folders[""].weights
     rows = []
     for subfolder, folder in folders.items():
         name, ratio = ("int8", f" ({folder.weights / fp32:.2f}x fp32)") if subfolder else ("fp32", "")
         rows.append(f"| {name} | `{subfolder}/` | {human_size(folder.weights)}{ratio} | {folder.files} | "
                     f"{human_size(folder.total)} |")
+    if gguf:
+        rows.append(f"| GGUF {gguf.quant} (llama.cpp) | `{gguf.filename}` | {human_size(gguf.size)} "
+                    f"({gguf.size / fp32:.2f}x fp32) | 1 | {human_size(gguf.size)} |")
     return ("## Files and sizes\n\n| variant | folder | weights (model.safetensors) | files | total |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows))
 
@@ -290,3 +308,18 @@ def usage(repo_id: str | None, variants: list[tuple[str, bool]]) -> str:
               "output = model.generate(**inputs, max_new_tokens=100)  # samples with top-k 50 (generation_config.json)",
               "print(tokenizer.decode(output[0]))", "```"]
     return "## Usage\n\n" + "\n".join(lines)
+
+
+def gguf_usage(repo_id: str, gguf: GgufFile) -> str:
+    """How to run the GGUF file: llama.cpp straight from the Hub, a downloaded copy, Ollama."""
+    return f"""## GGUF: llama.cpp, Ollama, LM Studio
+
+`{gguf.filename}` is this model in llama.cpp's GPT-2 architecture, {gguf.quant} weights and the tokenizer in one file
+(`python convert_gpt2.py to-gguf DIR OUT.gguf --type {gguf.quant.lower()}` in the ToyGPT repo writes it). It continues
+text; it has no chat template. With the shipped sampling (top-k 50, temperature 1):
+
+```bash
+llama-completion -hf {repo_id}:{gguf.quant} -no-cnv -p "ROMEO:" -n 100 --top-k 50 --temp 1.0  # fetches it from the Hub
+llama-completion -m {gguf.filename} -no-cnv -p "ROMEO:" -n 100 --top-k 50 --temp 1.0          # a downloaded copy
+ollama run hf.co/{repo_id}:{gguf.quant}
+```"""

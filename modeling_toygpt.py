@@ -1,6 +1,7 @@
 """ToyGPT: the GPT-2 decoder as nanoGPT writes it, shaped as a transformers model.
 
-Shapes: B batch, T new tokens, P tokens already in the KV cache, S = P + T keys, C n_embd, nh heads, hs = C // nh.
+Shapes: B batch, T new tokens, P tokens already in the KV cache, S keys each layer attends over (P + T with a
+dynamic cache; a static cache's allocated length, slots P + T .. S-1 still empty), C n_embd, nh heads, hs = C // nh.
 """
 
 import math
@@ -42,12 +43,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs): past keys/values + these T
-        # attn_mask is None exactly when plain top-left causal masking is right (no padding, no offset).
+        # No attn_mask (build_attention_mask): causal. SDPA's is_causal aligns top-left, which is right when T == S; the
+        # other maskless case, one query over exactly its past, needs no mask at all. bool(): symbolic sizes under
+        # torch.export compare to a SymBool, which SDPA refuses.
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and T > 1,
+            is_causal=attn_mask is None and bool(T == k.size(-2)),
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -80,20 +83,29 @@ class Block(GradientCheckpointingLayer):
         return x
 
 
-def build_attention_mask(attention_mask, T, P):
-    """None when SDPA's built-in causal mask is right; else a bool (B, 1, T, S) mask, True = may attend.
+def build_attention_mask(attention_mask, T, P, S):
+    """Which of the S keys each of the T new queries (positions P .. P+T-1) may attend to.
 
-    attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, or None.
+    attention_mask: None; (B, P + T) with 1 for real tokens and 0 for (left) padding; or a ready 4-D (B, 1, T, S) mask,
+    which transformers builds for compileable (static) caches and which is returned as is (bool, or additive float:
+    SDPA takes either). P is a 0-d tensor for a static cache, which counts its tokens on the device.
+    Returns None where SDPA needs no mask (causal, no padding, no empty key slots), else a bool (B or 1, 1, T, S) mask,
+    True = may attend.
     """
-    has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and (P == 0 or T == 1):
-        return None  # no padding; and either no cache offset, or one query that may see every key
-    S = P + T
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    # A traced graph (torch.compile, torch.export) cannot branch on tensor values: there, a given mask counts as padded.
+    tracing = torch.compiler.is_compiling()
+    has_padding = attention_mask is not None and (tracing or not bool(attention_mask.all()))
+    if not has_padding and (S == T or (T == 1 and not tracing and S == P + 1)):
+        return None  # a fresh sequence (SDPA's is_causal), or one query over exactly its past: all keys
     device = attention_mask.device if attention_mask is not None else None
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=P)  # query i sees keys <= P + i
-    mask = causal[None, None]  # (1, 1, T, S)
+    query_positions = P + torch.arange(T, device=device)  # (T,)
+    # Query i sees keys j <= P + i: causal, and a static cache's empty slots (j >= P + T) stay hidden.
+    mask = (torch.arange(S, device=device) <= query_positions[:, None])[None, None]  # (1, 1, T, S)
     if has_padding:
-        mask = mask & attention_mask[:, None, None, -S:].bool()  # (B, 1, T, S)
+        real = F.pad(attention_mask.bool(), (0, S - attention_mask.size(-1)))  # (B, S): empty slots are no tokens
+        mask = mask & real[:, None, None, :]  # (B, 1, T, S)
         # A padding query sees no key at all; let it see every key so softmax stays finite. Its output is never used.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
@@ -169,23 +181,25 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
-        P = cache.get_seq_length() if cache is not None else 0
-        if P + T > self.config.block_size:
+        P = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
+        S = cache.get_mask_sizes(T, layer_idx=0)[0] if cache is not None else T
+        # Checked eagerly (generate's prefill included); a traced graph cannot raise on the value of a static cache's P.
+        if not torch.compiler.is_compiling() and P + T > self.config.block_size:
             raise ValueError(
-                f"Sequence length {P + T} ({P} cached + {T} new tokens) exceeds the model's context "
+                f"Sequence length {int(P + T)} ({int(P)} cached + {T} new tokens) exceeds the model's context "
                 f"block_size={self.config.block_size}. Truncate the input (keep the last {self.config.block_size} "
                 "tokens) or lower max_new_tokens."
             )
 
         if position_ids is None:
-            if attention_mask is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
                 # Left padding: count positions from each row's first real token, as if it were alone.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
-                position_ids = torch.arange(P, P + T, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
+                position_ids = (P + torch.arange(T, device=inputs_embeds.device)).unsqueeze(0)  # (1, T)
 
         x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
-        attn_mask = build_attention_mask(attention_mask, T, P)
+        attn_mask = build_attention_mask(attention_mask, T, P, S)
         all_hidden_states = () if output_hidden_states else None
         for block in self.h:
             if output_hidden_states:

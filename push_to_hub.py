@@ -1,4 +1,5 @@
 """Push a trained ToyGPT to the Hugging Face Hub: fp32 at the repo root, int8 in subfolder `int8`, plus its Space.
+Beside the fp32 weights goes a q8_0 GGUF file (gguf_export.py), which the Hub lists for llama.cpp, Ollama, LM Studio.
 
     python push_to_hub.py --model-dir out/toygpt --quantized-dir out/toygpt-int8 --repo-id you/toygpt \
         --space-id you/toygpt-demo
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import re
 import shutil
@@ -28,15 +30,18 @@ from huggingface_hub import HfApi, SpaceCard, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+import bpe
 import model_card
-from model_card import INT8_SUBFOLDER, FolderSizes, human_size
+from gguf_export import export_gguf
+from model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
 from model_dir import ModelDirError, atomic_dir, check_model_dir
 
 PROG = "push_to_hub.py"
 SPACE_DIR = Path(__file__).resolve().parent / "space"
-# Never uploaded: resumable checkpoints, pickled tensors (safetensors only), caches, hidden and temp files.
+# Never uploaded: resumable checkpoints, pickled tensors (safetensors only), caches, hidden and temp files, and GGUF
+# files a dir may hold (the staged one is written from the weights being pushed).
 EXCLUDE = ["checkpoint*", "__pycache__", ".*", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.tmp", "*.lock", "runs",
-           "wandb", "flagged", ".gradio"]
+           "wandb", "flagged", ".gradio", "*.gguf"]
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 LOGIN_HELP = (
     "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN to a write token "
@@ -45,6 +50,10 @@ LOGIN_HELP = (
 # What a failed request can raise: huggingface_hub's HTTP errors (httpx2-based), its LFS upload wrapper
 # (RuntimeError), and transport errors of the HTTP stacks underneath.
 NETWORK_ERRORS = (httpx2.HTTPError, httpx.HTTPError, requests.RequestException, OSError, RuntimeError)
+# The tokenizer check's text: punctuation, digits, repeated spaces, non-ASCII (accents, CJK, emoji), newlines.
+TOKENIZER_SAMPLE = ("ROMEO:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
+                    "  It's 3.14 (or 22/7) -- isn't it? 100% sure; x=[1, 2]...\n"
+                    "Café, naïve, Straße, “quoted” — 日本語, emoji 🙂.\n")
 
 
 class UsageError(ValueError):
@@ -98,9 +107,10 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
     logging.disable_progress_bar()
     try:  # exactly what a user of the Hub repo runs; a failure here means the Hub copy would not load either
         _, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, output_loading_info=True)
-        AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
     except Exception as err:
         raise UsageError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
+    check_tokenizer(tokenizer, directory, flag, config)
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
                 for kind, keys in info.items() if kind != "error_msgs" and keys]
     if problems:  # from_pretrained would silently fill these with random values
@@ -113,6 +123,34 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
     if not quantized and config.get("quantization"):
         raise UsageError(f"{flag}: {directory} holds int8 weights; pass it as --quantized-dir and the fp32 dir here.")
     return config
+
+
+def check_tokenizer(tokenizer, directory: Path, flag: str, config: dict) -> None:
+    """The tokenizer a Hub user gets must be the project's GPT-2 BPE: same ids as bpe.encode, and back to the text.
+
+    Loading is not enough: without tokenizer.json, AutoTokenizer still loads, a 1-token tokenizer that encodes
+    everything to [].
+    """
+    try:
+        ids = list(tokenizer(TOKENIZER_SAMPLE, verbose=False)["input_ids"])
+        text = tokenizer.decode(ids)
+    except Exception as err:
+        problem = f"fails on a sample text ({type(err).__name__}: {err})"
+    else:
+        expected = bpe.encode(TOKENIZER_SAMPLE)
+        if ids != expected:
+            problem = (f"is not the GPT-2 BPE: it encodes a sample text to {len(ids)} tokens, the GPT-2 BPE to "
+                       f"{len(expected)} (vocabulary of {len(tokenizer)} tokens, GPT-2's has {bpe.VOCAB_SIZE})")
+        elif text != TOKENIZER_SAMPLE:
+            problem = f"does not decode a sample text back to itself (got {text[:40]!r}…)"
+        else:
+            return
+    context = config.get("block_size", 1024)
+    raise UsageError(
+        f"{flag}: the tokenizer in {directory} {problem}; a Hub copy would tokenize wrongly. Re-create the directory "
+        f"with train.py / quantize.py, or rewrite its tokenizer files from the ToyGPT checkout with "
+        f"`python -c \"import bpe; bpe.save_tokenizer('{directory.absolute()}', model_max_length={context})\"`."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,9 +182,11 @@ def tree_size(directory: Path) -> int:
 
 
 def folder_sizes(stage: Path) -> dict[str, FolderSizes]:
-    """The files table of the model repo's card: the fp32 root ("", its card aside) and the int8 subfolder."""
+    """The files table of the model repo's card: the fp32 root ("", its card and GGUF file aside) and the int8
+    subfolder."""
     int8_dir = stage / INT8_SUBFOLDER
-    groups = {"": [p for p in files_in(stage) if int8_dir not in p.parents and p != stage / "README.md"]}
+    groups = {"": [p for p in files_in(stage)
+                   if int8_dir not in p.parents and p != stage / "README.md" and p.suffix != ".gguf"]}
     if int8_dir.is_dir():
         groups[INT8_SUBFOLDER] = files_in(int8_dir)
     return {name: FolderSizes(file_size(stage / name / "model.safetensors"), len(files), sum(map(file_size, files)))
@@ -154,14 +194,24 @@ def folder_sizes(stage: Path) -> dict[str, FolderSizes]:
 
 
 def stage_model(model_dir: Path, repo_id: str, out: Path, quantized_dir: Path | None, space_id: str | None) -> None:
-    """Both model dirs, their cards rendered from the records they hold, with load snippets naming the Hub repo."""
+    """Both model dirs, their cards rendered from the records they hold, with load snippets naming the Hub repo;
+    training_args.json names the training text by file name and sha256 instead of its local path."""
     copy_tree(model_dir, out, skip=("README.md",))
     int8 = None
     if quantized_dir is not None:
         copy_tree(quantized_dir, out / INT8_SUBFOLDER, skip=("README.md",))
         int8 = model_card.read_records(out / INT8_SUBFOLDER)
+    root = model_card.read_records(out)  # before the rewrite below: the cards name the input as before
+    gone = {publishable_training_args(out / TRAINING_ARGS, model_dir / TRAINING_ARGS)}
+    if quantized_dir is not None:
+        gone.add(publishable_training_args(out / INT8_SUBFOLDER / TRAINING_ARGS, quantized_dir / TRAINING_ARGS))
         model_card.dir_card(int8, repo_id, INT8_SUBFOLDER).save(str(out / INT8_SUBFOLDER / "README.md"))
-    card = model_card.hub_card(model_card.read_records(out), repo_id, folder_sizes(out), int8, space_id)
+    for path in sorted(gone - {None}):
+        print(f"note: the training text {path} no longer exists; the pushed {TRAINING_ARGS} names it as "
+              f"{Path(path).name!r} with input_sha256 null (hash unknown).")
+    gguf = export_gguf(model_dir, out / gguf_filename(repo_id), GGUF_TYPE)
+    gguf = GgufFile(gguf.name, GGUF_TYPE.upper(), file_size(gguf))
+    card = model_card.hub_card(root, repo_id, folder_sizes(out), int8, space_id, gguf)
     card.save(str(out / "README.md"))
 
 
@@ -182,11 +232,122 @@ def stage_space(repo_id: str, space_id: str, out: Path) -> None:
     card.save(str(readme))
 
 
+def is_stage_dir(path: Path) -> bool:
+    """A --dry-run stage this script wrote: nothing but model/ and space/ (an empty dir counts too)."""
+    return path.is_dir() and {p.name for p in path.iterdir()} <= {"model", "space"}
+
+
 def stage(args, out: Path) -> None:
     quantized_dir = Path(args.quantized_dir) if args.quantized_dir else None
     stage_model(Path(args.model_dir), args.repo_id, out / "model", quantized_dir, args.space_id)
     if args.space_id:
         stage_space(args.repo_id, args.space_id, out / "space")
+    check_no_local_paths(out, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No local paths: nothing uploaded may name a file on this machine
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # streamed: a training text can be larger than memory
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publishable_training_args(staged: Path, source: Path) -> str | None:
+    """Rewrite a staged training_args.json: `input_path` (absolute, local) becomes `input_name` + `input_sha256`,
+    and any other absolute path (--input, --output-dir as typed, data_source) its file name. Returns the input path if it no
+    longer exists (its hash is then unknown: null), else None."""
+    if not staged.is_file():
+        return None
+    try:
+        args = json.loads(staged.read_text())
+    except ValueError as err:
+        raise UsageError(f"{source} is not valid JSON ({err}); re-create the directory with train.py / quantize.py, "
+                         f"or delete that file (the cards then omit the training details).") from None
+    if not isinstance(args, dict):
+        raise UsageError(f"{source} holds no JSON object; re-create the directory with train.py / quantize.py.")
+    published, gone = {}, None
+    for key, value in args.items():
+        if key == "input_path" and isinstance(value, str):
+            exists = Path(value).is_file()
+            published["input_name"] = Path(value).name
+            published["input_sha256"] = file_sha256(Path(value)) if exists else None
+            gone = None if exists else value
+        else:
+            published[key] = without_local_paths(value)
+    staged.write_text(json.dumps(published, indent=2) + "\n")
+    return gone
+
+
+def without_local_paths(value):
+    """`value` with every absolute path in it (at any depth: data_source holds one) cut to its file name."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
+
+
+def local_paths(args) -> dict[str, str]:
+    """{absolute local path: what it is}: the model dirs, the training texts they record, the home directory."""
+    found: dict[str, str] = {}
+
+    def add(path, what):
+        path = Path(path).expanduser()
+        for form in (path.absolute(), path.resolve()):
+            if len(form.parts) > 1:  # never "/" itself (a home directory can be "/")
+                found.setdefault(str(form), what)
+                found.setdefault(json.dumps(str(form))[1:-1], what)  # as JSON writes it (\u escapes)
+
+    dirs = {"--model-dir": args.model_dir, "--quantized-dir": args.quantized_dir}
+    for flag, directory in dirs.items():
+        if directory:
+            add(directory, f"the {flag} path")
+    for flag, directory in dirs.items():
+        recorded = model_card.read_json(Path(directory) / TRAINING_ARGS) if directory else None
+        for key in ("input_path", "input"):  # input_path is absolute; --input is as typed
+            value = recorded.get(key) if isinstance(recorded, dict) else None
+            if isinstance(value, str) and Path(value).is_absolute():
+                add(value, f"the training text's path (recorded in {flag}'s {TRAINING_ARGS})")
+    try:
+        add(Path.home(), "your home directory")
+    except RuntimeError:  # no home directory to leak
+        pass
+    return found
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".py", ".yaml", ".yml")
+
+
+def check_no_local_paths(out: Path, args) -> None:
+    """Refuse the push if any staged text file still holds an absolute local path (say which, where, and why)."""
+    paths = local_paths(args)
+    if not paths:
+        return
+    # Whole paths only: /home/al matches in "/home/al/x", "file:///home/al" and "in /home/al.", but not in
+    # "/home/alice", "/home/al.bak" or a web URL's "/home/al".
+    alternatives = "|".join(map(re.escape, sorted(paths, key=len, reverse=True)))
+    pattern = re.compile(rf"(?:(?<![\w.\-/])|(?<=file://))({alternatives})(?![\w\-]|\.[\w\-])")
+    sources = {"model": Path(args.model_dir), f"model/{INT8_SUBFOLDER}": args.quantized_dir, "space": SPACE_DIR}
+    for path in files_in(out):
+        if path.suffix not in TEXT_SUFFIXES:
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if match := pattern.search(line):
+                relative = path.relative_to(out).as_posix()
+                top, name = max(((t, relative[len(t) + 1:]) for t in sources if relative.startswith(t + "/")),
+                                key=lambda pair: len(pair[0]))
+                rendered = name == "README.md" and top != "space"
+                source = "the card rendered from the dir's records" if rendered else f"from {Path(sources[top]) / name}"
+                raise PushError(
+                    f"the staged {relative} ({source}) holds {paths[match.group(1)]}, {match.group(1)}, on line "
+                    f"{number}; nothing uploaded to the Hub may name a local path. Nothing was staged or uploaded: "
+                    "remove that path from the file (or the file from the directory) and re-run."
+                )
 
 
 def describe_stage(out: Path, args) -> None:
@@ -195,6 +356,8 @@ def describe_stage(out: Path, args) -> None:
     if (model / INT8_SUBFOLDER).is_dir():
         print(f"  of which the int8 variant in {INT8_SUBFOLDER}/: {len(files_in(model / INT8_SUBFOLDER))} files, "
               f"{human_size(tree_size(model / INT8_SUBFOLDER))}")
+    for gguf in model.glob("*.gguf"):
+        print(f"  of which the GGUF file for llama.cpp: {gguf.name}, {human_size(file_size(gguf))}")
     if args.space_id:
         space = out / "space"
         print(f"Space {args.space_id}: {len(files_in(space))} files, {human_size(tree_size(space))} "
@@ -220,7 +383,8 @@ def upload(api: HfApi, args, out: Path) -> None:
         commit = api.upload_folder(
             repo_id=args.repo_id, folder_path=model, revision=args.revision,
             commit_message=f"Upload ToyGPT {variants} ({len(files_in(model))} files, {human_size(tree_size(model))})",
-            commit_description="Pushed with ToyGPT's push_to_hub.py: fp32 weights at the root, int8 in `int8/`.",
+            commit_description="Pushed with ToyGPT's push_to_hub.py: fp32 weights at the root, int8 in `int8/`, "
+                               f"and {gguf_filename(args.repo_id)} for llama.cpp.",
         )
         done.append(f"model repo {args.repo_id} pushed at commit {commit.oid}")
         print(f"model repo: {url}\n  commit: {commit.commit_url}")
@@ -264,9 +428,10 @@ def push(args) -> None:
 
     if args.dry_run:
         out = Path(args.dry_run)
-        if out.exists() and not set(p.name for p in out.iterdir()) <= {"model", "space"}:
+        if out.exists() and not is_stage_dir(out):
             raise UsageError(f"--dry-run: {out} exists and is not a previous stage dir; choose a new or empty path.")
-        with atomic_dir(out, overwrite=True) as tmp:
+        inputs = [args.model_dir, args.quantized_dir, SPACE_DIR]
+        with atomic_dir(out, overwrite=True, inputs=inputs, flag="--dry-run", owned=is_stage_dir) as tmp:
             stage(args, tmp)
         describe_stage(out, args)
         print(f"dry run: staged in {out}; nothing was uploaded.")

@@ -23,7 +23,7 @@ import torch
 from evaluation import evaluate
 from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
 import model_card
-from model_dir import ModelDirError, atomic_dir, check_model_dir, write_model_files
+from model_dir import ModelDirError, OutputDir, OutputDirError, check_model_dir, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
 from training_loss import CausalLMLoss
 
@@ -143,43 +143,35 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
                  log=print) -> dict:
     """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures.
 
-    Val loss is measured on eval_batches x batch_size held-out windows of eval_input (every window if eval_batches
-    is None)."""
+    `out` is claimed first (model_dir.OutputDir: never an input, replaced only with --overwrite and only if this project
+    wrote it, locked). Val loss is measured on eval_batches x batch_size held-out windows of eval_input (every window
+    if eval_batches is None)."""
     src, out = Path(src), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise QuantizeError(f"OUT_DIR {out} is SRC_DIR itself; write the int8 model to a new directory.")
-    if out.exists() and not overwrite:
-        raise QuantizeError(f"{out} already exists; choose another OUT_DIR or pass --overwrite.")
-    fp32 = load_fp32_model(src)
+    with OutputDir(out, inputs=[src, eval_input], replace=overwrite, flag="OUT_DIR", log=log) as output:
+        fp32 = load_fp32_model(src)
+        if eval_input is None:  # default: the text train.py trained on (its held-out split), where it is still there
+            eval_input = training_input(src)
+            if eval_input is not None:
+                log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
+                output.refuse_inputs([eval_input])
+        val = held_out_windows(eval_input, fp32.config.block_size, eval_batches, batch_size)
 
-    if eval_input is None:  # default: the text train.py trained on (its held-out split), where it is still there
-        trained_on = training_input(src)
-        if trained_on is not None:
-            eval_input = trained_on
-            log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
-    val = None
-    if eval_input is not None:
-        import data
+        log(f"quantize: measuring fp32 {src}")
+        before = measure(fp32, val, batch_size, speed_tokens)
+        int8 = quantize_int8(fp32)
+        del fp32  # the int8 copy owns everything it needs
+        log("quantize: measuring int8")
+        after = measure(int8, val, batch_size, speed_tokens)
 
-        try:
-            max_windows = None if eval_batches is None else eval_batches * batch_size
-            val = data.val_windows(eval_input, fp32.config.block_size, max_windows=max_windows)
-        except (OSError, ValueError) as err:
-            raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
-
-    log(f"quantize: measuring fp32 {src}")
-    before = measure(fp32, val, batch_size, speed_tokens)
-    int8 = quantize_int8(fp32)
-    del fp32  # the int8 copy owns everything it needs
-    log("quantize: measuring int8")
-    after = measure(int8, val, batch_size, speed_tokens)
-
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_model_files(int8, tmp)
-        sizes = {"fp32": file_size(src / "model.safetensors"), "int8": file_size(tmp / "model.safetensors")}
-        write_card(src, tmp, quantization_report(src, sizes, before, after, eval_input, val, speed_tokens))
-        check_written(tmp, int8)
+        with output.write() as tmp:
+            write_model_files(int8, tmp)
+            sizes = {"fp32": file_size(src / "model.safetensors"), "int8": file_size(tmp / "model.safetensors")}
+            write_card(src, tmp, quantization_report(src, sizes, before, after, eval_input, val, speed_tokens))
+            check_written(tmp, int8)
     figures = {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after}
+
     def pair(key, spec):  # "not measured" where quantize_dir was asked not to measure (the bench measures itself)
         if before[key] is None or after[key] is None:
             return "not measured"
@@ -188,6 +180,19 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
     log(f"quantize: wrote {out}: model.safetensors {sizes['fp32'] / 1e6:.1f} MB -> {sizes['int8'] / 1e6:.1f} MB; "
         f"val loss {pair('val_loss', '.4f')}; tokens/s {pair('tokens_per_s', '.1f')}")
     return figures
+
+
+def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int):
+    """The first eval_batches x batch_size validation windows of eval_input (all if eval_batches is None), or None."""
+    if eval_input is None:
+        return None
+    import data
+
+    try:
+        max_windows = None if eval_batches is None else eval_batches * batch_size
+        return data.val_windows(eval_input, block_size, max_windows=max_windows)
+    except (OSError, ValueError) as err:
+        raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
 
 
 @torch.no_grad()
@@ -223,9 +228,13 @@ def main(argv=None) -> int:
                 raise QuantizeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
         quantize_dir(args.src_dir, args.out_dir, overwrite=args.overwrite, eval_input=args.eval_input,
                      eval_batches=args.eval_batches, batch_size=args.batch_size, speed_tokens=args.speed_tokens)
-    except QuantizeError as err:
+    except (QuantizeError, OutputDirError) as err:
         print(f"quantize.py: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as err:  # a failure at run time: OUT_DIR is as it was (written atomically)
+        print(f"quantize.py: error: quantizing {args.src_dir} failed ({type(err).__name__}: {err}); {args.out_dir} "
+              "was left as it was.", file=sys.stderr)
+        return 1
     return 0
 
 

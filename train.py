@@ -22,10 +22,13 @@ import contextlib
 import hashlib
 import json
 import os
+import math
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load
 from configuration_toygpt import PRESETS, ToyGPTConfig
 from distributed import Processes
 from evaluation import autocast, evaluate
-from model_dir import atomic_dir, write_model_files
+from model_dir import OutputDir, OutputDirError, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
 from optim import build_optimizer, build_scheduler, fit_total_steps
 from run_log import MetricsLog, plot_loss_curve, read_metrics
@@ -62,6 +65,12 @@ TRAINING_DEFAULTS = {
     ),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+FLOAT_FLAGS = ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget_min")
+# What --resume cannot change: the shapes of the checkpoint's tensors, and the data stream it continues.
+RESUME_FIXED_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "seed", "input", "dataset",
+                      "dataset_config", "split", "text_column")
+# Recorded per run (training_args.json), recomputed on --resume rather than taken from the checkpoint.
+DATA_RECORDS = ("input_path", "input_sha256", "data_description", "data_source", "data_fingerprint")
 FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
 FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
 BATCH_HASH_ENV = "TOYGPT_LOG_BATCH_HASH"  # debug: each rank prints a hash of its first batch (DDP test)
@@ -78,9 +87,15 @@ class TrainError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = p.add_argument
-    add("--input", help=f"UTF-8 text file (default: {data.DEFAULT_INPUT} if present, else the default corpus)")
+    add("--input", help="training text: a UTF-8 text file, a directory or quoted glob of text files, or a directory of "
+        f"parquet/jsonl/csv/arrow files (default: {data.DEFAULT_INPUT} if present, else the default corpus)")
+    add("--dataset", help="a Hub dataset to stream instead of --input, as owner/name (HF_ENDPOINT, HF_TOKEN respected)")
+    add("--dataset-config", help="the dataset's config (subset), if it has several")
+    add("--split", help="dataset split to train on (default: train); held out: its 'validation' split, else a fixed "
+        "tenth of its rows")
+    add("--text-column", help="dataset column holding the text (default: text)")
     add("--output-dir", default="out/toygpt", help="model directory to write (default: out/toygpt)")
-    add("--preset", choices=sorted(PRESETS), default="tiny", help="architecture + training defaults")
+    add("--preset", choices=sorted(PRESETS), help="architecture + training defaults (default: tiny)")
     # Architecture (None: the preset's value; on --resume the checkpoint's).
     add("--n-layer", type=int)
     add("--n-head", type=int)
@@ -113,17 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace, saved: dict | None = None) -> argparse.Namespace:
     """Fill every unset flag: from the resumed run's saved arguments, else the preset's defaults."""
     resolved = vars(args).copy()
-    preset = resolved["preset"] if saved is None else saved.get("preset", resolved["preset"])
+    preset = (saved or {}).get("preset") or resolved["preset"] or "tiny"
     defaults = {
         **{k: PRESETS[preset][k] for k in MODEL_FLAGS},
         **TRAINING_DEFAULTS[preset],
         "seed": 1337, "device": "auto", "dtype": "auto", "compile": False, "input": None, "time_budget_min": None,
+        "dataset": None, "dataset_config": None, "split": "train", "text_column": "text",
     }
     for key, value in {**defaults, **(saved or {})}.items():
         if resolved.get(key) is None:
             resolved[key] = value
     resolved["preset"] = preset
     args = argparse.Namespace(**resolved)
+    for name in FLOAT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
     positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every",
                 "eval_batches", "checkpoint_every")
     for name in positive:
@@ -171,45 +191,69 @@ def autocast_dtype(dtype_arg: str, device: torch.device):
     return torch.bfloat16 if dtype_arg == "bfloat16" else None
 
 
-def prepare_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Check out_dir before any work; return the checkpoint to resume from (None for a fresh run)."""
-    if resume:
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is None:
-            raise TrainError(f"--resume: no checkpoint in {out_dir / CHECKPOINT_DIR}; start the run without --resume.")
-        return checkpoint
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"--output-dir {out_dir} is a file, not a directory; choose another --output-dir.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+def check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
+    """--resume continues the checkpoint's model and data: flags that would change them are refused, named."""
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved.get(name)})"
+               for name in RESUME_FIXED_FLAGS
+               if getattr(args, name, None) is not None and getattr(args, name) != saved.get(name)]
+    if changed:
         raise TrainError(
-            f"{out_dir} already exists; pass --overwrite to replace it, --resume to continue its checkpoint, "
-            "or choose another --output-dir."
+            f"--resume continues the checkpoint's run, which these flags would change: {'; '.join(changed)}. "
+            "Drop them to resume, or start a new run (another --output-dir, or --overwrite)."
         )
-    return None
 
 
-def prepare(args: argparse.Namespace) -> tuple[argparse.Namespace, Path | None]:
-    """Resolve every flag (from the checkpoint on --resume) and check flags, input and output before any work.
+def prepare(args: argparse.Namespace):
+    """Claim --output-dir (lock, finish an interrupted save), resolve every flag (from the checkpoint on --resume) and
+    check flags, data and output: everything that can be wrong is reported here, before any work.
 
-    Returns the resolved args (with input_path and data_description) and the checkpoint to resume from, or None."""
-    out_dir = Path(args.output_dir)
-    resume_from = prepare_output_dir(out_dir, resume=args.resume, overwrite=args.overwrite)
-    saved = None
-    if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())["args"]
-        saved = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "input_path", "data_description")}
-    args = resolve_args(args, saved)
-    model_config(args)
-    check_device(args.device)
-    input_path, args.data_description = data.resolve_input(args.input, args.block_size)
-    args.input_path = str(input_path.resolve())  # recorded in training_args.json: quantize.py evaluates on it
-    return args, resume_from
+    Returns the resolved args (with the data records of DATA_RECORDS), the checked data source, the checkpoint to
+    resume from or None, and the claimed output dir (locked on rank 0 until it is closed)."""
+    given_input = args.input or (data.DEFAULT_INPUT if data.DEFAULT_INPUT.is_file() else None)
+    output = OutputDir(args.output_dir, inputs=[given_input], replace=args.overwrite or args.resume,
+                       lock=os.environ.get("RANK", "0") == "0", log=lambda message: print(message, file=sys.stderr),
+                       exists_hint=", --resume to continue its checkpoint, or choose another --output-dir")
+    try:
+        resume_from, saved = None, {}
+        if args.resume:
+            resume_from = latest_checkpoint(output.path)
+            if resume_from is None:
+                raise TrainError(f"--resume: no checkpoint in {output.path / CHECKPOINT_DIR}; start the run without "
+                                 "--resume.")
+            saved = json.loads((resume_from / "trainer_state.json").read_text())["args"]
+            check_resume_flags(args, saved)
+        args = resolve_args(args, {k: v for k, v in saved.items() if k not in ("resume", "overwrite", *DATA_RECORDS)}
+                            if args.resume else None)
+        model_config(args)
+        check_device(args.device)
+        source, args.data_description = data.resolve_source(
+            input=args.input, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+            text_column=args.text_column, block_size=args.block_size,
+            dataset_revision=saved.get("data_source", {}).get("dataset_revision"))  # a resumed run keeps its commit
+        args.data_source, args.data_fingerprint = source.spec(), source.fingerprint()
+        output.refuse_inputs([args.data_source.get("input")])
+        # quantize.py evaluates on the text a model was trained on, where that is one file
+        args.input_path = args.data_source["input"] if args.data_fingerprint["type"] == "file" else None
+        args.input_sha256 = args.data_fingerprint.get("sha256")
+        if args.resume and saved.get("data_fingerprint", args.data_fingerprint) != args.data_fingerprint:
+            raise TrainError(
+                f"--resume: the training data ({args.data_description}) has changed since the checkpoint was written, "
+                "and the checkpoint continues a stream over the old data. Restore it to resume, or start a new run on "
+                "the new data (another --output-dir, or --overwrite)."
+            )
+    except BaseException:
+        output.close()
+        raise
+    return args, source, resume_from, output
 
 
-def start_output_dir(out_dir: Path, resuming: bool) -> None:
+def start_output_dir(output: OutputDir, resuming: bool) -> None:
     """--overwrite drops the old run's checkpoints and metrics, but keeps its model files until the new model
     directory is complete and swapped in atomically at the end."""
-    if not resuming and out_dir.exists():
+    out_dir = output.path
+    if output.replaces and not resuming:
+        print(f"--overwrite: replacing the run in {out_dir}: its checkpoint and metrics now; its model files when the "
+              "new ones are complete.", file=sys.stderr, flush=True)
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +294,10 @@ def restore_run(checkpoint_dir: Path, model, optimizer, stream, args, processes:
                      last_checkpoint_step=saved["step"])
     if not state.budget_fitted or args.max_steps != saved["args"]["max_steps"]:
         state.total_steps = args.max_steps  # a new --max-steps extends (or cuts) the schedule
-    stream.load_state_dict(saved["rank_state"]["stream"])
+    try:
+        stream.load_state_dict(saved["rank_state"]["stream"])
+    except ValueError as err:  # the input changed in a way the recorded hash did not catch (older checkpoints)
+        raise TrainError(f"--resume: {err}") from None
     scheduler = build_scheduler(optimizer, args, state.total_steps, state.step)
     if state.total_steps == saved["total_steps"]:
         scheduler.load_state_dict(saved["scheduler"])
@@ -258,8 +305,10 @@ def restore_run(checkpoint_dir: Path, model, optimizer, stream, args, processes:
     return state, scheduler
 
 
-def train_step(step_model, optimizer, batches, args, processes: Processes, amp_dtype) -> float:
-    """One optimizer step over --grad-accum micro-batches; returns the mean training loss."""
+def train_step(step_model, optimizer, batches, args, processes: Processes, amp_dtype, state: RunState, lr) -> float:
+    """One optimizer step over --grad-accum micro-batches; returns the mean training loss (over every rank).
+
+    A loss that is not finite stops the run before the optimizer applies it: the last checkpoint stays good."""
     loss_sum = torch.zeros((), device=processes.device)
     for micro in range(args.grad_accum):
         batch = next(batches).to(processes.device, non_blocking=True)  # (batch_size, block_size + 1)
@@ -272,11 +321,20 @@ def train_step(step_model, optimizer, batches, args, processes: Processes, amp_d
                 loss = step_model(batch[:, :-1], batch[:, 1:])
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
+    train_loss = processes.all_reduce_sum(loss_sum).item() / args.grad_accum / processes.world_size
+    if not math.isfinite(train_loss):
+        checkpoints = Path(args.output_dir) / CHECKPOINT_DIR
+        kept = (f"The last good checkpoint, step {state.last_checkpoint_step}, is in {checkpoints}: resume it with a "
+                "lower learning rate (--resume --lr ...), or start again with a lower --lr."
+                if latest_checkpoint(Path(args.output_dir)) else "No checkpoint was written yet: start again with a "
+                "lower --lr.")
+        raise TrainFailed(f"the training loss is {train_loss} at step {state.step + 1} (learning rate {lr:.3g}): "
+                          f"training diverged; nothing of this step was applied. {kept}")
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(step_model.parameters(), args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item() / args.grad_accum
+    return train_loss
 
 
 def refit_due(state: RunState, args, budget_s: float | None) -> bool:
@@ -314,6 +372,9 @@ def checkpoint(out_dir: Path, model, optimizer, scheduler, state: RunState, args
 def evaluate_and_log(loss_model, val, args, max_batches, amp_dtype, processes, metrics, step) -> dict:
     result = evaluate(loss_model, val, args.batch_size, max_batches, amp_dtype, processes)
     metrics.log({"step": step, **result})
+    if processes.is_main:
+        tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
+                   f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
     return result
 
 
@@ -330,26 +391,46 @@ def log_first_batch(batches, rank: int):
 # Training
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run training as configured by build_parser()'s namespace; return the final metrics (rank 0's view)."""
-    args, resume_from = prepare(args)
-    processes = Processes.launch(args.device)
-    device, amp_dtype, out_dir = processes.device, autocast_dtype(args.dtype, processes.device), Path(args.output_dir)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if processes.is_main:
-        print(f"data: {args.data_description}", file=sys.stderr, flush=True)
-        start_output_dir(out_dir, resuming=resume_from is not None)
-    processes.barrier()
+class TrainFailed(RuntimeError):
+    """A run that stopped at run time (diverged, interrupted); the message says what was kept and what to do."""
 
+
+@contextlib.contextmanager
+def ctrl_c_requests_a_stop():
+    """The first Ctrl-C sets the yielded event (the loop stops at the next step, saves a checkpoint and says how to
+    resume); a second one interrupts at once. Outside the main thread (no signals there), the event never fires."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\nCtrl-C: stopping after this step (Ctrl-C again to stop at once, without a checkpoint)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(args) -> str:
+    launcher = "torchrun --nproc_per_node N train.py" if os.environ.get("WORLD_SIZE", "1") != "1" else "python train.py"
+    return f"{launcher} --output-dir {args.output_dir} --resume"
+
+
+def build_run(args, source, resume_from, processes: Processes):
+    """The model, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`."""
     torch.manual_seed(args.seed)  # same initial weights on every rank
     random.seed(args.seed)
-    model = ToyGPTForCausalLM(model_config(args)).to(device).train()
-    optimizer = build_optimizer(model, args, device)
-    stream = data.TrainWindows(args.input_path, args.block_size, seed=args.seed, rank=processes.rank,
+    model = ToyGPTForCausalLM(model_config(args)).to(processes.device).train()
+    optimizer = build_optimizer(model, args, processes.device)
+    stream = data.TrainWindows(source, args.block_size, seed=args.seed, rank=processes.rank,
                                world_size=processes.world_size)
-    val = data.val_windows(args.input_path, args.block_size,
-                           max_windows=FINAL_EVAL_BATCHES * args.eval_batches * args.batch_size)
+    val = data.val_windows(source, args.block_size, max_windows=FINAL_EVAL_BATCHES * args.eval_batches * args.batch_size)
     if resume_from is not None:
         state, scheduler = restore_run(resume_from, model, optimizer, stream, args, processes)
         if processes.is_main:
@@ -357,6 +438,29 @@ def train(args: argparse.Namespace) -> dict:
     else:
         torch.manual_seed(args.seed + processes.rank)  # dropout differs per rank
         state, scheduler = RunState(total_steps=args.max_steps), build_scheduler(optimizer, args, args.max_steps)
+    return model, optimizer, scheduler, stream, val, state
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as configured by build_parser()'s namespace; return the final metrics (rank 0's view)."""
+    args, source, resume_from, output = prepare(args)
+    try:
+        return run(args, source, resume_from, output)
+    finally:
+        output.close()
+
+
+def run(args, source, resume_from: Path | None, output: OutputDir) -> dict:
+    """The training loop, from the checked arguments to the written model directory."""
+    processes = Processes.launch(args.device)
+    device, amp_dtype, out_dir = processes.device, autocast_dtype(args.dtype, processes.device), output.path
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if processes.is_main:
+        print(f"data: {args.data_description}", file=sys.stderr, flush=True)
+        start_output_dir(output, resuming=resume_from is not None)
+    processes.barrier()
+    model, optimizer, scheduler, stream, val, state = build_run(args, source, resume_from, processes)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
     metrics.keep_until(state.step)
 
@@ -371,43 +475,42 @@ def train(args: argparse.Namespace) -> dict:
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * processes.world_size
     bar = tqdm(total=state.total_steps, initial=state.step, disable=not processes.is_main, desc="train",
                dynamic_ncols=True)
-    while state.step < state.total_steps:
-        if budget_s is not None and processes.from_main(state.elapsed() >= budget_s):
-            break  # budget spent: final checkpoint, eval and save below
-        step_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        state.train_loss = train_step(step_model, optimizer, batches, args, processes, amp_dtype)
-        scheduler.step()
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
-        metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        if state.step % args.eval_every == 0 and state.step < state.total_steps:
-            result = evaluate_and_log(loss_model, val, args, args.eval_batches, amp_dtype, processes, metrics,
-                                      state.step)
-            if processes.is_main:
-                tqdm.write(f"step {state.step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
-                           f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
-        if refit_due(state, args, budget_s):
-            scheduler = refit_schedule(state, optimizer, scheduler, args, budget_s, processes)
-            bar.total = state.total_steps
-        if state.step % args.checkpoint_every == 0 and state.step < state.total_steps:
-            checkpoint(out_dir, model, optimizer, scheduler, state, args, stream, processes)
-    bar.close()
+    with ctrl_c_requests_a_stop() as stop, bar:
+        while state.step < state.total_steps:
+            if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
+                break  # Ctrl-C, or the budget is spent: final checkpoint (and eval and save) below
+            step_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            state.train_loss = train_step(step_model, optimizer, batches, args, processes, amp_dtype, state, lr)
+            scheduler.step()
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
+            metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if state.step % args.eval_every == 0 and state.step < state.total_steps:
+                evaluate_and_log(loss_model, val, args, args.eval_batches, amp_dtype, processes, metrics, state.step)
+            if refit_due(state, args, budget_s):
+                scheduler = refit_schedule(state, optimizer, scheduler, args, budget_s, processes)
+                bar.total = state.total_steps
+            if state.step % args.checkpoint_every == 0 and state.step < state.total_steps:
+                checkpoint(out_dir, model, optimizer, scheduler, state, args, stream, processes)
     stream.close()
 
     elapsed = state.elapsed()
     if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
         checkpoint(out_dir, model, optimizer, scheduler, state, args, stream, processes)
+    if stop.is_set():
+        raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
+                          f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(args)}")
     result = evaluate_and_log(loss_model, val, args, FINAL_EVAL_BATCHES * args.eval_batches, amp_dtype, processes,
                               metrics, state.step)
-    final = finish(out_dir, model, args, state, result, elapsed, processes, metrics)
+    final = finish(output, model, args, state, result, elapsed, processes, metrics)
     processes.barrier()
     return final
 
 
-def finish(out_dir: Path, model, args, state: RunState, result: dict, elapsed: float, processes, metrics) -> dict:
+def finish(output: OutputDir, model, args, state: RunState, result: dict, elapsed: float, processes, metrics) -> dict:
     """The final record; rank 0 logs it and writes the model directory."""
     final = {
         "final": True, "step": state.step, "train_loss": state.train_loss, **result,
@@ -419,9 +522,9 @@ def finish(out_dir: Path, model, args, state: RunState, result: dict, elapsed: f
     }
     if processes.is_main:
         metrics.log(final)
-        write_output_dir(out_dir, model, args, final)
+        write_output_dir(output, model, args, final)
         print(f"final: step {state.step}, val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
-              f"bits/char {final['val_bits_per_char']:.4f}; wrote {out_dir}", file=sys.stderr, flush=True)
+              f"bits/char {final['val_bits_per_char']:.4f}; wrote {args.output_dir}", file=sys.stderr, flush=True)
     return final
 
 
@@ -429,11 +532,12 @@ def finish(out_dir: Path, model, args, state: RunState, result: dict, elapsed: f
 # The model directory
 
 
-def write_output_dir(out_dir: Path, model, args, final: dict) -> None:
-    """Atomically replace out_dir by the complete model dir (+ metrics, args, plot, card, latest checkpoint)."""
-    records = read_metrics(out_dir / "metrics.jsonl")
-    checkpoint_dir = latest_checkpoint(out_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+def write_output_dir(output: OutputDir, model, args, final: dict) -> None:
+    """Atomically replace the output dir by the complete model dir (+ metrics, args, plot, card, latest checkpoint);
+    what else the user keeps in it stays."""
+    records = read_metrics(output.path / "metrics.jsonl")
+    checkpoint_dir = latest_checkpoint(output.path)
+    with output.write() as tmp:
         write_model_files(model, tmp)
         with open(tmp / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -455,9 +559,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except (TrainError, data.InputError, CheckpointError, FileExistsError) as err:
+    except (TrainError, data.InputError, CheckpointError, OutputDirError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainFailed as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, permissions, ...: what failed, not a traceback
+        print(f"train.py: error: {err.strerror or err} ({err.filename or 'while training'}); the last checkpoint, if "
+              f"any, is in {Path(args.output_dir) / CHECKPOINT_DIR}: fix the cause and {resume_command(args)}",
+              file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

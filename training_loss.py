@@ -9,15 +9,23 @@ forward is the whole loss. It calls the model's body for the hidden states and a
 
 With gradients enabled and a plain Linear head, lm_head and the loss are fused (FusedLinearCrossEntropy): the
 (tokens, vocab) logits and their gradient never exist at once, at the FLOPs of the plain path. Otherwise (no_grad,
-or an int8 head) the head runs on CHUNK_ROWS rows at a time. Either way the memory of the head is one chunk's
-(CHUNK_ROWS, vocab) logits, not (B * T, vocab): a long context costs what it costs the blocks.
+or an int8 head) the head runs on chunks of rows too. Either way the memory of the head is one chunk's
+(chunk_rows, vocab) logits, not (B * T, vocab): a long context costs what it costs the blocks.
 """
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-CHUNK_ROWS = 512  # rows of hidden states per chunk: a (512, vocab) fp32 logits block is ~100 MB at 50257
+# Rows of hidden states per chunk of the head. CPU: a (512, 50257) fp32 logits block is ~100 MB. CUDA: on an H200
+# (bench/gpu.py, 124M, bf16, compiled, batch 64 x 1024) 8192-row chunks ran 483K tokens/s, 4096 rows 475K; at batch
+# 32, 4096 rows 448K and 512 rows 412K.
+CHUNK_ROWS = 512
+CUDA_CHUNK_ROWS = 8192
+
+
+def chunk_rows_for(device: torch.device) -> int:
+    return CUDA_CHUNK_ROWS if device.type == "cuda" else CHUNK_ROWS
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -31,27 +39,30 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index=-100, chunk_rows=None):
+    def forward(ctx, h, weight, targets, ignore_index=-100, chunk_rows=None, logit_offset=None):
         # h (N, C), weight (V, C), targets (N,) long.
-        chunk_rows = chunk_rows or CHUNK_ROWS
+        chunk_rows = chunk_rows or chunk_rows_for(h.device)
         device_type = h.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax and sums: fp32 at least
         valid = targets != ignore_index
         count = valid.sum()
-        scale = 1.0 / count.float().clamp(min=1)
+        scale = 1.0 / count.to(acc).clamp(min=1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        loss_sum = torch.zeros((), dtype=acc, device=h.device)
         with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
             w = weight.to(dtype)
             for start in range(0, h.size(0), chunk_rows):
                 hc = h[start:start + chunk_rows].to(dtype)
                 v = valid[start:start + chunk_rows]
                 t = targets[start:start + chunk_rows].masked_fill(~v, 0)[:, None]  # any in-range index; row scale is 0
-                logits = (hc @ w.t()).float()  # (n, V)
-                top = logits.amax(dim=1, keepdim=True)
+                logits = (hc @ w.t()).to(acc)  # (n, V)
                 target_logit = logits.gather(1, t)
+                if logit_offset is not None:  # in the normaliser only (corpus_vocab: u counts once per unseen id)
+                    logits += logit_offset
+                top = logits.amax(dim=1, keepdim=True)
                 logits.sub_(top).exp_()
                 total = logits.sum(dim=1, keepdim=True)
                 loss_sum += ((top + total.log() - target_logit).squeeze(1) * v).sum()
@@ -64,10 +75,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_rows] = g @ w
                 if need_w:
-                    if g.dtype == torch.float32:
+                    if g.dtype == acc:
                         grad_w.addmm_(g.t(), hc)
                     else:
-                        grad_w += (g.t() @ hc).float()
+                        grad_w += (g.t() @ hc).to(acc)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return loss_sum / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy's mean
 
@@ -77,16 +88,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h * grad_output.to(grad_h.dtype)
         grad_w = None if grad_w is None else grad_w * grad_output.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def chunked_cross_entropy_sum(h, head, targets, ignore_index=-100, chunk_rows=CHUNK_ROWS):
-    """sum(cross_entropy(head(h), targets)) over rows, computing head's logits CHUNK rows at a time (no autograd
-    saving: meant for no_grad). h (N, C), targets (N,); rows whose target is ignore_index count nothing."""
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+def chunked_cross_entropy_sum(h, head, targets, ignore_index=-100, chunk_rows=None, logit_offset=None):
+    """sum(cross_entropy(head(h), targets)) over rows, computing head's logits chunk_rows at a time (no autograd
+    saving: meant for no_grad). h (N, C), targets (N,); rows whose target is ignore_index count nothing.
+    logit_offset (V,): added inside the normaliser only, as in FusedLinearCrossEntropy."""
+    chunk_rows = chunk_rows or chunk_rows_for(h.device)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=acc, device=h.device)
     for start in range(0, h.size(0), chunk_rows):
-        logits = head(h[start:start + chunk_rows]).float()  # (n, V)
-        total += F.cross_entropy(logits, targets[start:start + chunk_rows], ignore_index=ignore_index, reduction="sum")
+        logits, t = head(h[start:start + chunk_rows]).to(acc), targets[start:start + chunk_rows]  # (n, V), (n,)
+        if logit_offset is not None:  # cross_entropy subtracts the offset target logit: add that back
+            logits = logits + logit_offset.to(acc)
+            total += logit_offset[t[t != ignore_index]].sum().to(acc)
+        total += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
     return total
 
 
@@ -97,17 +114,22 @@ class CausalLMLoss(nn.Module):
     reduction "mean" (the training loss) or "sum" (evaluation: evaluation.py divides by tokens and characters).
     """
 
-    def __init__(self, model, ignore_index=-100):
+    def __init__(self, model, ignore_index=-100, chunk_rows=None, vocab=None):
         super().__init__()
         self.model = model
         self.ignore_index = ignore_index
+        self.chunk_rows = chunk_rows  # None: chunk_rows_for(the device)
+        self.vocab = vocab  # a corpus_vocab.CorpusVocab: `model` is the compact model, ids arrive as GPT-2 ids
 
     def forward(self, input_ids, targets, reduction="mean"):
+        offset = None
+        if self.vocab is not None:
+            input_ids, targets, offset = self.vocab.compact(input_ids), self.vocab.compact(targets), self.vocab.logit_offset
         h = self.model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
         h, targets = h.flatten(0, 1), targets.flatten().to(h.device)  # (N, C), (N,)
         head = self.model.lm_head
         if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-            loss = FusedLinearCrossEntropy.apply(h, head.weight, targets, self.ignore_index)  # the mean
+            loss = FusedLinearCrossEntropy.apply(h, head.weight, targets, self.ignore_index, self.chunk_rows, offset)
             return loss if reduction == "mean" else loss * (targets != self.ignore_index).sum()
-        total = chunked_cross_entropy_sum(h, head, targets, self.ignore_index)
+        total = chunked_cross_entropy_sum(h, head, targets, self.ignore_index, self.chunk_rows, offset)
         return total if reduction == "sum" else total / (targets != self.ignore_index).sum()

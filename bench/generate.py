@@ -1,13 +1,16 @@
-"""Greedy generation tokens/s on CPU: ToyGPT with and without its KV cache, against transformers' GPT2LMHeadModel.
+"""Greedy generation tokens/s on CPU: ToyGPT with and without its KV cache, with a static cache + torch.compile, and
+transformers' GPT2LMHeadModel.
 
     flock /tmp/toygpt-cpu.lock python bench/generate.py [--configs 10m,gpt2] [--repeats 3] [--new-tokens 256]
                                                         [--threads 2]
 
 Batch 1, a 16-token prompt, fp32. GPT2LMHeadModel gets ToyGPT's exact weights (convert_gpt2.toygpt_to_gpt2) and
-runs as shipped (use_cache=True, sdpa attention). After one short warmup generation each, the three variants take
-turns, repeat after repeat, so that CPU contention from other processes hits them alike; each reports its median.
-All three must produce the same greedy tokens. Targets: ToyGPT cache / GPT2LMHeadModel >= 1.0x, cache / no-cache
->= 4x.
+runs as shipped (use_cache=True, sdpa attention). The compiled variant is transformers' recipe for static shapes:
+`model.forward = torch.compile(model.forward)` and `generate(..., cache_implementation="static")`, on a copy of the
+same weights; its warmup compiles the prefill and decode graphs (the cache is sized for the timed runs already, so
+they do not recompile). After the warmup, the variants take turns, repeat after repeat, so that CPU contention from
+other processes hits them alike; each reports its median. All must produce the same greedy tokens. Targets: ToyGPT
+cache / GPT2LMHeadModel >= 1.0x, cache / no-cache >= 4x; static + compile / dynamic cache is reported, no target.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ CONFIGS = {
 TARGET_VS_GPT2, TARGET_VS_NO_CACHE = 1.0, 4.0
 
 
-def generate_tokens(model, prompt, new_tokens, use_cache):
+def generate_tokens(model, prompt, new_tokens, **cache_kwargs):
     # Exactly `new_tokens` greedy steps: no sampling, and no early stop at <|endoftext|>.
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=use_cache,
+        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **cache_kwargs,
         eos_token_id=ToyGPTConfig().eos_token_id, pad_token_id=ToyGPTConfig().eos_token_id,
     )
     with torch.inference_mode():
@@ -57,19 +60,24 @@ def bench_config(name, repeats, new_tokens):
     torch.manual_seed(0)
     toygpt = ToyGPTForCausalLM(config).eval()
     gpt2 = toygpt_to_gpt2(toygpt).eval()  # the same weights, transposed into Conv1D
+    compiled = ToyGPTForCausalLM(config).eval()
+    compiled.load_state_dict(toygpt.state_dict())
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True)  # fullgraph: any graph break is an error
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    static = dict(cache_implementation="static", max_cache_len=PROMPT_TOKENS + new_tokens)
     variants = {
-        "ToyGPT, KV cache": (toygpt, True),
-        "ToyGPT, no cache": (toygpt, False),
-        f"GPT2LMHeadModel ({gpt2.config._attn_implementation}, cache)": (gpt2, True),
+        "ToyGPT, KV cache": (toygpt, dict(use_cache=True)),
+        "ToyGPT, no cache": (toygpt, dict(use_cache=False)),
+        f"GPT2LMHeadModel ({gpt2.config._attn_implementation}, cache)": (gpt2, dict(use_cache=True)),
+        "ToyGPT, static cache + torch.compile": (compiled, static),
     }
-    for model, use_cache in variants.values():  # warmup: allocator, thread pool, lazy inits
-        generate_tokens(model, prompt, 8, use_cache)
+    for model, cache_kwargs in variants.values():  # warmup: allocator, thread pool, lazy inits, compilation
+        generate_tokens(model, prompt, 8, **cache_kwargs)
 
     tokens, seconds = {}, {label: [] for label in variants}
     for _ in range(repeats):
-        for label, (model, use_cache) in variants.items():
-            tokens[label], elapsed = generate_tokens(model, prompt, new_tokens, use_cache)
+        for label, (model, cache_kwargs) in variants.items():
+            tokens[label], elapsed = generate_tokens(model, prompt, new_tokens, **cache_kwargs)
             seconds[label].append(elapsed)
 
     reference = next(iter(tokens.values()))
@@ -97,7 +105,7 @@ def main(argv=None):
     failures = []
     for name in names:
         config, non_embedding, tokens_per_s, mismatched = bench_config(name, args.repeats, args.new_tokens)
-        cached, no_cache, gpt2 = tokens_per_s.values()
+        cached, no_cache, gpt2, compiled = tokens_per_s.values()
         print(f"\n{name}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
               f"block_size={config.block_size}, {non_embedding / 1e6:.1f}M non-embedding parameters")
         for label, rate in tokens_per_s.items():
@@ -105,6 +113,7 @@ def main(argv=None):
         vs_gpt2, vs_no_cache = cached / gpt2, cached / no_cache
         print(f"  ToyGPT cache / GPT2LMHeadModel       {vs_gpt2:8.2f}x  (target >= {TARGET_VS_GPT2}x)")
         print(f"  ToyGPT cache / no cache              {vs_no_cache:8.2f}x  (target >= {TARGET_VS_NO_CACHE}x)")
+        print(f"  static + compile / dynamic cache     {compiled / cached:8.2f}x")
         print(f"  identical greedy tokens: {'yes' if not mismatched else 'NO: ' + ', '.join(mismatched)}")
         if mismatched:
             failures.append(f"{name}: greedy tokens differ")

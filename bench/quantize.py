@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import quantize  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
+from int8_toygpt import int8_kernel  # noqa: E402
 from model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
@@ -169,7 +170,7 @@ def main(argv=None):
             p.error(f"--parts {args.parts!r}: choose from 124m, trained")
         trained = args.trained_dir or ("trained" in parts and train_tiny(work, args.input))
         print(f"torch {torch.__version__}, {args.threads} threads, int8 kernel: "
-              f"{__import__('modeling_toygpt').int8_kernel().name}")
+              f"{int8_kernel().name}")
 
         big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads)
         if big:

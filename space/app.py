@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+PROG = "app.py"
 APP_DIR = Path(__file__).resolve().parent
 VARIANTS = ("auto", "fp32", "int8")
 INT8_SUBFOLDER = "int8"
@@ -65,23 +67,111 @@ class LoadedModel:
         return f"`{self.model_id}` · {self.precision} · {self.device} · {self.context}-token context"
 
 
+class StartupError(SystemExit):
+    """Why the app cannot start, as one line: main() prints `app.py: error: <message>` and exits with `status`
+    (2: a TOYGPT_* setting names no usable model; 1: a failure at run time, e.g. the Hub unreachable)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+MODEL_HELP = (
+    "a model directory written by train.py or quantize.py (`make demo` writes out/toygpt and out/toygpt-int8) "
+    "or a Hub repo id, USER/NAME"
+)
+
+
+def looks_like_path(value: str, base: Path) -> bool:
+    """A value meant as a local directory (relative to `base`): shapes a Hub repo id (NAME, USER/NAME) never has."""
+    slashes = value.count("/") + value.count("\\")
+    return (value.startswith((".", "~", "/", "\\")) or value.endswith(("/", "\\")) or slashes > 1
+            or (slashes == 1 and (base / value).parent.is_dir()))  # out/typo where out/ exists
+
+
+def check_model_id(value: str, where: str, base: Path = Path(".")) -> str:
+    """`value` as a local directory (relative to `base`, ~ expanded) if it is one, else as a Hub repo id.
+
+    StartupError, naming `where` the value came from, if it is a path that does not exist, a file, or no valid
+    repo id: a typo'd directory must not be sent to the Hub as a repo id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = base / Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise StartupError(f"{where} is a file, not a model directory; point it at {MODEL_HELP}.")
+    if looks_like_path(value, base):
+        raise StartupError(f"{where} names no directory: {path.absolute()} does not exist. Point it at {MODEL_HELP}.")
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise StartupError(
+            f"{where} is neither an existing directory nor a valid Hub repo id ({err}). Point it at {MODEL_HELP} "
+            "(letters, digits, '-', '_' and '.', e.g. alice/toygpt)."
+        ) from None
+    return value
+
+
 def default_model_id(variant: str = "auto") -> str:
     """TOYGPT_MODEL, else model_id.txt beside this file, else the `make demo` output dirs."""
     if os.environ.get("TOYGPT_MODEL"):
-        return os.environ["TOYGPT_MODEL"]
+        return check_model_id(os.environ["TOYGPT_MODEL"], f"TOYGPT_MODEL={os.environ['TOYGPT_MODEL']!r}")
     config_file = APP_DIR / "model_id.txt"
     if config_file.is_file() and config_file.read_text().strip():
-        value = config_file.read_text().strip()
-        return str(APP_DIR / value) if (APP_DIR / value).is_dir() else value  # a relative dir or a repo id
+        value = config_file.read_text().strip()  # a repo id, or a directory relative to this file
+        return check_model_id(value, f"{config_file} (holding {value!r})", base=APP_DIR)
     names = ["toygpt"] if variant == "fp32" else ["toygpt-int8", "toygpt"]
     for name in names:
         if (APP_DIR.parent / "out" / name / "config.json").is_file():
             return str(APP_DIR.parent / "out" / name)
-    raise SystemExit(
+    raise StartupError(
         "No model to serve: set TOYGPT_MODEL to a Hub repo id or a model directory (e.g. "
         "`TOYGPT_MODEL=out/toygpt-int8 python space/app.py`), or write one into space/model_id.txt, "
         "or run `make demo` to train and quantize one into out/."
     )
+
+
+def check_hub_model(model_id: str, revision: str | None = None) -> None:
+    """StartupError saying why `model_id` cannot come from the Hub (or, offline, from the cache), else None."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if constants.HF_HUB_OFFLINE:  # only the local cache can answer
+        if isinstance(try_to_load_from_cache(model_id, "config.json", revision=revision), str):
+            return
+        raise StartupError(
+            f"the Hub model {name} is not in the local cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE=1 (or "
+            "TRANSFORMERS_OFFLINE=1) forbids downloading it. Unset HF_HUB_OFFLINE to download it once, or set "
+            f"TOYGPT_MODEL to a local model directory.", status=1)
+    try:
+        get_hf_file_metadata(hf_hub_url(model_id, "config.json", revision=revision))
+    except GatedRepoError:
+        raise StartupError(f"the Hub model {name} is gated: accept its terms on its Hub page and set HF_TOKEN to a "
+                           "token of that account.") from None
+    except RepositoryNotFoundError:
+        raise StartupError(
+            f"there is no Hub model {model_id!r} at {constants.ENDPOINT} (or it is private and HF_TOKEN gives no "
+            f"access to it). Check the spelling of TOYGPT_MODEL (or space/model_id.txt); for a local directory give "
+            f"its path (e.g. ./{model_id}). It must be {MODEL_HELP}.") from None
+    except RevisionNotFoundError:
+        raise StartupError(f"the Hub model {model_id!r} has no revision {revision!r}; fix or unset "
+                           "TOYGPT_REVISION.") from None
+    except RemoteEntryNotFoundError:
+        raise StartupError(f"the Hub repo {name} has no config.json, so it is no transformers model; push a ToyGPT "
+                           "there with push_to_hub.py, or point TOYGPT_MODEL at another repo.") from None
+    except Exception as err:  # the Hub's other errors, and transport errors of whichever HTTP stack it uses
+        raise StartupError(
+            f"cannot reach the Hub at {constants.ENDPOINT} to load {name} ({type(err).__name__}: {err}). Check the "
+            "network (and HF_ENDPOINT); a model downloaded before loads from the local cache "
+            f"({constants.HF_HUB_CACHE}) with HF_HUB_OFFLINE=1.", status=1) from None
 
 
 def has_int8_subfolder(model_id: str, revision: str | None = None) -> bool:
@@ -94,13 +184,23 @@ def has_int8_subfolder(model_id: str, revision: str | None = None) -> bool:
     filename = f"{INT8_SUBFOLDER}/config.json"
     if constants.HF_HUB_OFFLINE:  # only the local cache can answer
         return isinstance(huggingface_hub.try_to_load_from_cache(model_id, filename, revision=revision), str)
-    return huggingface_hub.file_exists(model_id, filename, revision=revision)
+    try:
+        return huggingface_hub.file_exists(model_id, filename, revision=revision)
+    except Exception as err:  # the Hub answered for config.json a moment ago (check_hub_model)
+        raise StartupError(f"cannot ask the Hub whether {model_id!r} has an int8 variant ({type(err).__name__}: "
+                           f"{err}); check the network and re-run, or set TOYGPT_VARIANT=fp32.", status=1) from None
 
 
 def load_model(model_id: str, variant: str = "auto", revision: str | None = None) -> LoadedModel:
-    """Load model + tokenizer with the auto classes, from subfolder `int8` when that variant is chosen."""
+    """Load model + tokenizer with the auto classes, from subfolder `int8` when that variant is chosen.
+
+    Every reason the model cannot load is a StartupError (a SystemExit) with one line that says what to fix."""
     if variant not in VARIANTS:
         raise ValueError(f"TOYGPT_VARIANT must be one of {', '.join(VARIANTS)}; got {variant!r}.")
+    model_id = check_model_id(model_id, f"the model {model_id!r}")
+    local = Path(model_id).is_dir()
+    if not local:
+        check_hub_model(model_id, revision)
     cuda = torch.cuda.is_available()
     # int8 kernels are a CPU speed-up; on a GPU the fp32 weights are the fast choice.
     want_int8 = variant == "int8" or (variant == "auto" and not cuda)
@@ -110,15 +210,16 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
-    except OSError as err:
+    except Exception as err:  # a traceback helps no one here: say what failed and what to do
         where = f"{model_id}/{subfolder}" if subfolder else model_id
-        raise SystemExit(
-            f"Could not load the model from {where!r}: it is neither a complete local model directory nor a "
-            f"reachable Hub repo. Check TOYGPT_MODEL (or space/model_id.txt). Details: {err}"
-        ) from err
+        fix = ("it is not a complete model directory; re-create it with train.py / quantize.py" if local else
+               "check the network and TOYGPT_MODEL (or space/model_id.txt), and that the repo was pushed with "
+               "push_to_hub.py")
+        raise StartupError(f"could not load the model from {where!r} ({type(err).__name__}: {err}); {fix}.",
+                           status=2 if local else 1) from None
     precision = "int8" if getattr(model.config, "quantization", None) else "fp32"
     if variant != "auto" and precision != variant:
-        raise SystemExit(
+        raise StartupError(
             f"TOYGPT_VARIANT={variant}, but {model_id!r} holds {precision} weights and no {variant} variant; "
             "point TOYGPT_MODEL at the other model dir, or leave TOYGPT_VARIANT unset (auto)."
         )
@@ -295,8 +396,9 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off", elem_id="top-p")
                 num_sequences = gr.Slider(1, MAX_SEQUENCES, value=1, step=1, label="Number of sequences",
                                           elem_id="num-sequences")
-                # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty.
-                seed = gr.Textbox(label="Seed", placeholder="blank = random", max_lines=1, elem_id="seed")
+                # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty. value="": the API
+                # takes a component's value as its default, so API calls may leave the seed out, as the UI does.
+                seed = gr.Textbox(value="", label="Seed", placeholder="blank = random", max_lines=1, elem_id="seed")
         with gr.Row():
             outputs = [
                 gr.Textbox(
@@ -326,13 +428,26 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
     return demo
 
 
-def main():
-    demo = build_demo()
-    demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-    )
+def main() -> int:
+    """`python app.py`: serve until stopped. Whatever keeps the app from starting is one line on stderr,
+    `app.py: error: <what and how to fix it>`, exit 2 for a bad setting and 1 for a failure at run time."""
+    host, port = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), os.environ.get("GRADIO_SERVER_PORT", "7860")
+    try:
+        variant = os.environ.get("TOYGPT_VARIANT", "auto")  # as build_demo reads it
+        if variant not in VARIANTS:
+            raise StartupError(f"TOYGPT_VARIANT must be one of {', '.join(VARIANTS)}; got {variant!r} (unset it: "
+                               "auto serves int8 on CPU where the model has it).")
+        demo = build_demo()
+        try:
+            demo.launch(server_name=host, server_port=int(port))
+        except OSError as err:  # the port is taken, or the host is not this machine's
+            raise StartupError(f"cannot serve on {host}:{port} ({err}); set GRADIO_SERVER_PORT to a free port "
+                               "(and GRADIO_SERVER_NAME to an address of this machine).", status=1) from None
+    except StartupError as err:
+        print(f"{PROG}: error: {err.message}", file=sys.stderr)
+        return err.status
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

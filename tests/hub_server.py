@@ -1,12 +1,14 @@
 """A stand-in Hugging Face Hub for offline tests: the HTTP endpoints huggingface_hub 2.x and transformers call.
 
 Covers repo creation, branches, uploads (preupload, LFS "basic" batch transfer + PUT, NDJSON commits), repo info,
-tree listings and file downloads (resolve, with the X-Repo-Commit / ETag / X-Linked-* headers the client checks).
+tree listings and file downloads (resolve, with the X-Repo-Commit / ETag / X-Linked-* headers the client checks, and
+byte ranges, which `datasets` streaming reads parquet with).
 No Xet: the LFS batch answers "basic" only, so clients must run with HF_HUB_DISABLE_XET=1.
 Files live content-addressed (sha256) under `root/objects`; each commit is a full {path: sha256} snapshot.
 
     hub = FakeHub(tmp_path); hub.start()   # hub.url -> HF_ENDPOINT
     hub.files("model", "user/name")        # {path: bytes} at main
+    hub.add_repo("dataset", "user/corpus", {"data/train.parquet": b"..."})  # a repo to read, without a client
 
 By hand (e.g. to try push_to_hub.py): `python tests/hub_server.py --root /tmp/hub --port 8765`, then
 `HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1 HF_TOKEN=hf_anything python push_to_hub.py ...`.
@@ -28,6 +30,11 @@ PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".png", ".jpg", ".gif", ".npy", ".gguf", ".onnx")
 
 
+def stored_in_lfs(path: str, sample: bytes, size: int) -> bool:
+    """The Hub's rule, as the stand-in applies it: LFS for binary-looking, big or known-binary files."""
+    return path.endswith(LFS_SUFFIXES) or b"\0" in sample or size >= 10 * 2**20
+
+
 def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -44,6 +51,7 @@ class FakeHub:
         (self.root / "objects").mkdir(parents=True, exist_ok=True)
         self.repos: dict[tuple[str, str], dict] = {}  # (type, id) -> {private, sdk, branches, commits}
         self.requests: list[str] = []  # "METHOD /path", for assertions (e.g. no Xet endpoints were hit)
+        self.ranges: list[str] = []  # "path bytes=a-b" of each byte range served (206)
         self.refuse_repo_types: set[str] = set()  # creating these answers 403 (to test partial pushes)
         self.lock = threading.Lock()
         self.server = None
@@ -93,6 +101,15 @@ class FakeHub:
     def files(self, repo_type: str, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """What the repo holds at `revision`: {path: content}."""
         return {path: self.blob(entry["sha256"]) for path, entry in self.tree(repo_type, repo_id, revision).items()}
+
+    def add_repo(self, repo_type: str, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """Create a repo holding `files` ({path: content}) in one commit on main; return the commit id."""
+        repo = {"private": private, "sdk": "gradio" if repo_type == "space" else None, "branches": {}, "commits": {}}
+        with self.lock:
+            entries = {path: {"sha256": self.put_blob(data), "lfs": stored_in_lfs(path, data[:512], len(data))}
+                       for path, data in files.items()}
+            self.repos[(repo_type, repo_id)] = repo
+            return self.add_commit(repo, "main", "add files", entries)
 
     def commit_count(self, repo_type: str, repo_id: str) -> int:
         return len(self.repo(repo_type, repo_id)["commits"])
@@ -289,7 +306,7 @@ class HubHandler(BaseHTTPRequestHandler):
         answer = []
         for item in payload["files"]:
             sample = base64.b64decode(item["sample"])
-            lfs = item["path"].endswith(LFS_SUFFIXES) or b"\0" in sample or item["size"] >= 10 * 2**20
+            lfs = stored_in_lfs(item["path"], sample, item["size"])
             info = {"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False}
             if item["path"] in files:  # lets the client drop unchanged files from the commit
                 existing = files[item["path"]]
@@ -355,10 +372,26 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", f"{path} does not exist at {revision}") from None
         data = self.hub.blob(entry["sha256"])
         info = self.hub.entry_info(path, entry)
-        headers = {"X-Repo-Commit": oid, "ETag": f'"{info["oid"]}"', "Content-Type": "application/octet-stream"}
+        headers = {"X-Repo-Commit": oid, "ETag": f'"{info["oid"]}"', "Content-Type": "application/octet-stream",
+                   "Accept-Ranges": "bytes"}
         if entry["lfs"]:  # the client keys its cache on the LFS sha256, as on the real Hub
             headers |= {"X-Linked-Etag": f'"{entry["sha256"]}"', "X-Linked-Size": len(data)}
-        self.send(200, headers=headers, raw=data)
+        status, data = self.byte_range(data, headers)
+        self.send(status, headers=headers, raw=data)
+
+    def byte_range(self, data: bytes, headers: dict) -> tuple[int, bytes]:
+        """Honour a `Range: bytes=a-b` / `bytes=a-` / `bytes=-n` header as the Hub does: 206 with the slice."""
+        spec = self.headers.get("Range", "")
+        if not spec.startswith("bytes=") or "," in spec:
+            return 200, data
+        first, _, last = spec[len("bytes="):].partition("-")
+        start = len(data) - int(last) if not first else int(first)
+        end = len(data) - 1 if not first or not last else min(int(last), len(data) - 1)
+        if start >= len(data) or start > end:
+            raise HubError(416, None, f"Range {spec} not satisfiable for {len(data)} bytes")
+        headers["Content-Range"] = f"bytes {max(start, 0)}-{end}/{len(data)}"
+        self.hub.ranges.append(f"{urlsplit(self.path).path} {spec}")
+        return 206, data[max(start, 0) : end + 1]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -209,3 +210,30 @@ def test_bad_sources_are_refused_clearly(tmp_path, tiny_model_dir, capsys):
 
     assert_cli_refuses(["from-gpt2", tmp_path / "missing", tmp_path / "out"], "not a directory", capsys)
     assert_cli_refuses(["to-gpt2", tmp_path / "empty", tmp_path / "out"], "config.json", capsys)
+
+
+@pytest.mark.parametrize("direction, keep", [("from-gpt2", 0.5), ("to-gpt2", 0.0001)],
+                         ids=["from-gpt2-half", "to-gpt2-header-cut"])
+def test_truncated_weights_are_refused_naming_the_file_and_nothing_is_written(tmp_path, tiny_model_dir, direction,
+                                                                             keep):
+    src = tmp_path / "src"
+    if direction == "from-gpt2":
+        random_gpt2().save_pretrained(src)
+    else:
+        shutil.copytree(tiny_model_dir, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(4, int(len(data) * keep))])  # an interrupted copy or download
+    proc = run_cli(direction, src, tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"convert_gpt2.py: error: {weights} cannot be loaded (SafetensorError: "), err
+    assert "copy" in err and "Nothing was written." in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temp dir
+    # With --overwrite, an existing DST survives the refusal untouched.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    proc = run_cli(direction, src, tmp_path / "out", "--overwrite")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

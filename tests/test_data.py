@@ -1,5 +1,6 @@
-"""data.py: the split, input validation, the training stream (shuffle, ranks, exact resume, what it relies on in
-datasets), val windows, resolve_input, and memory that does not grow with the file size."""
+"""data.py: the split, input validation (and the fix it suggests for text that is not UTF-8), the training stream
+(shuffle, ranks, exact resume, what it relies on in datasets), val windows, resolve_input, and memory that does not
+grow with the file size. Directories, globs and datasets: test_sources.py."""
 
 import json
 import re
@@ -112,6 +113,51 @@ def test_truncated_final_character(tmp_path):
     path.write_bytes(b"hello " * 100 + "é".encode()[:1])
     with pytest.raises(data.InputError, match="byte offset 600 "):
         data.validate_input(path, BLOCK)
+
+
+QUESTION = "To be, or not to be, that is the question: — déjà vu.\n" * 40
+
+
+@pytest.mark.parametrize(
+    "encoding, says",
+    [
+        ("utf-16", r"is UTF-16 text, not UTF-8 \(it starts with a UTF-16 byte-order mark\).*`iconv -f UTF-16 -t UTF-8 "),
+        ("utf-16-be", r"is UTF-16 text, not UTF-8 \(NUL bytes at every even .*`iconv -f UTF-16BE -t UTF-8 "),
+        ("utf-32", r"is UTF-32 text, not UTF-8 \(it starts with a UTF-32 byte-order mark\).*`iconv -f UTF-32 -t UTF-8 "),
+    ],
+)
+def test_utf16_gets_the_utf16_fix_not_latin1(tmp_path, encoding, says):
+    # `iconv -f latin1` would "work" on these and train on NUL-riddled text (15.5 bits/char).
+    path = tmp_path / "wide.txt"
+    path.write_bytes(QUESTION.encode(encoding))
+    with pytest.raises(data.InputError, match=says) as err:
+        data.validate_input(path, BLOCK)
+    assert "latin1" not in str(err.value)
+
+
+def test_ascii_utf16_without_bom_is_refused_although_it_decodes_as_utf8(tmp_path):
+    path = tmp_path / "wide.txt"
+    path.write_bytes(("To be, or not to be, that is the question.\n" * 40).encode("utf-16-le"))
+    path.read_bytes().decode("utf-8")  # valid UTF-8: one NUL after every character
+    with pytest.raises(data.InputError, match=r"UTF-16 text.*NUL bytes at every odd byte offset.*iconv -f UTF-16LE"):
+        data.validate_input(path, BLOCK)
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("café, naïve, ½\n".encode("latin1"), r"iconv -f latin1 -t utf-8"),
+        ("“Quoted” – text\n".encode("cp1252"), r"Windows-1252 \(`iconv -f CP1252 -t UTF-8`\)"),
+        ("déjà vu\n".encode() * 100 + b"\xff\n", r"UTF-8 with damaged bytes.*iconv -f UTF-8 -t UTF-8 -c"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(200), r"NUL bytes: it is probably not a text file"),
+    ],
+)
+def test_not_utf8_hint_fits_the_bytes(tmp_path, content, says):
+    path = tmp_path / "in.txt"
+    path.write_bytes(content * 3)
+    with pytest.raises(data.InputError, match=r"not valid UTF-8: the first bad byte .*" + says) as err:
+        data.validate_input(path, BLOCK)
+    assert ("latin1" in str(err.value)) == ("latin1" in says)
 
 
 def test_too_short(tmp_path):

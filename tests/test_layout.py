@@ -7,13 +7,13 @@ from conftest import REPO
 
 # Each project module's step in the data flow; a module may import modules of its own step or earlier ones.
 FLOW = {
-    "corpus": 0,  # text
+    "corpus": 0, "dataset_source": 0,  # text (a file, files, a dataset's rows)
     "bpe": 1,  # tokens
     "data": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
     "training_loss": 3, "distributed": 3, "evaluation": 3, "optim": 3, "run_log": 3,
     "checkpoint": 4,  # checkpoint
-    "model_dir": 5, "model_card": 5, "train": 5, "convert_gpt2": 5,  # model dir
+    "model_dir": 5, "model_card": 5, "train": 5, "convert_gpt2": 5, "gguf_export": 5,  # model dir
     "quantize": 6,  # int8 dir
     "push_to_hub": 7,  # Hub
 }

@@ -174,6 +174,18 @@ def test_hub_card_of_an_untrained_fp32_model_alone():
     assert "int8" not in card.text and "huggingface.co/spaces" not in card.text and card.data.license is None
 
 
+def test_hub_card_lists_the_gguf_file_and_how_to_run_it_in_llama_cpp():
+    gguf = model_card.GgufFile(model_card.gguf_filename("alice/toygpt"), "Q8_0", 1_400_000)
+    assert gguf.filename == "toygpt-Q8_0.gguf"  # the Hub and llama.cpp's -hf REPO:Q8_0 read the type from the name
+    card = model_card.hub_card(Records(CONFIG, None, None, None, 12), "alice/toygpt", {"": FOLDERS[""]}, gguf=gguf)
+    assert headings(card) == ["## Architecture", "## Files and sizes", "## Usage",
+                              "## GGUF: llama.cpp, Ollama, LM Studio"]
+    text = card.text
+    assert "| GGUF Q8_0 (llama.cpp) | `toygpt-Q8_0.gguf` | 1.4 MB (0.28x fp32) | 1 | 1.4 MB |" in text
+    assert 'llama-completion -hf alice/toygpt:Q8_0 -no-cnv -p "ROMEO:"' in text
+    assert 'llama-completion -m toygpt-Q8_0.gguf' in text and "ollama run hf.co/alice/toygpt:Q8_0" in text
+
+
 @pytest.mark.parametrize("n, text", [(999, "999 B"), (1500, "1.5 kB"), (4_938_268, "4.9 MB"), (2.5e12, "2500.0 GB")])
 def test_human_size(n, text):
     assert model_card.human_size(n) == text

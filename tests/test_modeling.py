@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from conftest import run_python, small_config
-from modeling_toygpt import ToyGPTForCausalLM
+from modeling_toygpt import ToyGPTForCausalLM, build_attention_mask
 
 EOT = 50256
 
@@ -121,6 +121,91 @@ def test_kv_cache_generates_the_same_tokens_with_far_less_compute():
     assert cached_lengths == [16] + [1] * (new_tokens - 1)
     assert uncached_lengths == list(range(16, 16 + new_tokens))
     assert cached_flops < uncached_flops / 5
+
+
+def left_padded(prompts):
+    """(input_ids, attention_mask): `prompts` left-padded with <|endoftext|> to the longest."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), EOT)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = prompt
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+OFFLOADED = pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers offloads caches to a CUDA device")
+
+
+@pytest.mark.parametrize("cache_implementation", [
+    "dynamic", "static",
+    "sliding_window",  # deprecated name; a static cache for a model without sliding-window layers
+    pytest.param("offloaded", marks=OFFLOADED), pytest.param("offloaded_static", marks=OFFLOADED),
+])
+def test_every_cache_gives_gpt2s_greedy_tokens_padded_or_not(cache_implementation):
+    """Static caches get transformers' ready 4-D mask and hand back keys padded to their full length; every cache
+    gives GPT2LMHeadModel's greedy tokens (same weights), for one prompt and for a left-padded batch."""
+    from convert_gpt2 import toygpt_to_gpt2
+
+    device = "cuda" if cache_implementation.startswith("offloaded") else "cpu"
+    model = make_model(initializer_range=0.2).to(device)
+    gpt2 = toygpt_to_gpt2(model).to(device).eval()
+    torch.manual_seed(1)
+    input_ids, attention_mask = left_padded([torch.randint(0, EOT, (n,)) for n in (7, 3, 5)])
+    for ids, mask in [(input_ids[:1], None), (input_ids, attention_mask)]:
+        kwargs = dict(max_new_tokens=12, cache_implementation=cache_implementation)
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(device)
+        expected = greedy(gpt2, ids.to(device), **kwargs).tolist()
+        assert greedy(model, ids.to(device), **kwargs).tolist() == expected
+        assert greedy(model, ids.to(device), **{**kwargs, "cache_implementation": None}).tolist() == expected
+
+
+def test_static_cache_decode_step_never_reads_empty_slots():
+    """A static cache hands back all its slots; a one-token step, with no mask or a 2-D one, sees the filled ones only.
+    The empty slots hold large values here, so reading them would change the logits."""
+    from transformers import StaticCache
+
+    model = make_model()
+    ids = torch.randint(0, EOT, (1, 9))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits[:, -1]
+        for attention_mask in (None, torch.ones(1, 9, dtype=torch.long)):
+            cache = StaticCache(config=model.config, max_cache_len=32)
+            model(ids[:, :8], cache=cache)
+            for layer in cache.layers:
+                layer.keys[:, :, 8:] = layer.values[:, :, 8:] = 1e3
+            step = model(ids[:, 8:], cache=cache, attention_mask=attention_mask).logits[:, -1]
+            torch.testing.assert_close(step, expected, rtol=0, atol=1e-5)
+
+
+def test_ready_4d_masks_bool_or_additive_give_the_2d_masks_logits():
+    model = make_model()
+    torch.manual_seed(1)
+    input_ids, attention_mask = left_padded([torch.randint(0, EOT, (n,)) for n in (6, 2, 4)])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # a 4-D mask carries no positions
+    mask = build_attention_mask(attention_mask, T=6, P=0, S=6)  # (3, 1, 6, 6) bool
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)  # the eager-style mask
+    real = attention_mask.bool()
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask).logits[real]
+        for ready in (mask, additive):
+            logits = model(input_ids, attention_mask=ready, position_ids=position_ids).logits
+            torch.testing.assert_close(logits[real], expected, rtol=0, atol=1e-5)
+
+
+def test_build_attention_mask_hides_padding_the_future_and_empty_cache_slots():
+    # Two queries at positions 3 and 4 over a static cache of 6 slots (slot 5 still empty); row 0 starts with padding.
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    mask = build_attention_mask(attention_mask, T=2, P=3, S=6)
+    assert mask.shape == (2, 1, 2, 6)
+    assert mask[0, 0].int().tolist() == [[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert build_attention_mask(None, T=5, P=0, S=5) is None  # a fresh sequence: SDPA's is_causal
+    assert build_attention_mask(torch.ones(1, 6), T=1, P=5, S=6) is None  # one query over exactly its past
+    assert build_attention_mask(None, T=1, P=5, S=8)[0, 0].int().tolist() == [[1] * 6 + [0, 0]]  # not empty slots
+    ready = torch.ones(2, 1, 2, 6, dtype=torch.bool)
+    assert build_attention_mask(ready, T=2, P=3, S=6) is ready  # transformers' 4-D mask, as is
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -1,7 +1,9 @@
 """push_to_hub.py against a stand-in Hub (tests/hub_server.py): push, load back, serve the Space, clear errors."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -279,6 +281,28 @@ def test_dry_run_needs_no_token(capsys, tiny_model_dir, no_token, tmp_path):
     assert (tmp_path / "stage" / "space" / "model_id.txt").read_text().strip() == REPO_ID
 
 
+def test_dry_run_stages_a_q8_0_gguf_beside_the_weights_and_the_card_says_how_to_run_it(
+        capsys, tiny_model_dir, no_token, tmp_path):
+    import gguf
+
+    model_dir = tmp_path / "toygpt"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "old-export.gguf").write_bytes(b"GGUF stale")  # a dir's own GGUF files are not pushed
+    assert push_to_hub.main(["--model-dir", str(model_dir), "--repo-id", REPO_ID, "--dry-run",
+                             str(tmp_path / "stage")]) == 0
+    assert "GGUF file for llama.cpp: toygpt-test-Q8_0.gguf" in capsys.readouterr().out
+    stage = tmp_path / "stage" / "model"
+    assert sorted(p.name for p in stage.glob("*.gguf")) == ["toygpt-test-Q8_0.gguf"]
+    reader = gguf.GGUFReader(stage / "toygpt-test-Q8_0.gguf")
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    card = (stage / "README.md").read_text()
+    assert "| GGUF Q8_0 (llama.cpp) | `toygpt-test-Q8_0.gguf` |" in card
+    assert f"llama-completion -hf {REPO_ID}:Q8_0 -no-cnv" in card and f"ollama run hf.co/{REPO_ID}:Q8_0" in card
+    fp32_files = [p for p in stage.iterdir() if p.is_file() and p.suffix != ".gguf" and p.name != "README.md"]
+    assert re.search(rf"\| fp32 \| `/` \| [\d.]+ [kM]B \| {len(fp32_files)} \|", card)  # its row counts no GGUF file
+
+
 @pytest.mark.parametrize("repo_id", ["toygpt", "alice/toy/gpt", "alice/toy gpt", "alice/", "alice/toy--gpt"])
 def test_malformed_repo_id(capsys, tiny_model_dir, tmp_path, repo_id):
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", repo_id, "--dry-run", tmp_path / "s")
@@ -372,3 +396,94 @@ def test_partial_failure_says_what_was_pushed(tiny_model_dir, tmp_path):
     head = hub.repos[("model", REPO_ID)]["branches"]["main"]
     assert f"model repo {REPO_ID} pushed at commit {head}; not pushed: Space" in proc.stderr, proc.stderr
     assert ("space", SPACE_ID) not in hub.repos
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer that is pushed is the project's GPT-2 BPE
+
+
+def test_tokenizer_that_loads_but_is_not_the_bpe_is_refused_with_a_fix_that_works(capsys, tiny_model_dir, tmp_path):
+    """Without tokenizer.json, AutoTokenizer still loads: a 1-token tokenizer that encodes everything to []."""
+    model_dir = broken_copy(tiny_model_dir, tmp_path / "model", lambda d: (d / "tokenizer.json").unlink())
+    code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 2 and err.startswith(f"push_to_hub.py: error: --model-dir: the tokenizer in {model_dir} "), err
+    assert "is not the GPT-2 BPE: it encodes a sample text to 0 tokens" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+    # The fix the message names, run as it says (from the checkout), makes the same push go through.
+    fix = err.split("`")[1]
+    assert fix.startswith("python -c ") and "bpe.save_tokenizer" in fix
+    subprocess.run(["bash", "-c", f"{sys.executable} {fix.removeprefix('python ')}"], cwd=REPO, check=True)
+    code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "model" / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+@pytest.mark.slow  # needs the quantized dir
+def test_int8_dir_with_a_broken_tokenizer_is_refused(capsys, tiny_model_dir, int8_dir, tmp_path):
+    broken = broken_copy(int8_dir, tmp_path / "int8", lambda d: (d / "tokenizer.json").unlink())
+    code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--quantized-dir", broken, "--repo-id", REPO_ID,
+                         "--dry-run", tmp_path / "s")
+    assert code == 2 and err.startswith(f"push_to_hub.py: error: --quantized-dir: the tokenizer in {broken} "), err
+    assert "bpe.save_tokenizer" in err and not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nothing uploaded names a local path
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".py", ".yaml", ".yml")
+
+
+def local_path_hits(files: dict, paths) -> list:
+    return [(name, str(path)) for name, data in files.items() if name.endswith(TEXT_SUFFIXES)
+            for path in paths if str(path) in data.decode(errors="replace")]
+
+
+@pytest.mark.slow
+def test_pushed_files_name_no_local_path(hub, pushed, model_dir, int8_dir):
+    files = hub.files("model", REPO_ID) | {f"space/{k}": v for k, v in hub.files("space", SPACE_ID).items()}
+    assert local_path_hits(files, [model_dir, int8_dir, Path.home(), "/moved/input.txt"]) == []
+    # The recorded input (gone since training) by name, its hash unknown; root and int8/ alike.
+    for name in ("training_args.json", "int8/training_args.json"):
+        args = json.loads(files[name])
+        assert "input_path" not in args and args["input_name"] == "input.txt" and args["input_sha256"] is None
+        assert args["data_description"] == "tiny Shakespeare (test)"
+    assert "note: the training text /moved/input.txt no longer exists" in pushed["dry"]
+
+
+def test_training_args_name_the_input_by_file_name_and_sha256(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "al"))  # a prefix of the dirs below, not their parent
+    text = tmp_path / "alice" / "corpus.txt"
+    text.parent.mkdir()
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak. ünïcödé\n" * 100)
+    model_dir = tmp_path / "alice" / "out" / "toygpt"
+    shutil.copytree(tiny_model_dir, model_dir)
+    recorded = {**TRAINING_ARGS, "input": str(text), "input_path": str(text), "output_dir": str(model_dir)}
+    (model_dir / "training_args.json").write_text(json.dumps(recorded, indent=2))
+    code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--space-id", SPACE_ID,
+                         "--dry-run", tmp_path / "s")
+    assert code == 0, err
+    staged = tree_bytes(tmp_path / "s")
+    args = json.loads(staged["model/training_args.json"])
+    assert args["input_name"] == args["input"] == "corpus.txt" and args["output_dir"] == "toygpt"
+    assert args["input_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest() and "input_path" not in args
+    assert {k: v for k, v in args.items() if k not in ("input", "input_name", "input_sha256", "output_dir")} == \
+        {k: v for k, v in recorded.items() if k not in ("input", "input_path", "output_dir")}  # the rest as recorded
+    assert local_path_hits(staged, [tmp_path]) == []
+    assert (model_dir / "training_args.json").read_text() == json.dumps(recorded, indent=2)  # the source untouched
+
+
+@pytest.mark.parametrize(
+    "name, line, what",
+    [("notes.txt", "trained in {model_dir}/checkpoint", "the --model-dir path"),
+     ("metrics.jsonl", '{{"step": 1, "log": "{home}/runs/1.log"}}', "your home directory")],
+    ids=["model-dir-in-notes", "home-in-metrics"],
+)
+def test_a_local_path_left_in_a_file_refuses_the_push(capsys, tiny_model_dir, tmp_path, monkeypatch, name, line, what):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / name).write_text("first line\n" + line.format(model_dir=model_dir, home=tmp_path / "home") + "\n")
+    code, err = run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
+    assert code == 1 and err.startswith(f"push_to_hub.py: error: the staged model/{name} (from {model_dir / name})")
+    assert f"holds {what}" in err and "on line 2" in err and "nothing uploaded to the Hub may name a local path" in err
+    assert not (tmp_path / "s").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

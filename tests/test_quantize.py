@@ -309,8 +309,15 @@ def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "mine"
     code, err = run_main([tiny_model_dir, tiny_model_dir, "--overwrite"], capsys)
     assert code == 2 and "is SRC_DIR itself" in err
+    # --overwrite replaces only a model dir this project wrote: a dir of the user's files is refused, untouched.
+    code, err = run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)
+    assert code == 2 and "not a directory this project wrote" in err and "keep.txt" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)[0] == 0  # an empty OUT_DIR is fine
+    (out / "notes.txt").write_text("mine")  # the user's file inside an int8 dir survives its --overwrite
     assert run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)[0] == 0
-    assert not (out / "keep.txt").exists() and json.loads((out / "config.json").read_text())["quantization"]
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["quantization"]
 
 
 def test_corrupt_weights(tiny_model_dir, tmp_path, capsys):
@@ -360,14 +367,17 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, 
     def broken(directory, int8):
         raise RuntimeError("simulated failure after the files were written")
 
-    monkeypatch.setattr(quantize, "check_written", broken)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="simulated"):
-        quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"])
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(quantize, "check_written", broken)
+    shutil.rmtree(out)
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 1  # a message, no traceback
+    assert "simulated failure" in capsys.readouterr().err.splitlines()[-1]
     assert_nothing_written(out)
     out.mkdir()
-    (out / "keep.txt").write_text("mine")  # --overwrite: the old OUT survives a failed write untouched
-    with pytest.raises(RuntimeError, match="simulated"):
-        quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"])
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    for name, content in before.items():  # --overwrite: the old OUT survives a failed write untouched
+        (out / name).write_bytes(content)
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.*"))

@@ -2,12 +2,14 @@
 
 import inspect
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,39 @@ def test_out_of_range_inputs_are_rejected_clearly(client):
         generate(client, "ROMEO:", num_sequences=50)
 
 
+@pytest.mark.slow
+def test_api_needs_only_the_prompt_and_takes_the_uis_defaults(client):
+    *texts, status = client.predict("ROMEO:", api_name="/generate")
+    assert texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:") and texts[1:] == [""] * 4
+    assert re.search(r"last answer: \d+ tokens × 1 in .* · seed \d+", status), status  # one sequence, random seed
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in info if not p["parameter_has_default"]] == ["prompt"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in info if p["parameter_has_default"]}
+    assert defaults == {"max_new_tokens": CONTEXT // 2, "temperature": 0.8, "top_k": 50, "top_p": 1.0,
+                        "num_sequences": 1, "seed": ""}
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_api_clients_get_answers_or_queue_full_and_the_app_keeps_serving(app_url, client):
+    from gradio_client import Client
+
+    def ask(i):
+        try:
+            job = Client(app_url, verbose=False, download_files=False).submit(
+                f"ROMEO {i}:", max_new_tokens=8, seed=str(i), api_name="/generate")
+            return "answer", job.result(timeout=240)[0]
+        except Exception as err:  # gradio_client raises the app's refusal, e.g. "Queue is full"
+            return "refused", f"{type(err).__name__}: {err}"
+
+    with ThreadPoolExecutor(20) as pool:
+        results = [future.result(timeout=300) for future in [pool.submit(ask, i) for i in range(20)]]
+    for i, (kind, text) in enumerate(results):
+        assert (kind == "answer" and text.startswith(f"ROMEO {i}:")) or re.search("queue.*full", text, re.I), text
+    assert sum(kind == "answer" for kind, _ in results) >= 1
+    texts, status = generate(client, "ROMEO:")  # still serving
+    assert texts[0].startswith("ROMEO:") and "tokens/s" in status
+
+
 def test_generate_stream_clamps_out_of_range_values(tiny_model_dir):
     """Called directly (no slider checks in between), the generator clamps instead of failing."""
     code = f"""
@@ -241,3 +276,88 @@ def test_browser_types_a_prompt_and_sees_generated_text(app_url, tmp_path):
         target = REPO / os.environ["TOYGPT_SCREENSHOT_DIR"]  # relative paths are relative to the repo
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, target / "space.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model the app cannot serve: one `app.py: error:` line, exit 2 (bad setting) or 1 (run time), no traceback
+
+
+def run_app(cwd: Path, env: dict, app: Path = SPACE / "app.py") -> subprocess.CompletedProcess:
+    """`python app.py` expected to refuse to start: it must exit (not serve) well within the timeout."""
+    full = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "GRADIO_SERVER_PORT": str(free_port()), "HF_HOME": str(cwd / "hf-home"),
+            "HF_HUB_CACHE": str(cwd / "hf-home" / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+    for name in ("HF_TOKEN", "TOYGPT_MODEL", "TOYGPT_VARIANT", "TOYGPT_REVISION", "TRANSFORMERS_OFFLINE"):
+        full.pop(name, None)
+    return subprocess.run([sys.executable, str(app)], cwd=cwd, env={**full, **env}, capture_output=True, text=True,
+                          timeout=180)
+
+
+def assert_refused(proc, status: int, *messages: str) -> str:
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr
+    assert last.startswith("app.py: error: ") and all(m in last for m in messages), proc.stderr
+    return last
+
+
+@pytest.mark.parametrize(
+    "model, offline, status, messages",
+    [
+        # A typo'd directory is never taken for a repo id (no Hub is asked: none is reachable here).
+        ("out/toygpt-int9", "0", 2, ["TOYGPT_MODEL='out/toygpt-int9' names no directory: {cwd}/out/toygpt-int9 "
+                                     "does not exist", "make demo"]),
+        ("alice/toy gpt", "0", 2, ["TOYGPT_MODEL='alice/toy gpt' is neither an existing directory nor a valid Hub "
+                                   "repo id", "USER/NAME"]),
+        ("alice/toygpt", "1", 1, ["'alice/toygpt' is not in the local cache ({cwd}/hf-home/hub)", "HF_HUB_OFFLINE=1"]),
+        ("alice/toygpt", "0", 1, ["cannot reach the Hub at {endpoint} to load 'alice/toygpt' (ConnectError",
+                                  "HF_HUB_OFFLINE=1"]),
+    ],
+    ids=["typo-dir", "invalid-repo-id", "offline-not-cached", "hub-unreachable"],
+)
+def test_app_refuses_a_model_it_cannot_find(tmp_path, model, offline, status, messages):
+    (tmp_path / "out" / "toygpt-int8").mkdir(parents=True)
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_app(tmp_path, {"TOYGPT_MODEL": model, "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": endpoint})
+    assert_refused(proc, status, *(m.format(cwd=tmp_path, endpoint=endpoint) for m in messages))
+
+
+def test_app_refuses_a_hub_repo_that_does_not_exist(tmp_path):
+    from hub_server import FakeHub
+
+    hub = FakeHub(tmp_path / "hub")
+    hub.start()
+    try:
+        proc = run_app(tmp_path, {"TOYGPT_MODEL": "alice/toygtp", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"})
+    finally:
+        hub.stop()
+    assert_refused(proc, 2, f"there is no Hub model 'alice/toygtp' at {hub.url}", "HF_TOKEN", "./alice/toygtp")
+
+
+def test_app_refuses_a_model_id_txt_naming_no_directory(tmp_path):
+    """The pushed Space reads model_id.txt beside app.py; a relative dir there is relative to that file."""
+    space = tmp_path / "space"
+    space.mkdir()
+    shutil.copy(SPACE / "app.py", space / "app.py")
+    (space / "model_id.txt").write_text("../out/toygpt\n")
+    proc = run_app(tmp_path, {}, app=space / "app.py")
+    assert_refused(proc, 2, f"{space / 'model_id.txt'} (holding '../out/toygpt') names no directory")
+
+
+def test_load_model_says_what_is_wrong_with_a_local_path(tmp_path, monkeypatch, tiny_model_dir):
+    app = import_app()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(app.StartupError, match=r"could not load the model from .*empty.*re-create it") as err:
+        app.load_model(str(tmp_path / "empty"))
+    assert err.value.status == 2
+    with pytest.raises(app.StartupError, match="is a file, not a model directory"):
+        app.load_model(str(tiny_model_dir / "config.json"))
+    monkeypatch.chdir(tmp_path)
+    for typo in ("./toygpt", "toygpt/", "empty/toygpt", "a/b/c"):  # shapes no repo id has: never sent to the Hub
+        with pytest.raises(app.StartupError, match=f"the model '{typo}' names no directory: {tmp_path}/"):
+            app.load_model(typo)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TOYGPT_MODEL", "~/models/toygpt")
+    with pytest.raises(app.StartupError, match=f"names no directory: {tmp_path}/home/models/toygpt does not exist"):
+        app.default_model_id()
+    (tmp_path / "home" / "models" / "toygpt").mkdir(parents=True)
+    assert app.default_model_id() == str(tmp_path / "home" / "models" / "toygpt")  # ~ expanded for from_pretrained

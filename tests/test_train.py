@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -79,12 +80,14 @@ def train_module():
 
 def bad_inputs(tmp):
     (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "empty_dir").mkdir()
     good = "First Citizen:\nBefore we proceed any further, hear me speak.\n".encode() * 40 + b"caf"
     (tmp / "latin1.txt").write_bytes(good + "\xe9\n".encode("latin-1") + b"more text\n" * 100)
     (tmp / "short.txt").write_text("To be, or not to be.\n" * 3)
     return {
         "missing": (["--input", tmp / "nope.txt"], "nope.txt does not exist"),
-        "directory": (["--input", tmp], "not a regular file"),
+        # A directory of text files is an input (issue 11); one with nothing in it is not.
+        "directory": (["--input", tmp / "empty_dir"], "holds no files"),
         "empty": (["--input", tmp / "empty.txt"], "is empty"),
         "not_utf8": (["--input", tmp / "latin1.txt"],
                      f"not valid UTF-8: the first bad byte is at byte offset {len(good)} (0xe9)"),
@@ -101,6 +104,10 @@ BAD_FLAGS = {
     "dropout_one": (["--dropout", "1.0"], "dropout"),
     "zero_budget": (["--time-budget-min", "0"], "--time-budget-min must be positive"),
     "no_gpu": (["--device", "cuda"], "no CUDA GPU is available"),
+    # `nan < 0` is false: every float flag is checked for a finite value first.
+    **{f"{flag}_{value}": ([f"--{flag}", value], f"--{flag} must be a finite number, got {value}")
+       for flag, value in [("lr", "nan"), ("lr", "inf"), ("min-lr", "nan"), ("weight-decay", "inf"),
+                           ("grad-clip", "nan"), ("dropout", "nan"), ("time-budget-min", "inf")]},
 }
 
 
@@ -342,3 +349,134 @@ def test_two_process_ddp_over_gloo(tmp_path, text_file):
     model = ToyGPTForCausalLM.from_pretrained(out)
     ids = torch.tensor([[464, 3290, 318]])
     assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failures: a clear message and exit 1 or 2, never a traceback; nothing of the user's lost, no step lost
+
+
+def run_train_failing(*args, cwd=None, timeout=300, **env):
+    proc = subprocess.run(train_cmd(*args), cwd=cwd, env=train_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.returncode, proc.stderr.strip().splitlines()[-1]
+
+
+def test_overwrite_never_deletes_the_input_or_the_users_files(tmp_path, text_file):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "input.txt").write_text(text_file.read_text())
+    code, err = run_train_failing("--input", data_dir / "input.txt", "--output-dir", data_dir, "--overwrite", *TINY)
+    assert code == 2 and err.startswith("train.py: error:") and "contains the input" in err
+    code, err = run_train_failing("--input", "data/input.txt", "--output-dir", ".", "--overwrite", *TINY, cwd=tmp_path)
+    assert code == 2 and "is (or contains) the current directory" in err  # once failed at the swap, with EBUSY
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    code, err = run_train_failing("--input", data_dir / "input.txt", "--output-dir", notes, "--overwrite", *TINY)
+    assert code == 2 and "not a directory this project wrote" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "data", "data/input.txt", "notes", "notes/todo.txt"]
+
+
+def test_the_users_files_in_the_model_dir_survive_resume_and_overwrite(tmp_path, text_file):
+    out = tmp_path / "model"
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1)
+    (out / "int8").mkdir()
+    (out / "int8" / "config.json").write_text('{"model_type": "toygpt", "quantization": {}}')
+    (out / "int8" / "model.safetensors").write_bytes(b"an int8 copy")
+    (out / "notes.txt").write_text("mine")
+    resumed = run_train("--output-dir", out, "--resume", "--max-steps", 3)
+    assert "kept in" in resumed.stderr and "int8, notes.txt" in resumed.stderr
+    assert metrics(out)[-1]["step"] == 3
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1, "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "int8" / "model.safetensors").read_bytes()
+    assert metrics(out)[-1]["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp, lock or journal left beside it
+
+
+def test_resume_with_a_changed_architecture_names_the_flags(run_a, train_module, capsys):
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run_a.rglob("*"))
+    code = train_module.main(["--resume", "--output-dir", str(run_a), "--n-layer", "3", "--n-embd", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--n-layer 3 (the checkpoint has 2)" in err and "--n-embd 64 (the checkpoint has 32)" in err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run_a.rglob("*")) == before
+
+
+def test_resume_after_the_input_changed_is_refused(tmp_path, text_file):
+    text = tmp_path / "input.txt"
+    text.write_text(text_file.read_text())
+    out = tmp_path / "model"
+    run_train("--input", text, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1)
+    text.write_text(text_file.read_text().replace("the", "thee"))
+    code, err = run_train_failing("--output-dir", out, "--resume", "--max-steps", 4)
+    assert code == 2 and "has changed since the checkpoint" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, text_file):
+    out = tmp_path / "model"
+    cmd = train_cmd("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 100_000, "--eval-every", 100_000,
+                    "--checkpoint-every", 100_000)
+    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(metrics(out) if (out / "metrics.jsonl").exists() else []) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    step = int(re.search(r"interrupted by Ctrl-C at step (\d+)", last).group(1))
+    assert f"Continue with: python train.py --output-dir {out} --resume" in last
+    assert (out / "checkpoint" / f"step-{step:08d}" / "trainer_state.json").is_file()
+    resumed = run_train("--output-dir", out, "--resume", "--max-steps", step + 2)
+    assert f"at step {step}" in resumed.stderr and metrics(out)[-1]["step"] == step + 2
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_checkpoint(tmp_path, text_file):
+    out = tmp_path / "model"
+    code, err = run_train_failing("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 20,
+                                  "--warmup-steps", 0, "--lr", "1e30", "--min-lr", 0, "--checkpoint-every", 1)
+    assert code == 1 and "training diverged" in err and "lower --lr" in err
+    diverged_at = int(re.search(r"is nan at step (\d+)", err).group(1))
+    last_good = load_file(out / "checkpoint" / f"step-{diverged_at - 1:08d}" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in last_good.values())
+    assert not (out / "config.json").exists()  # no model dir from a diverged run
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file, train_module, monkeypatch):
+    def out_of_memory_in_the_final_eval(*args, **kwargs):
+        if args[3] > 1:  # the final eval reads FINAL_EVAL_BATCHES x --eval-batches
+            raise MemoryError("simulated")
+        return real(*args, **kwargs)
+
+    real = train_module.evaluate_and_log
+    monkeypatch.setattr(train_module, "evaluate_and_log", out_of_memory_in_the_final_eval)
+    out = tmp_path / "model"
+    with pytest.raises(MemoryError):
+        train_module.main(["--input", str(text_file), "--output-dir", str(out), *TINY, "--max-steps", "5",
+                           "--eval-batches", "1", "--checkpoint-every", "1000"])
+    assert (out / "checkpoint" / "step-00000005" / "trainer_state.json").is_file()
+
+
+def test_a_second_run_into_the_same_dir_is_refused_naming_the_first(tmp_path, text_file):
+    out = tmp_path / "model"
+    first = subprocess.Popen(train_cmd("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 100_000),
+                             env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        code, err = run_train_failing("--input", text_file, "--output-dir", out, *TINY, "--overwrite")
+        assert code == 2 and f"being written by another run (pid {first.pid}" in err
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_outputs_and_checkpoints_get_the_users_umask(run_a):
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [run_a, run_a / "checkpoint", *run_a.glob("checkpoint/step-*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask, path
+    for path in [run_a / "model.safetensors", *run_a.glob("checkpoint/step-*/*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

@@ -1,0 +1,148 @@
+"""GGUF export: a ToyGPT model dir -> one GGUF file of llama.cpp's GPT-2 architecture, tokenizer included.
+
+    python convert_gpt2.py to-gguf SRC OUT.gguf [--type f32|f16|q8_0]
+
+llama.cpp, Ollama and LM Studio run GPT-2 GGUF files, and transformers loads them (`gguf_file=`). ToyGPT is GPT-2
+(convert_gpt2.py), so the export renames tensors and writes GPT-2 metadata with the `gguf` package's GGUFWriter,
+llama.cpp's own Python writer. The tensor types follow llama.cpp's convert_hf_to_gguf.py: 1-D tensors (LayerNorms,
+biases) and the position embedding stay f32; the 2-D weights take the chosen type (q8_0 falls back to f16 for a
+matrix whose rows do not split into q8_0's 32-value blocks). The tied LM head is not stored: readers reuse token_embd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from model_dir import ModelDirError, check_model_dir
+from modeling_toygpt import ToyGPTForCausalLM
+
+MT, QT = gguf.MODEL_TENSOR, gguf.GGMLQuantizationType
+# ToyGPT module -> llama.cpp's GPT-2 tensor; block modules follow "transformer.h.{i}.".
+MODEL_TENSORS = {"transformer.wte": MT.TOKEN_EMBD, "transformer.wpe": MT.POS_EMBD, "transformer.ln_f": MT.OUTPUT_NORM,
+                 "lm_head": MT.OUTPUT}
+BLOCK_TENSORS = {"ln_1": MT.ATTN_NORM, "attn.c_attn": MT.ATTN_QKV, "attn.c_proj": MT.ATTN_OUT, "ln_2": MT.FFN_NORM,
+                 "mlp.c_fc": MT.FFN_UP, "mlp.c_proj": MT.FFN_DOWN}
+# --type -> (type of the 2-D weights, the file type recorded in general.file_type)
+GGUF_TYPES = {
+    "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QT.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+def gguf_name(name: str) -> str:
+    """'transformer.h.3.attn.c_attn.bias' -> 'blk.3.attn_qkv.bias' (llama.cpp's GPT-2 tensor names)."""
+    module, kind = name.rsplit(".", 1)
+    if module.startswith("transformer.h."):
+        block, sub = module[len("transformer.h."):].split(".", 1)
+        return f"{gguf.TENSOR_NAMES[BLOCK_TENSORS[sub]].format(bid=int(block))}.{kind}"
+    return f"{gguf.TENSOR_NAMES[MODEL_TENSORS[module]]}.{kind}"
+
+
+def model_tensors(model) -> dict[str, np.ndarray]:
+    """GGUF name -> fp32 array, for every parameter but a tied LM head."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # the same matrix as token_embd
+    tensors = {gguf_name(name): tensor.detach().float().cpu().numpy() for name, tensor in state.items()}
+    # bias=False: llama.cpp's GPT-2 requires every LayerNorm and Linear bias, and a zero bias is the same function.
+    for name, tensor in state.items():
+        if name.startswith(("transformer.h.", "transformer.ln_f.")) and name.endswith(".weight"):
+            tensors.setdefault(gguf_name(name[: -len("weight")] + "bias"), np.zeros(tensor.shape[0], np.float32))
+    return tensors
+
+
+def tensor_type(name: str, array: np.ndarray, matrix_type: QT) -> QT:
+    """llama.cpp's rule: f32 for 1-D tensors and the position embedding; f16 where q8_0's blocks do not fit a row."""
+    if array.ndim == 1 or name.startswith(gguf.TENSOR_NAMES[MT.POS_EMBD]):
+        return QT.F32
+    if matrix_type == QT.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[QT.Q8_0][0]:
+        return QT.F16
+    return matrix_type
+
+
+def tokenizer_metadata(src: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, their GGUF token types, BPE merges) from the dir's tokenizer.json (GPT-2 byte-level BPE)."""
+    spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = dict(spec["model"]["vocab"])
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+    by_id = {i: token for token, i in ids.items()}
+    if max(by_id) >= vocab_size:
+        raise ModelDirError(f"{src}/tokenizer.json has token id {max(by_id)}, beyond the model's vocab_size "
+                            f"{vocab_size}; re-create the directory with train.py.")
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # unused ids, as llama.cpp's converter names them
+    types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if by_id[i] in special
+             else gguf.TokenType.NORMAL for i in range(vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def write_gguf(model, src: Path, out: Path, out_type: str = "f32") -> None:
+    """Write `model` (a loaded fp32 ToyGPTForCausalLM) and the tokenizer of its dir `src` to the GGUF file `out`."""
+    matrix_type, file_type = GGUF_TYPES[out_type]
+    c = model.config
+    tokens, token_types, merges = tokenizer_metadata(src, c.vocab_size)
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+    writer.add_name(src.resolve().name)
+    writer.add_context_length(c.block_size)
+    writer.add_embedding_length(c.n_embd)
+    writer.add_feed_forward_length(4 * c.n_embd)
+    writer.add_block_count(c.n_layer)
+    writer.add_head_count(c.n_head)
+    writer.add_layer_norm_eps(c.layer_norm_epsilon)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizer regex in llama.cpp
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(c.bos_token_id)
+    writer.add_eos_token_id(c.eos_token_id)
+    writer.add_unk_token_id(c.eos_token_id)
+    writer.add_pad_token_id(c.eos_token_id)
+    writer.add_add_bos_token(False)  # GPT-2 prompts start with their first token, as in transformers
+    for name, array in model_tensors(model).items():
+        qtype = tensor_type(name, array, matrix_type)
+        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_gguf(src, out, out_type: str = "f32", overwrite: bool = False) -> Path:
+    """ToyGPT dir `src` -> GGUF file `out`, written beside it under a temporary name and renamed into place."""
+    src, out = Path(src), Path(out)
+    if out_type not in GGUF_TYPES:
+        raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {out_type!r}.")
+    config = check_model_dir(src)
+    if config.get("quantization") is not None:
+        raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; export the fp32 directory it came from "
+                            "(--type q8_0 gives llama.cpp's own 8-bit format).")
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite.")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a directory; create it first, or write OUT.gguf elsewhere.")
+    try:
+        model = ToyGPTForCausalLM.from_pretrained(src, dtype="float32").eval()
+    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
+        raise ModelDirError(
+            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
+            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
+        ) from None
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        write_gguf(model, src, tmp, out_type)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

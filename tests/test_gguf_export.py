@@ -1,0 +1,151 @@
+"""`convert_gpt2.py to-gguf`: a ToyGPT dir -> a GPT-2 GGUF file, checked by independent readers: the gguf package's
+reader (metadata, tensor types), transformers (`gguf_file=`: logits, tokenizer, greedy tokens) and, where
+llama-cpp-python is installed, llama.cpp itself (greedy tokens)."""
+
+import json
+import re
+import shutil
+
+import gguf
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import small_config
+from convert_gpt2 import main
+from model_dir import save_model_dir
+from modeling_toygpt import ToyGPTForCausalLM
+
+EOT = 50256
+TEXT = "ROMEO: Hello, my name is  Juliet!\n\nWhat's 3.14 <|endoftext|> ünïcödé 🚀"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved dir; the wide init spreads the random model's logits, so argmax never hinges on float rounding."""
+    torch.manual_seed(0)
+    return save_model_dir(ToyGPTForCausalLM(small_config(initializer_range=0.2)), tmp_path_factory.mktemp("g") / "m")
+
+
+@pytest.fixture(scope="module")
+def ggufs(model_dir, tmp_path_factory):
+    """{type: path} of the model exported with each --type, through the CLI, into a folder of GGUF files only."""
+    out = tmp_path_factory.mktemp("gguf")
+    for out_type in ("f32", "f16", "q8_0"):
+        assert main(["to-gguf", str(model_dir), str(out / f"toygpt-{out_type}.gguf"), "--type", out_type]) == 0
+    return {out_type: out / f"toygpt-{out_type}.gguf" for out_type in ("f32", "f16", "q8_0")}
+
+
+def load_gguf(path):
+    """transformers' GGUF loader. It reads context_length into `n_ctx`, which GPT2Config ignores (transformers 5.24),
+    so a context other than 1024 is set from it by hand."""
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    config.n_positions = config.n_ctx
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config).eval()
+
+
+def greedy(model, input_ids, new_tokens=32):
+    out = model.generate(input_ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=EOT)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+def test_gguf_holds_gpt2_metadata_tokenizer_and_llama_cpps_tensor_types(ggufs):
+    reader = gguf.GGUFReader(ggufs["q8_0"])
+
+    def field(key):
+        value = reader.fields[key]
+        return value.contents()
+
+    assert field("general.architecture") == "gpt2"
+    assert (field("gpt2.context_length"), field("gpt2.block_count"), field("gpt2.embedding_length")) == (64, 2, 32)
+    assert (field("gpt2.feed_forward_length"), field("gpt2.attention.head_count")) == (128, 2)
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 50257 and tokens[EOT] == "<|endoftext|>" and tokens[262] == "Ġthe"
+    assert field("tokenizer.ggml.merges")[0] == "Ġ t" and field("tokenizer.ggml.eos_token_id") == EOT
+
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in types  # tied: readers reuse token_embd
+    assert types["token_embd.weight"] == types["blk.1.attn_qkv.weight"] == types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert types["position_embd.weight"] == types["blk.0.attn_norm.weight"] == types["blk.0.attn_qkv.bias"] == "F32"
+    f16 = {t.name: t.tensor_type.name for t in gguf.GGUFReader(ggufs["f16"]).tensors}
+    assert f16["blk.0.ffn_up.weight"] == "F16" and f16["output_norm.bias"] == "F32"
+    assert ggufs["q8_0"].stat().st_size < ggufs["f16"].stat().st_size < ggufs["f32"].stat().st_size
+
+
+def test_transformers_loads_the_f32_gguf_with_toygpts_logits_and_tokenizer(model_dir, ggufs):
+    model = ToyGPTForCausalLM.from_pretrained(model_dir).eval()
+    loaded = load_gguf(ggufs["f32"])
+    assert type(loaded).__name__ == "GPT2LMHeadModel"
+    input_ids = torch.randint(0, EOT, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(ggufs["f32"].parent, gguf_file=ggufs["f32"].name)
+    expected = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)(TEXT)["input_ids"]
+    assert tokenizer(TEXT)["input_ids"] == expected and tokenizer.decode(expected) == TEXT
+
+
+def test_q8_0_gguf_picks_the_same_greedy_token_at_90_percent_of_positions(model_dir, ggufs):
+    """Next-token argmax at every position of random text (teacher-forced: on a random model, free-running
+    generation turns a first flip into a different continuation, which measures chaos, not quantization)."""
+    model = ToyGPTForCausalLM.from_pretrained(model_dir).eval()
+    loaded = load_gguf(ggufs["q8_0"])
+    input_ids = torch.randint(0, EOT, (8, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        agreement = (loaded(input_ids).logits.argmax(-1) == model(input_ids).logits.argmax(-1)).float().mean()
+    assert agreement >= 0.9, agreement
+
+
+def test_llama_cpp_generates_toygpts_greedy_tokens_from_the_f32_gguf(model_dir, ggufs):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed (`make install-llama-cpp`: it compiles llama.cpp)")
+    model = ToyGPTForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    llm = llama_cpp.Llama(model_path=str(ggufs["f32"]), n_ctx=64, n_threads=2, seed=0, verbose=False)
+    try:
+        for prompt in ("ROMEO:", "Hello, my name is"):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            assert llm.tokenize(prompt.encode(), add_bos=False) == prompt_ids
+            expected = greedy(model, torch.tensor([prompt_ids]), new_tokens=24)
+            generated = []
+            for token in llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                generated.append(token)
+                if len(generated) == len(expected):
+                    break
+            assert generated == expected, prompt
+    finally:
+        llm.close()
+
+
+def test_model_without_biases_exports_zero_biases(tmp_path):
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(bias=False, initializer_range=0.2)).eval()
+    save_model_dir(model, tmp_path / "m")
+    (tmp_path / "gguf").mkdir()
+    assert main(["to-gguf", str(tmp_path / "m"), str(tmp_path / "gguf" / "m.gguf")]) == 0  # default type f32
+    input_ids = torch.randint(0, EOT, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf(tmp_path / "gguf" / "m.gguf")(input_ids).logits, model(input_ids).logits,
+                                   rtol=0, atol=1e-4)
+
+
+def test_bad_input_is_refused_with_exit_2_and_nothing_written(model_dir, ggufs, tmp_path, capsys):
+    int8_dir = tmp_path / "int8"
+    shutil.copytree(model_dir, int8_dir)
+    config = json.loads((int8_dir / "config.json").read_text())
+    (int8_dir / "config.json").write_text(json.dumps({**config, "quantization": {"method": "int8"}}))
+    cases = [
+        (["to-gguf", str(int8_dir), str(tmp_path / "a.gguf")], "int8-quantized.*export the fp32 directory"),
+        (["to-gguf", str(model_dir), str(ggufs["f32"])], "already exists.*--overwrite"),
+        (["to-gguf", str(tmp_path / "missing"), str(tmp_path / "b.gguf")], "is not a directory"),
+        (["to-gguf", str(model_dir), str(tmp_path / "no" / "c.gguf")], "is not a directory; create it first"),
+        (["to-gguf", str(model_dir), str(tmp_path)], "is a directory; name the .gguf file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), argv
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-gpt2", str(model_dir), str(tmp_path / "d"), "--type", "q8_0"])
+    assert exit_info.value.code == 2 and "--type applies to to-gguf only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
