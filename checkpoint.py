@@ -36,23 +36,31 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def optimizer_to_files(optimizer, directory: Path) -> None:
-    state = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value.detach().cpu().contiguous()
-               for idx, per_param in state["state"].items() for key, value in per_param.items()}
+    """optimizer.safetensors (every per-parameter tensor, as "k.param.name" for the k-th optimizer of an
+    optim.Optimizers) and optimizer.json (their param groups)."""
+    tensors, groups = {}, []
+    for k, one in enumerate(getattr(optimizer, "optimizers", [optimizer])):
+        state = one.state_dict()
+        tensors.update({f"{k}.{idx}.{key}": value.detach().cpu().contiguous()
+                        for idx, per_param in state["state"].items() for key, value in per_param.items()})
+        groups.append(state["param_groups"])
     save_file(tensors, directory / "optimizer.safetensors")
-    (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}, indent=1))
+    (directory / "optimizer.json").write_text(json.dumps({"optimizers": groups}, indent=1))
 
 
 def optimizer_from_files(optimizer, directory: Path) -> None:
-    per_param: dict[int, dict] = {}
+    optimizers = getattr(optimizer, "optimizers", [optimizer])
+    per_param: list[dict[int, dict]] = [{} for _ in optimizers]
     for name, tensor in load_file(directory / "optimizer.safetensors").items():
-        idx, key = name.split(".", 1)
-        per_param.setdefault(int(idx), {})[key] = tensor
-    param_groups = json.loads((directory / "optimizer.json").read_text())["param_groups"]
-    for group in param_groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": per_param, "param_groups": param_groups})
+        k, idx, key = name.split(".", 2)
+        per_param[int(k)].setdefault(int(idx), {})[key] = tensor
+    groups = json.loads((directory / "optimizer.json").read_text())["optimizers"]
+    for one, state, param_groups in zip(optimizers, per_param, groups):
+        for group in param_groups:  # JSON made these tuples lists
+            for key in ("betas", "ns_coefficients"):
+                if key in group:
+                    group[key] = tuple(group[key])
+        one.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def rng_state() -> dict:

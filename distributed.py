@@ -74,6 +74,14 @@ class Processes:
         dist.broadcast(tensor, 0)
         return type(value)(tensor.item())
 
+    def from_main_object(self, obj):
+        """Rank 0's picklable `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
     def gather_objects(self, obj) -> list:
         """Every rank's picklable `obj`, in rank order."""
         if not self.distributed:

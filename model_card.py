@@ -171,7 +171,7 @@ def description(records: Records, int8: bool) -> list[str]:
         return [f"# ToyGPT ({size})\n\nA ToyGPT model packaged as transformers remote code "
                 "(`trust_remote_code=True`).", architecture(records)]
     return [
-        f"# ToyGPT ({args['preset']} preset, {size})\n\nA small GPT-2-style language model trained from scratch "
+        f"# ToyGPT ({args['preset']} preset, {size})\n\nA small GPT-2-style language model {origin(args)} "
         "with `train.py`, packaged as a transformers remote-code model (`trust_remote_code=True`).",
         architecture(records),
         f"## Training data\n\n{data_description(args)}. Training used the first 90% of the file by characters; "
@@ -179,6 +179,14 @@ def description(records: Records, int8: bool) -> list[str]:
         training(records.config, args, final),
         results(final),
     ]
+
+
+def origin(args: dict) -> str:
+    """How the training started: from scratch, or from the checkpoint train.py --init-from names (training_args.json)."""
+    if not args.get("init_from"):
+        return "trained from scratch"
+    commit = f" (commit {args['init_from_revision'][:12]})" if args.get("init_from_revision") else ""
+    return f"fine-tuned from `{args['init_from']}`{commit}"
 
 
 def data_description(args: dict) -> str:

@@ -1,33 +1,114 @@
-"""The optimizer and the learning-rate schedule train.py uses, and the fit of the schedule to a time budget."""
+"""The optimizers and the learning-rate schedule train.py uses, and the fit of the schedule to a time budget.
+
+--optimizer adamw: AdamW (betas 0.9/0.95) for everything. --optimizer muon: torch.optim.Muon for the blocks' weight
+matrices (its Newton-Schulz orthogonalised momentum, with `match_rms_adamw` so --lr means the same as for AdamW),
+AdamW for the embeddings (token, tied with the head, and position), LayerNorm gains and biases. The tied embedding
+has its own learning rate (--embedding-lr). Weight decay applies to matrices and embeddings, never to gains/biases.
+
+--schedule cosine: linear warmup, cosine decay to --min-lr. --schedule wsd: warmup, a stable phase at --lr, then a
+cosine decay to --min-lr over the last WSD_DECAY_FRACTION of the steps (transformers' get_wsd_schedule). Both are
+fitted to --time-budget-min the same way: the total step count is refitted, the schedule rebuilt at the current step.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+WSD_DECAY_FRACTION = 0.3  # the decay phase of --schedule wsd: this share of the (fitted) total steps, at the end
 
 
-def build_optimizer(model, args, device) -> torch.optim.AdamW:
-    """AdamW with betas (0.9, 0.95), decaying matrices (dim >= 2) only; fused kernels where the device has them."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied lm_head/wte weight appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+class Optimizers:
+    """Several torch optimizers over disjoint parameters, used as one (stepped, zeroed, scheduled, saved together)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def parameter_groups(model) -> dict[str, list]:
+    """The model's trainable parameters by role: block weight matrices, embeddings (the tied wte/lm_head appears
+    once), and gains/biases (1-D)."""
+    roles = {"matrices": [], "embeddings": [], "gains_biases": []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        role = "gains_biases" if p.dim() < 2 else "matrices" if ".h." in f".{name}" else "embeddings"
+        roles[role].append(p)
+    return roles
+
+
+def build_optimizer(model, args, device) -> Optimizers:
+    """--optimizer's optimizers over the model's parameters (see the module docstring); fused AdamW kernels where the
+    device has them."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+    roles = parameter_groups(model)
+    embedding_lr = getattr(args, "embedding_lr", None) or args.lr
+    adamw_groups = [
+        {"params": roles["embeddings"], "lr": embedding_lr, "weight_decay": args.weight_decay},
+        {"params": roles["gains_biases"], "lr": args.lr, "weight_decay": 0.0},
+    ]
     fused = device.type in _get_fused_kernels_supported_devices()
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    if getattr(args, "optimizer", "adamw") == "muon":
+        muon = torch.optim.Muon(roles["matrices"], lr=args.lr, weight_decay=args.weight_decay,
+                                adjust_lr_fn="match_rms_adamw")
+        return Optimizers(muon, torch.optim.AdamW(adamw_groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
+    matrices = {"params": roles["matrices"], "lr": args.lr, "weight_decay": args.weight_decay}
+    return Optimizers(torch.optim.AdamW([matrices, *adamw_groups], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                        fused=fused))
 
 
-def build_scheduler(optimizer, args, total_steps: int, step: int = 0):
-    """Linear warmup to --lr, cosine decay to --min-lr at total_steps; positioned at `step` (for refits/resume)."""
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=args.warmup_steps,
-        num_training_steps=max(total_steps, args.warmup_steps + 1),
-        min_lr=args.min_lr,
-        last_epoch=step - 1,
-    )
+class Schedule:
+    """One learning-rate scheduler per optimizer, all following the same curve."""
+
+    def __init__(self, schedulers: list):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def state_dict(self) -> list[dict]:
+        return [scheduler.state_dict() for scheduler in self.schedulers]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for scheduler, state in zip(self.schedulers, states):
+            scheduler.load_state_dict(state)
+
+
+def build_scheduler(optimizer, args, total_steps: int, step: int = 0) -> Schedule:
+    """--schedule's curve (each group relative to its own peak lr, ending at min_lr / lr of it) over total_steps,
+    positioned at `step` (for refits and resume)."""
+    total = max(total_steps, args.warmup_steps + 1)
+    min_ratio = args.min_lr / args.lr if args.lr else 0.0
+    schedulers = []
+    for one in getattr(optimizer, "optimizers", [optimizer]):
+        if getattr(args, "schedule", "cosine") == "wsd":
+            decay = max(1, int(WSD_DECAY_FRACTION * total))
+            schedulers.append(get_wsd_schedule(one, num_warmup_steps=args.warmup_steps, num_decay_steps=decay,
+                                               num_training_steps=total, min_lr_ratio=min_ratio,
+                                               decay_type="cosine", last_epoch=step - 1))
+        else:
+            schedulers.append(get_cosine_with_min_lr_schedule_with_warmup(
+                one, num_warmup_steps=args.warmup_steps, num_training_steps=total, min_lr_rate=min_ratio,
+                last_epoch=step - 1))
+    return Schedule(schedulers)
 
 
 def fit_total_steps(step: int, steps_timed: int, seconds_timed: float, seconds_left: float, max_steps: int) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import re
 import shutil
@@ -32,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 
 import bpe
 import model_card
+from dataset_source import file_sha256
 from gguf_export import export_gguf
 from model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
 from model_dir import ModelDirError, atomic_dir, check_model_dir
@@ -225,7 +225,7 @@ def stage_space(repo_id: str, space_id: str, out: Path) -> None:
     if readme.is_file():
         card = SpaceCard.load(readme)
     else:
-        card = SpaceCard(f"---\ntitle: ToyGPT\nsdk: gradio\napp_file: app.py\n---\n\n# ToyGPT demo\n")
+        card = SpaceCard("---\ntitle: ToyGPT\nsdk: gradio\napp_file: app.py\n---\n\n# ToyGPT demo\n")
     card.data.models = [repo_id]
     # The README's snippets name the model and Space as MODEL_ID / SPACE_ID; fill in the real ids.
     card.text = card.text.replace("MODEL_ID", json.dumps(repo_id)).replace("SPACE_ID", json.dumps(space_id))
@@ -249,18 +249,10 @@ def stage(args, out: Path) -> None:
 # No local paths: nothing uploaded may name a file on this machine
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:  # streamed: a training text can be larger than memory
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def publishable_training_args(staged: Path, source: Path) -> str | None:
     """Rewrite a staged training_args.json: `input_path` (absolute, local) becomes `input_name` + `input_sha256`,
-    and any other absolute path (--input, --output-dir as typed, data_source) its file name. Returns the input path if it no
-    longer exists (its hash is then unknown: null), else None."""
+    and any other absolute path (--input, --output-dir as typed, data_source) its file name. Returns the input path
+    if it no longer exists (its hash is then unknown: null), else None."""
     if not staged.is_file():
         return None
     try:

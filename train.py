@@ -1,18 +1,20 @@
-"""Train ToyGPT on a text file and write a complete, loadable model directory.
+"""Train ToyGPT on a text file (or files, or a dataset) and write a complete, loadable model directory.
 
     python train.py --preset tiny --time-budget-min 10 --input input.txt --output-dir out/toygpt
     torchrun --standalone --nproc_per_node 2 train.py --preset tiny --max-steps 500   # DistributedDataParallel
 
 The run streams the text through data.py (training on the first 90% of the file by characters, validating on the
-last 10%), trains with AdamW and a warmup + cosine schedule, evaluates periodically (val loss, perplexity, bits per
-character), writes resumable checkpoints to OUTPUT/checkpoint/ and finally swaps in OUTPUT atomically: the
-save_pretrained model directory, tokenizer, metrics.jsonl, training_args.json, loss_curve.png and a README.md card.
+last 10%), trains the corpus vocabulary where that is exact and saves time (corpus_vocab.py), with --optimizer
+(AdamW, or Muon for the blocks' matrices) and --schedule (warmup + cosine, or warmup-stable-decay), evaluates
+periodically (val loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and
+finally swaps in OUTPUT atomically: the save_pretrained model directory, tokenizer, metrics.jsonl,
+training_args.json, loss_curve.png and a README.md card. The command line and its checks live in train_args.py.
 
 --time-budget-min: the schedule is fitted to the wall clock. After the first FIT_STEPS optimizer steps (inside the
 warmup for the presets, so the learning rate does not jump) the total step count is set to
 `steps so far + remaining budget / seconds per step so far`, and refitted the same way after every periodic eval
 (the average then includes eval time and any change in CPU contention). Training stops when the budget is spent
-even if the estimate was optimistic; the final eval and save come after the budget.
+even if the estimate was optimistic; the final checkpoint, eval and save come after the budget.
 """
 
 from __future__ import annotations
@@ -41,222 +43,19 @@ import data
 import model_card
 from checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
                         save_checkpoint)
-from configuration_toygpt import PRESETS, ToyGPTConfig
+from corpus_vocab import CorpusVocab, choose
 from distributed import Processes
 from evaluation import autocast, evaluate
 from model_dir import OutputDir, OutputDirError, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
 from optim import build_optimizer, build_scheduler, fit_total_steps
 from run_log import MetricsLog, plot_loss_curve, read_metrics
+from train_args import TrainError, autocast_dtype, build_parser, model_config, prepare, start_output_dir
 from training_loss import CausalLMLoss
 
-# Training defaults per preset (the architecture lives in configuration_toygpt.PRESETS); every one has a flag.
-TRAINING_DEFAULTS = {
-    # tiny: tuned for 10 minutes on 2 CPU cores (bench/quality.py), where the run is step-bound: small batches
-    # (1024 tokens) give more optimizer steps; the final eval (4 x eval_batches x batch_size windows) covers the
-    # whole tiny Shakespeare validation split while each periodic eval stays a few seconds.
-    "tiny": dict(
-        batch_size=4, grad_accum=1, lr=2e-3, min_lr=2e-4, warmup_steps=20, max_steps=2000, weight_decay=0.1,
-        grad_clip=1.0, eval_every=100, eval_batches=9, checkpoint_every=200,
-    ),
-    "gpt2": dict(
-        batch_size=16, grad_accum=32, lr=6e-4, min_lr=6e-5, warmup_steps=700, max_steps=20000, weight_decay=0.1,
-        grad_clip=1.0, eval_every=500, eval_batches=40, checkpoint_every=1000,
-    ),
-}
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-FLOAT_FLAGS = ("lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget_min")
-# What --resume cannot change: the shapes of the checkpoint's tensors, and the data stream it continues.
-RESUME_FIXED_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "block_size", "seed", "input", "dataset",
-                      "dataset_config", "split", "text_column")
-# Recorded per run (training_args.json), recomputed on --resume rather than taken from the checkpoint.
-DATA_RECORDS = ("input_path", "input_sha256", "data_description", "data_source", "data_fingerprint")
 FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
 FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
 BATCH_HASH_ENV = "TOYGPT_LOG_BATCH_HASH"  # debug: each rank prints a hash of its first batch (DDP test)
-
-
-class TrainError(ValueError):
-    """A bad command line or output directory, reported before any work starts."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments and everything checked before any work
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add = p.add_argument
-    add("--input", help="training text: a UTF-8 text file, a directory or quoted glob of text files, or a directory of "
-        f"parquet/jsonl/csv/arrow files (default: {data.DEFAULT_INPUT} if present, else the default corpus)")
-    add("--dataset", help="a Hub dataset to stream instead of --input, as owner/name (HF_ENDPOINT, HF_TOKEN respected)")
-    add("--dataset-config", help="the dataset's config (subset), if it has several")
-    add("--split", help="dataset split to train on (default: train); held out: its 'validation' split, else a fixed "
-        "tenth of its rows")
-    add("--text-column", help="dataset column holding the text (default: text)")
-    add("--output-dir", default="out/toygpt", help="model directory to write (default: out/toygpt)")
-    add("--preset", choices=sorted(PRESETS), help="architecture + training defaults (default: tiny)")
-    # Architecture (None: the preset's value; on --resume the checkpoint's).
-    add("--n-layer", type=int)
-    add("--n-head", type=int)
-    add("--n-embd", type=int)
-    add("--block-size", type=int, help="context length in tokens")
-    add("--dropout", type=float)
-    # Optimisation.
-    add("--batch-size", type=int, help="windows per micro-batch, per process")
-    add("--grad-accum", type=int, help="micro-batches per optimizer step")
-    add("--lr", type=float, help="peak learning rate")
-    add("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    add("--warmup-steps", type=int)
-    add("--max-steps", type=int, help="optimizer steps (with --time-budget-min: an upper bound)")
-    add("--time-budget-min", type=float, help="wall-clock budget in minutes; the schedule is fitted to it")
-    add("--weight-decay", type=float, help="AdamW weight decay on matrices (dim >= 2) only")
-    add("--grad-clip", type=float, help="max gradient norm (0 disables clipping)")
-    add("--eval-every", type=int, help="optimizer steps between evals")
-    add("--eval-batches", type=int, help="validation batches per periodic eval")
-    add("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
-    add("--seed", type=int, default=None, help="makes CPU runs reproducible (default 1337)")
-    add("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
-    add("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-        help="autocast dtype; auto = bfloat16 on CUDA, float32 elsewhere")
-    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
-    add("--overwrite", action="store_true", help="replace an existing --output-dir")
-    add("--resume", action="store_true", help="continue from --output-dir/checkpoint (flags given override)")
-    return p
-
-
-def resolve_args(args: argparse.Namespace, saved: dict | None = None) -> argparse.Namespace:
-    """Fill every unset flag: from the resumed run's saved arguments, else the preset's defaults."""
-    resolved = vars(args).copy()
-    preset = (saved or {}).get("preset") or resolved["preset"] or "tiny"
-    defaults = {
-        **{k: PRESETS[preset][k] for k in MODEL_FLAGS},
-        **TRAINING_DEFAULTS[preset],
-        "seed": 1337, "device": "auto", "dtype": "auto", "compile": False, "input": None, "time_budget_min": None,
-        "dataset": None, "dataset_config": None, "split": "train", "text_column": "text",
-    }
-    for key, value in {**defaults, **(saved or {})}.items():
-        if resolved.get(key) is None:
-            resolved[key] = value
-    resolved["preset"] = preset
-    args = argparse.Namespace(**resolved)
-    for name in FLOAT_FLAGS:
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise TrainError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
-    positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every",
-                "eval_batches", "checkpoint_every")
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}.")
-    if args.min_lr > args.lr:
-        raise TrainError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr}).")
-    if args.time_budget_min is not None and args.time_budget_min <= 0:
-        raise TrainError(f"--time-budget-min must be positive, got {args.time_budget_min}.")
-    return args
-
-
-def model_config(args) -> ToyGPTConfig:
-    try:
-        return ToyGPTConfig.from_preset(args.preset, **{k: getattr(args, k) for k in MODEL_FLAGS})
-    except ValueError as err:
-        raise TrainError(str(err)) from err
-
-
-def check_device(device_arg: str) -> None:
-    """A --device this machine does not have is a command-line error, reported before any work."""
-    if device_arg == "auto":
-        return
-    try:
-        device = torch.device(device_arg)
-    except RuntimeError as err:
-        raise TrainError(f"--device {device_arg!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps.") \
-            from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {device_arg}: no CUDA GPU is available here; use --device cpu (or auto).")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TrainError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainError(f"--device {device_arg}: MPS is not available here; use --device cpu (or auto).")
-
-
-def autocast_dtype(dtype_arg: str, device: torch.device):
-    """The autocast dtype, or None for plain float32 (master weights are float32 either way)."""
-    if dtype_arg == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else None
-    return torch.bfloat16 if dtype_arg == "bfloat16" else None
-
-
-def check_resume_flags(args: argparse.Namespace, saved: dict) -> None:
-    """--resume continues the checkpoint's model and data: flags that would change them are refused, named."""
-    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved.get(name)})"
-               for name in RESUME_FIXED_FLAGS
-               if getattr(args, name, None) is not None and getattr(args, name) != saved.get(name)]
-    if changed:
-        raise TrainError(
-            f"--resume continues the checkpoint's run, which these flags would change: {'; '.join(changed)}. "
-            "Drop them to resume, or start a new run (another --output-dir, or --overwrite)."
-        )
-
-
-def prepare(args: argparse.Namespace):
-    """Claim --output-dir (lock, finish an interrupted save), resolve every flag (from the checkpoint on --resume) and
-    check flags, data and output: everything that can be wrong is reported here, before any work.
-
-    Returns the resolved args (with the data records of DATA_RECORDS), the checked data source, the checkpoint to
-    resume from or None, and the claimed output dir (locked on rank 0 until it is closed)."""
-    given_input = args.input or (data.DEFAULT_INPUT if data.DEFAULT_INPUT.is_file() else None)
-    output = OutputDir(args.output_dir, inputs=[given_input], replace=args.overwrite or args.resume,
-                       lock=os.environ.get("RANK", "0") == "0", log=lambda message: print(message, file=sys.stderr),
-                       exists_hint=", --resume to continue its checkpoint, or choose another --output-dir")
-    try:
-        resume_from, saved = None, {}
-        if args.resume:
-            resume_from = latest_checkpoint(output.path)
-            if resume_from is None:
-                raise TrainError(f"--resume: no checkpoint in {output.path / CHECKPOINT_DIR}; start the run without "
-                                 "--resume.")
-            saved = json.loads((resume_from / "trainer_state.json").read_text())["args"]
-            check_resume_flags(args, saved)
-        args = resolve_args(args, {k: v for k, v in saved.items() if k not in ("resume", "overwrite", *DATA_RECORDS)}
-                            if args.resume else None)
-        model_config(args)
-        check_device(args.device)
-        source, args.data_description = data.resolve_source(
-            input=args.input, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
-            text_column=args.text_column, block_size=args.block_size,
-            dataset_revision=saved.get("data_source", {}).get("dataset_revision"))  # a resumed run keeps its commit
-        args.data_source, args.data_fingerprint = source.spec(), source.fingerprint()
-        output.refuse_inputs([args.data_source.get("input")])
-        # quantize.py evaluates on the text a model was trained on, where that is one file
-        args.input_path = args.data_source["input"] if args.data_fingerprint["type"] == "file" else None
-        args.input_sha256 = args.data_fingerprint.get("sha256")
-        if args.resume and saved.get("data_fingerprint", args.data_fingerprint) != args.data_fingerprint:
-            raise TrainError(
-                f"--resume: the training data ({args.data_description}) has changed since the checkpoint was written, "
-                "and the checkpoint continues a stream over the old data. Restore it to resume, or start a new run on "
-                "the new data (another --output-dir, or --overwrite)."
-            )
-    except BaseException:
-        output.close()
-        raise
-    return args, source, resume_from, output
-
-
-def start_output_dir(output: OutputDir, resuming: bool) -> None:
-    """--overwrite drops the old run's checkpoints and metrics, but keeps its model files until the new model
-    directory is complete and swapped in atomically at the end."""
-    out_dir = output.path
-    if output.replaces and not resuming:
-        print(f"--overwrite: replacing the run in {out_dir}: its checkpoint and metrics now; its model files when the "
-              "new ones are complete.", file=sys.stderr, flush=True)
-        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,10 +104,9 @@ def restore_run(checkpoint_dir: Path, model, optimizer, stream, args, processes:
     return state, scheduler
 
 
-def train_step(step_model, optimizer, batches, args, processes: Processes, amp_dtype, state: RunState, lr) -> float:
-    """One optimizer step over --grad-accum micro-batches; returns the mean training loss (over every rank).
-
-    A loss that is not finite stops the run before the optimizer applies it: the last checkpoint stays good."""
+def forward_backward(step_model, batches, args, processes: Processes, amp_dtype) -> float:
+    """The gradients of one optimizer step over --grad-accum micro-batches; returns the mean training loss (over every
+    rank)."""
     loss_sum = torch.zeros((), device=processes.device)
     for micro in range(args.grad_accum):
         batch = next(batches).to(processes.device, non_blocking=True)  # (batch_size, block_size + 1)
@@ -321,20 +119,33 @@ def train_step(step_model, optimizer, batches, args, processes: Processes, amp_d
                 loss = step_model(batch[:, :-1], batch[:, 1:])
             (loss / args.grad_accum).backward()
         loss_sum += loss.detach()
-    train_loss = processes.all_reduce_sum(loss_sum).item() / args.grad_accum / processes.world_size
-    if not math.isfinite(train_loss):
-        checkpoints = Path(args.output_dir) / CHECKPOINT_DIR
-        kept = (f"The last good checkpoint, step {state.last_checkpoint_step}, is in {checkpoints}: resume it with a "
-                "lower learning rate (--resume --lr ...), or start again with a lower --lr."
-                if latest_checkpoint(Path(args.output_dir)) else "No checkpoint was written yet: start again with a "
-                "lower --lr.")
-        raise TrainFailed(f"the training loss is {train_loss} at step {state.step + 1} (learning rate {lr:.3g}): "
-                          f"training diverged; nothing of this step was applied. {kept}")
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(step_model.parameters(), args.grad_clip)
+    return processes.all_reduce_sum(loss_sum).item() / args.grad_accum / processes.world_size
+
+
+def refuse_non_finite(train_loss: float, state: RunState, lr: float, args) -> None:
+    """A loss that is not finite stops the run before the optimizer applies it: the last checkpoint stays good."""
+    if math.isfinite(train_loss):
+        return
+    checkpoints = Path(args.output_dir) / CHECKPOINT_DIR
+    kept = (f"The last good checkpoint, step {state.last_checkpoint_step}, is in {checkpoints}: resume it with a "
+            "lower learning rate (--resume --lr ...), or start again with a lower --lr."
+            if latest_checkpoint(Path(args.output_dir)) else "No checkpoint was written yet: start again with a lower "
+            "--lr.")
+    raise TrainFailed(f"the training loss is {train_loss} at step {state.step + 1} (learning rate {lr:.3g}): "
+                      f"training diverged; nothing of this step was applied. {kept}")
+
+
+def apply_gradients(loss_model, optimizer, grad_clip: float) -> None:
+    """Clip (by the full model's gradient norm, also with the corpus vocabulary), step, zero the gradients."""
+    params, vocab = [p for p in loss_model.parameters() if p.grad is not None], loss_model.vocab
+    if vocab is not None:
+        vocab.to_per_row_gradient(loss_model.model)
+    if grad_clip > 0:
+        norm = (vocab.grad_norm(loss_model.model, params) if vocab is not None
+                else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return train_loss
 
 
 def refit_due(state: RunState, args, budget_s: float | None) -> bool:
@@ -357,10 +168,14 @@ def refit_schedule(state: RunState, optimizer, scheduler, args, budget_s: float,
     return build_scheduler(optimizer, args, fitted, state.step)
 
 
-def checkpoint(out_dir: Path, model, optimizer, scheduler, state: RunState, args, stream, processes: Processes):
-    """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N."""
+def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, args, stream, processes: Processes):
+    """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N (the model being
+    trained: the compact one with the corpus vocabulary, whose ids the checkpoint records)."""
+    vocab = None if loss_model.vocab is None else loss_model.vocab.state_dict()
     trainer_state = {"step": state.step, "total_steps": state.total_steps, "budget_fitted": state.budget_fitted,
-                     "elapsed_s": state.elapsed(), "tokens_seen": state.tokens_seen, "args": vars(args)}
+                     "elapsed_s": state.elapsed(), "tokens_seen": state.tokens_seen, "args": vars(args),
+                     "vocab": vocab}
+    model = loss_model.model
     rank_state = {"stream": stream.state_dict(), "python_random": list(random.getstate())}
     rank_states, rank_rngs = processes.gather_objects(rank_state), processes.gather_objects(rng_state())
     if processes.is_main:
@@ -369,9 +184,10 @@ def checkpoint(out_dir: Path, model, optimizer, scheduler, state: RunState, args
     state.last_checkpoint_step = state.step
 
 
-def evaluate_and_log(loss_model, val, args, max_batches, amp_dtype, processes, metrics, step) -> dict:
+def evaluate_and_log(loss_model, val, args, max_batches, amp_dtype, processes, metrics, state: RunState) -> dict:
     result = evaluate(loss_model, val, args.batch_size, max_batches, amp_dtype, processes)
-    metrics.log({"step": step, **result})
+    metrics.log({"step": state.step, **result, "elapsed_s": state.elapsed()})
+    step = state.step
     if processes.is_main:
         tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
                    f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
@@ -422,11 +238,44 @@ def resume_command(args) -> str:
     return f"{launcher} --output-dir {args.output_dir} --resume"
 
 
-def build_run(args, source, resume_from, processes: Processes):
-    """The model, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`."""
+def corpus_vocabulary(args, source, resume_from, processes: Processes) -> CorpusVocab | None:
+    """--vocab's choice: the corpus vocabulary (the checkpoint's on --resume, else one pass over the training split on
+    rank 0, shared with every rank), or None for the full vocabulary."""
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("vocab")
+        return None if saved is None else CorpusVocab.from_state_dict(saved)
+    if args.vocab == "full":
+        return None
+    vocab_size = model_config(args).vocab_size
+    found = CorpusVocab.of_training_split(source, vocab_size) if processes.is_main else None
+    vocab = CorpusVocab.from_state_dict(processes.from_main_object(found and found[0].state_dict()))
+    if os.environ.get(BATCH_HASH_ENV):  # debug (DDP test): every rank holds the same ids
+        digest = hashlib.sha256(vocab.seen_ids.numpy().tobytes()).hexdigest()[:16]
+        print(f"rank {processes.rank} vocab sha256 {digest}", file=sys.stderr, flush=True)
+    use = choose(args.vocab, vocab.n_seen / vocab_size, fine_tuning=args.init_from is not None)
+    if processes.is_main:
+        trained = f"the corpus vocabulary, {vocab.n_seen + 1:,} rows" if use else "the full vocabulary"
+        print(f"vocab: the training split uses {vocab.n_seen:,} of the {vocab_size:,} token ids (one pass, "
+              f"{found[1]:.1f} s): training {trained}", file=sys.stderr, flush=True)
+    return vocab if use else None
+
+
+def build_run(args, source, resume_from, init_model, processes: Processes):
+    """The model, its loss, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`.
+
+    With the corpus vocabulary the model trained is the compact one (corpus_vocab.py); the full one is saved."""
+    vocab = corpus_vocabulary(args, source, resume_from, processes)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     random.seed(args.seed)
-    model = ToyGPTForCausalLM(model_config(args)).to(processes.device).train()
+    config = model_config(args)
+    if init_model is not None:  # --init-from: its fp32 weights, not a random init (always the full vocabulary)
+        model = init_model
+    else:
+        model = ToyGPTForCausalLM(config if vocab is None else vocab.compact_config(config))
+    if vocab is not None and resume_from is None:
+        vocab.init_compact(model)
+    model = model.to(processes.device).train()
+    loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
     optimizer = build_optimizer(model, args, processes.device)
     stream = data.TrainWindows(source, args.block_size, seed=args.seed, rank=processes.rank,
                                world_size=processes.world_size)
@@ -438,19 +287,19 @@ def build_run(args, source, resume_from, processes: Processes):
     else:
         torch.manual_seed(args.seed + processes.rank)  # dropout differs per rank
         state, scheduler = RunState(total_steps=args.max_steps), build_scheduler(optimizer, args, args.max_steps)
-    return model, optimizer, scheduler, stream, val, state
+    return loss_model, optimizer, scheduler, stream, val, state
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run training as configured by build_parser()'s namespace; return the final metrics (rank 0's view)."""
-    args, source, resume_from, output = prepare(args)
+    args, source, resume_from, init_model, output = prepare(args)
     try:
-        return run(args, source, resume_from, output)
+        return run(args, source, resume_from, init_model, output)
     finally:
         output.close()
 
 
-def run(args, source, resume_from: Path | None, output: OutputDir) -> dict:
+def run(args, source, resume_from: Path | None, init_model, output: OutputDir) -> dict:
     """The training loop, from the checked arguments to the written model directory."""
     processes = Processes.launch(args.device)
     device, amp_dtype, out_dir = processes.device, autocast_dtype(args.dtype, processes.device), output.path
@@ -460,11 +309,11 @@ def run(args, source, resume_from: Path | None, output: OutputDir) -> dict:
         print(f"data: {args.data_description}", file=sys.stderr, flush=True)
         start_output_dir(output, resuming=resume_from is not None)
     processes.barrier()
-    model, optimizer, scheduler, stream, val, state = build_run(args, source, resume_from, processes)
+    loss_model, optimizer, scheduler, stream, val, state = build_run(args, source, resume_from, init_model, processes)
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
     metrics.keep_until(state.step)
 
-    loss_model = CausalLMLoss(model)  # evals use it as is: their batches differ per rank, no gradient sync
+    # Evals use loss_model as is: their batches differ per rank, no gradient sync.
     step_model = torch.compile(loss_model) if args.compile else loss_model
     if processes.distributed:
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -480,7 +329,9 @@ def run(args, source, resume_from: Path | None, output: OutputDir) -> dict:
             if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
                 break  # Ctrl-C, or the budget is spent: final checkpoint (and eval and save) below
             step_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            state.train_loss = train_step(step_model, optimizer, batches, args, processes, amp_dtype, state, lr)
+            state.train_loss = forward_backward(step_model, batches, args, processes, amp_dtype)
+            refuse_non_finite(state.train_loss, state, lr, args)
+            apply_gradients(loss_model, optimizer, args.grad_clip)
             scheduler.step()
             state.step += 1
             state.tokens_seen += tokens_per_step
@@ -489,29 +340,32 @@ def run(args, source, resume_from: Path | None, output: OutputDir) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if state.step % args.eval_every == 0 and state.step < state.total_steps:
-                evaluate_and_log(loss_model, val, args, args.eval_batches, amp_dtype, processes, metrics, state.step)
+                evaluate_and_log(loss_model, val, args, args.eval_batches, amp_dtype, processes, metrics, state)
             if refit_due(state, args, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, args, budget_s, processes)
                 bar.total = state.total_steps
             if state.step % args.checkpoint_every == 0 and state.step < state.total_steps:
-                checkpoint(out_dir, model, optimizer, scheduler, state, args, stream, processes)
+                checkpoint(out_dir, loss_model, optimizer, scheduler, state, args, stream, processes)
     stream.close()
 
     elapsed = state.elapsed()
     if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
-        checkpoint(out_dir, model, optimizer, scheduler, state, args, stream, processes)
+        checkpoint(out_dir, loss_model, optimizer, scheduler, state, args, stream, processes)
     if stop.is_set():
         raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
                           f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(args)}")
     result = evaluate_and_log(loss_model, val, args, FINAL_EVAL_BATCHES * args.eval_batches, amp_dtype, processes,
-                              metrics, state.step)
-    final = finish(output, model, args, state, result, elapsed, processes, metrics)
+                              metrics, state)
+    final = finish(output, loss_model, args, state, result, elapsed, processes, metrics)
     processes.barrier()
     return final
 
 
-def finish(output: OutputDir, model, args, state: RunState, result: dict, elapsed: float, processes, metrics) -> dict:
-    """The final record; rank 0 logs it and writes the model directory."""
+def finish(output: OutputDir, loss_model, args, state: RunState, result: dict, elapsed: float, processes,
+           metrics) -> dict:
+    """The final record; rank 0 logs it and writes the model directory (the full-vocabulary model)."""
+    vocab = loss_model.vocab
+    model = loss_model.model if vocab is None else vocab.expand(loss_model.model, model_config(args))
     final = {
         "final": True, "step": state.step, "train_loss": state.train_loss, **result,
         "tokens_seen": state.tokens_seen, "elapsed_s": elapsed,

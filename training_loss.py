@@ -52,6 +52,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         loss_sum = torch.zeros((), dtype=acc, device=h.device)
+        if logit_offset is not None:  # corpus_vocab's: one nonzero column (u); add just the columns that need it
+            offset_columns = logit_offset.nonzero().squeeze(1)
+            offset_values = logit_offset[offset_columns].to(acc)
         with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
             w = weight.to(dtype)
             for start in range(0, h.size(0), chunk_rows):
@@ -61,7 +64,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 logits = (hc @ w.t()).to(acc)  # (n, V)
                 target_logit = logits.gather(1, t)
                 if logit_offset is not None:  # in the normaliser only (corpus_vocab: u counts once per unseen id)
-                    logits += logit_offset
+                    logits[:, offset_columns] += offset_values
                 top = logits.amax(dim=1, keepdim=True)
                 logits.sub_(top).exp_()
                 total = logits.sum(dim=1, keepdim=True)
@@ -73,7 +76,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 logits.scatter_add_(1, t, -row_scale)  # - onehot * scale
                 g = logits.to(dtype)
                 if need_h:
-                    grad_h[start:start + chunk_rows] = g @ w
+                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
                 if need_w:
                     if g.dtype == acc:
                         grad_w.addmm_(g.t(), hc)

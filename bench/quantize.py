@@ -175,7 +175,7 @@ def main(argv=None):
         big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads)
         if big:
             s, r, t = big["sizes"], big["rss"], big["rate"]
-            print(f"\n124M gpt2 preset (random weights):")
+            print("\n124M gpt2 preset (random weights):")
             print(f"  model.safetensors           fp32 {s['fp32'] / 1e6:8.1f} MB   int8 {s['int8'] / 1e6:8.1f} MB")
             growth = {k: v["peak_mb"] - v["before_mb"] for k, v in r.items()}
             print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"

@@ -50,7 +50,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert state["step"] == 3 and state["rank_state"] == rank_states[0]
     for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), name
-    for key, value in optimizer.state_dict()["state"][0].items():
-        assert torch.equal(value, fresh_opt.state_dict()["state"][0][key]), key
+    for one, fresh_one in zip(optimizer.optimizers, fresh_opt.optimizers):
+        for key, value in one.state_dict()["state"][0].items():
+            assert torch.equal(value, fresh_one.state_dict()["state"][0][key]), key
     with pytest.raises(checkpoint.CheckpointError, match="same number"):
         checkpoint.load_checkpoint(good, fresh, fresh_opt, rank=0, world_size=2)

@@ -11,9 +11,10 @@ FLOW = {
     "bpe": 1,  # tokens
     "data": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
-    "training_loss": 3, "distributed": 3, "evaluation": 3, "optim": 3, "run_log": 3,
+    "training_loss": 3, "distributed": 3, "evaluation": 3, "optim": 3, "run_log": 3, "corpus_vocab": 3,
     "checkpoint": 4,  # checkpoint
-    "model_dir": 5, "model_card": 5, "train": 5, "convert_gpt2": 5, "gguf_export": 5,  # model dir
+    "model_dir": 5, "model_card": 5, "train": 5, "train_args": 5,  # model dir
+    "convert_gpt2": 5, "gguf_export": 5, "init_from": 5,
     "quantize": 6,  # int8 dir
     "push_to_hub": 7,  # Hub
 }

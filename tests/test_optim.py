@@ -10,7 +10,7 @@ import optim
 
 
 def scheduled_lrs(total_steps, **overrides):
-    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, **overrides})
+    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine", **overrides})
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=args.lr)
     scheduler = optim.build_scheduler(optimizer, args, total_steps)
     lrs = []
@@ -46,3 +46,32 @@ def test_fit_total_steps():
     assert fit(10, 10, 5.0, 60.0, 10_000) == 130
     assert fit(10, 10, 5.0, 60.0, 50) == 50  # capped by --max-steps
     assert fit(10, 10, 5.0, -3.0, 10_000) == 11  # budget already spent: end the schedule now
+
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_over_its_last_fraction():
+    lrs, after = scheduled_lrs(100, schedule="wsd")
+    decay_start = 100 - int(optim.WSD_DECAY_FRACTION * 100)
+    assert lrs[:11] == pytest.approx([1e-3 * (0.1 + 0.9 * i / 10) for i in range(11)], abs=1e-12)  # from min_lr
+    assert lrs[10:decay_start + 1] == pytest.approx([1e-3] * (decay_start - 9), rel=1e-12)  # stable at --lr
+    assert all(a > b for a, b in zip(lrs[decay_start:], lrs[decay_start + 1:]))  # then a cosine decay
+    assert after == pytest.approx(1e-4)
+
+
+def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr():
+    from conftest import small_config
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    model = ToyGPTForCausalLM(small_config())
+    args = argparse.Namespace(lr=1e-3, embedding_lr=5e-3, weight_decay=0.1, optimizer="muon")
+    muon, adamw = optim.build_optimizer(model, args, torch.device("cpu")).optimizers
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
+        n for n, p in model.named_parameters() if ".h." in n and p.dim() == 2}
+    embeddings, gains_biases = adamw.param_groups
+    assert {names[id(p)] for p in embeddings["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert embeddings["lr"] == 5e-3 and embeddings["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in gains_biases["params"]) and gains_biases["weight_decay"] == 0.0
+    every = [id(p) for group in muon.param_groups + adamw.param_groups for p in group["params"]]
+    assert sorted(every) == sorted({id(p) for p in model.parameters()})  # each parameter once (wte tied)

@@ -28,8 +28,9 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32
 # Run A of the resume test and the run whose output directory the other tests inspect. Dropout is on so that the
 # RNG state has to survive the resume too; eval and checkpoint cadence do not change the trajectory.
 STEPS = 24
+# The tiny preset's Muon with the cosine schedule, whose curve the schedule tests check step by step.
 RUN = TINY + ["--max-steps", str(STEPS), "--warmup-steps", "4", "--lr", "3e-3", "--min-lr", "3e-4", "--dropout", "0.1",
-              "--eval-every", "8", "--eval-batches", "2", "--seed", "7"]
+              "--eval-every", "8", "--eval-batches", "2", "--seed", "7", "--schedule", "cosine"]
 
 
 def train_cmd(*args):
@@ -175,7 +176,7 @@ def test_run_logs_the_schedule(run_a, train_module):
 def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, train_module):
     budget_s = 6.0
     out = tmp_path / "model"
-    run_train("--input", text_file, "--output-dir", out, *TINY, "--time-budget-min", budget_s / 60,
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--schedule", "cosine", "--time-budget-min", budget_s / 60,
               "--max-steps", 100_000, "--warmup-steps", 2, "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", 10_000,
               "--eval-batches", 1, "--checkpoint-every", 10_000)
     records = metrics(out)
@@ -338,6 +339,8 @@ def test_two_process_ddp_over_gloo(tmp_path, text_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     hashes = dict(re.findall(r"rank (\d) first batch sha256 ([0-9a-f]+)", proc.stderr))
     assert set(hashes) == {"0", "1"} and hashes["0"] != hashes["1"], proc.stderr[-3000:]
+    vocabs = dict(re.findall(r"rank (\d) vocab sha256 ([0-9a-f]+)", proc.stderr))  # rank 0's pass, shared
+    assert set(vocabs) == {"0", "1"} and vocabs["0"] == vocabs["1"], proc.stderr[-3000:]
 
     final = metrics(out)[-1]
     assert final["world_size"] == 2 and final["step"] == 4 and final["tokens_seen"] == 4 * 4 * 32 * 2
@@ -480,3 +483,41 @@ def test_outputs_and_checkpoints_get_the_users_umask(run_a):
         assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask, path
     for path in [run_a / "model.safetensors", *run_a.glob("checkpoint/step-*/*")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The corpus vocabulary (corpus_vocab.py): the compact run saves the full model, with the numbers it reported
+
+
+def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
+    """run_a trained the corpus vocabulary (its 48k training characters use a few thousand ids); the model dir holds
+    the full 50257-row model, whose own validation loss over the same windows is the final eval's."""
+    from evaluation import evaluate
+    from modeling_toygpt import ToyGPTForCausalLM
+    from training_loss import CausalLMLoss
+
+    import data
+
+    state = json.loads(next((run_a / "checkpoint").glob("step-*/trainer_state.json")).read_text())
+    n_seen = len(state["vocab"]["seen_ids"])
+    assert 0 < n_seen < 50257 / 2  # the checkpoint trained (and resumes) the compact model
+    model = ToyGPTForCausalLM.from_pretrained(run_a)
+    assert model.config.vocab_size == 50257 and model.transformer.wte.weight.shape == (50257, 32)
+    final = metrics(run_a)[-1]
+    val = data.val_windows(text_file, 32, max_windows=4 * 2 * 4)  # FINAL_EVAL_BATCHES x --eval-batches x batch
+    result = evaluate(CausalLMLoss(model), val, batch_size=4)
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert result["val_bits_per_char"] == pytest.approx(final["val_bits_per_char"], rel=1e-5)
+
+
+def test_vocab_full_trains_every_row(tmp_path, text_file):
+    out = tmp_path / "model"
+    proc = run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1,
+                     "--vocab", "full")
+    assert "vocab:" not in proc.stderr  # no pass over the data: nothing to choose
+    state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
+    assert state["vocab"] is None
+    proc = run_train("--input", text_file, "--output-dir", tmp_path / "auto", *TINY, "--max-steps", 2,
+                     "--eval-batches", 1)
+    assert re.search(r"vocab: the training split uses [\d,]+ of the 50,257 token ids \(one pass, [\d.]+ s\): "
+                     r"training the corpus vocabulary", proc.stderr), proc.stderr[-2000:]
