@@ -4,8 +4,9 @@ Weights of every Linear and of the tied token embedding / lm_head become int8 wi
 activations are quantized at run time (no calibration data). OUT_DIR is a complete model directory (safetensors
 only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(OUT_DIR,
 trust_remote_code=True)` loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) go to
-OUT_DIR/quantization_report.json, beside SRC's training records; model_card.py renders README.md from them. Quantizing (fp32 rows -> int8 rows + scales) happens here; the int8 modules and kernels a loaded
-model runs on live in int8_toygpt.py, which travels with the model beside modeling_toygpt.py.
+OUT_DIR/quantization_report.json, beside SRC's training records; model_card.py renders README.md from them.
+Quantizing (fp32 rows -> int8 rows + scales) happens here; the int8 modules and kernels a loaded model runs on live
+in int8_toygpt.py, which travels with the model beside modeling_toygpt.py.
 """
 
 from __future__ import annotations
