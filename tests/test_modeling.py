@@ -73,17 +73,24 @@ def test_labels_loss_is_shifted_cross_entropy_ignoring_minus_100():
     torch.testing.assert_close(no_cache.logits, out.logits)
 
 
-def test_left_padded_batch_generation_matches_one_prompt_at_a_time():
-    # A wider init spreads the random model's logits, so argmax never hinges on float rounding.
-    model = make_model(initializer_range=0.2)
-    torch.manual_seed(1)
-    prompts = [torch.randint(0, EOT, (n,)) for n in (7, 3, 5)]
+def left_padded(prompts):
+    """(input_ids, attention_mask): `prompts` left-padded with <|endoftext|> to the longest."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), EOT)
     attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt):] = prompt
         attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def test_left_padded_batch_generation_matches_one_prompt_at_a_time():
+    # A wider init spreads the random model's logits, so argmax never hinges on float rounding.
+    model = make_model(initializer_range=0.2)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, EOT, (n,)) for n in (7, 3, 5)]
+    input_ids, attention_mask = left_padded(prompts)
+    width = input_ids.shape[1]
 
     batched = greedy(model, input_ids, attention_mask=attention_mask, max_new_tokens=10)
     for row, prompt in enumerate(prompts):
@@ -121,17 +128,6 @@ def test_kv_cache_generates_the_same_tokens_with_far_less_compute():
     assert cached_lengths == [16] + [1] * (new_tokens - 1)
     assert uncached_lengths == list(range(16, 16 + new_tokens))
     assert cached_flops < uncached_flops / 5
-
-
-def left_padded(prompts):
-    """(input_ids, attention_mask): `prompts` left-padded with <|endoftext|> to the longest."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), EOT)
-    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = prompt
-        attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
 
 
 OFFLOADED = pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers offloads caches to a CUDA device")
