@@ -15,11 +15,12 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from file_modes import make_temp_dir
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -85,10 +86,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, trainer_state: d
     for stale in root.glob(".tmp-*"):  # what a run killed mid-write or mid-delete left
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{trainer_state['step']:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700: a checkpoint gets the user's umask like other files
+    tmp = make_temp_dir(root, ".tmp-")
     try:
         model.config.to_json_file(tmp / "config.json")
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head/wte weight

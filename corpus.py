@@ -18,6 +18,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from file_modes import umask_mode
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINY_SHAKESPEARE_CHARS = 1_115_394
@@ -40,10 +42,8 @@ def is_offline() -> bool:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600: the cached corpus gets the user's umask like any file
+        os.fchmod(fd, umask_mode(0o666))  # mkstemp makes it 0600: the cached corpus gets the user's umask like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

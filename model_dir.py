@@ -34,13 +34,13 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from transformers import GenerationConfig
 
 import bpe
+from file_modes import give_umask, make_temp_dir
 
 MODEL_TYPES = ("toygpt", "gpt2")  # what this project writes: ToyGPT dirs, and GPT-2 dirs (convert_gpt2.py to-gpt2)
 
@@ -79,28 +79,6 @@ def is_project_model_dir(path: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         pass
     return any((path / "checkpoint").glob("step-*/trainer_state.json"))
-
-
-def umask_mode(mode: int = 0o777) -> int:
-    """`mode` as the user's umask lets them have it (tempfile creates 0700 dirs and 0600 files)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def _give_umask(tree: Path) -> None:
-    """Files and dirs of a tree we wrote get the user's umask (libraries that write through a temp file, such as
-    save_pretrained's safetensors, leave 0600)."""
-    for path in [tree, *tree.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, umask_mode(0o777 if path.is_dir() else 0o666))
-
-
-def make_temp_dir(parent: Path, prefix: str) -> Path:
-    """tempfile.mkdtemp with the permissions of any directory the user creates."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(path, umask_mode())
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +262,7 @@ class OutputDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _give_umask(tmp)
+        give_umask(tmp)
         kept = _swap(self.path, tmp)
         stale = [name for name in kept if is_project_model_dir(self.path / name)]
         if kept:

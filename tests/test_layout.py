@@ -8,6 +8,7 @@ from conftest import REPO
 # Each project module's step in the data flow; a module may import modules of its own step or earlier ones.
 FLOW = {
     "corpus": 0, "dataset_source": 0,  # text (a file, files, a dataset's rows)
+    "file_modes": 0,  # the user's umask for what any step writes
     "bpe": 1,  # tokens
     "data": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
