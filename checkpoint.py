@@ -115,9 +115,15 @@ def _discard(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def read_trainer_state(directory: Path) -> dict:
+    """A checkpoint's trainer_state.json: step, schedule, budget, the run's args, its corpus vocabulary, every rank's
+    stream position."""
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
 def load_checkpoint(directory: Path, model, optimizer, rank: int, world_size: int) -> dict:
     """Restore weights and optimizer in place; return trainer_state with this rank's `rank_state` and `rank_rng`."""
-    state = json.loads((directory / "trainer_state.json").read_text())
+    state = read_trainer_state(directory)
     if len(state["ranks"]) != world_size:
         raise CheckpointError(
             f"{directory} was written by {len(state['ranks'])} process(es); resume it with the same number "

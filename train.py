@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 import data
 import model_card
-from checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, rng_state,
-                        save_checkpoint)
+from checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
+                        restore_rng, rng_state, save_checkpoint)
 from corpus_vocab import CorpusVocab, choose
 from distributed import Processes
 from evaluation import autocast, evaluate
@@ -242,7 +242,7 @@ def corpus_vocabulary(args, source, resume_from, processes: Processes) -> Corpus
     """--vocab's choice: the corpus vocabulary (the checkpoint's on --resume, else one pass over the training split on
     rank 0, shared with every rank), or None for the full vocabulary."""
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text()).get("vocab")
+        saved = read_trainer_state(resume_from).get("vocab")
         return None if saved is None else CorpusVocab.from_state_dict(saved)
     if args.vocab == "full":
         return None

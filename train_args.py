@@ -9,7 +9,6 @@ the run needs. Everything that can be wrong with a command line is reported from
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ import torch
 
 import data
 import init_from
-from checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from configuration_toygpt import PRESETS, ToyGPTConfig
 from corpus_vocab import VOCAB_MODES
 from model_dir import OutputDir
@@ -238,7 +237,7 @@ def prepare(args: argparse.Namespace):
             if resume_from is None:
                 raise TrainError(f"--resume: no checkpoint in {output.path / CHECKPOINT_DIR}; start the run without "
                                  "--resume.")
-            saved = json.loads((resume_from / "trainer_state.json").read_text())["args"]
+            saved = read_trainer_state(resume_from)["args"]
             check_resume_flags(args, saved)
         # --init-from: its architecture before the preset fills the rest; on --resume the checkpoint holds the weights
         start = find_start(args) if args.init_from is not None and not args.resume else None
