@@ -57,6 +57,7 @@ from __future__ import annotations
 import bisect
 import functools
 import glob
+import hashlib
 import itertools
 import math
 import queue
@@ -71,7 +72,7 @@ import torch
 
 import bpe
 import corpus
-from dataset_source import DatasetError, DatasetSource, file_sha256, is_dataset_dir, visible_files
+from dataset_source import DatasetError, DatasetSource, is_dataset_dir, visible_files
 
 DEFAULT_INPUT = Path("input.txt")
 VAL_FRACTION = 0.1
@@ -102,6 +103,7 @@ class TextSplit(NamedTuple):
     n_chars: int
     train_chars: int  # int(n_chars * 0.9): the train part is text[:train_chars]
     boundary_byte: int  # byte offset of text[train_chars]: train = bytes[:boundary_byte], val = the rest
+    sha256: str  # of the file's bytes (dataset_source.file_sha256's digest), hashed while scanning
 
 
 def _complete_prefix(data: bytes) -> int:
@@ -150,12 +152,14 @@ def _not_utf8_fix(data: bytes, bad: int, seen_non_ascii: bool) -> str:
     return "Save the file as UTF-8 text (e.g. `iconv -f latin1 -t utf-8`)."
 
 
-def _decoded_chunks(path: Path) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) for the whole file, chunk by chunk; InputError at the first invalid UTF-8 byte."""
+def _decoded_chunks(path: Path, digest) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) for the whole file, chunk by chunk, every byte read fed to `digest`; InputError at the
+    first invalid UTF-8 byte."""
     offset, carry, seen_non_ascii = 0, b"", False
     with open(path, "rb") as f:
         while True:
             data = f.read(SCAN_CHUNK)
+            digest.update(data)
             if offset == 0 and not carry and (fix := _utf16_fix(path, data[:4096])):
                 raise InputError(fix)
             data, at_end = carry + data, not data
@@ -185,8 +189,8 @@ def _scan(key: tuple[str, int, int]) -> TextSplit:
     path = Path(key[0])
     # Pass 1 validates and counts characters; we keep one (offset, chars) pair per 1 MiB chunk (8 KB per GB)
     # so that pass 2 only has to re-read the chunk holding the boundary.
-    chunks, n_chars = [], 0
-    for offset, text in _decoded_chunks(path):
+    chunks, n_chars, digest = [], 0, hashlib.sha256()
+    for offset, text in _decoded_chunks(path, digest):
         chunks.append((offset, n_chars))
         n_chars += len(text)
     train_chars = int(n_chars * (1 - VAL_FRACTION))
@@ -198,7 +202,7 @@ def _scan(key: tuple[str, int, int]) -> TextSplit:
                 text = f.read(nxt[0] - offset).decode("utf-8")
             boundary_byte = offset + len(text[: train_chars - chars_before].encode("utf-8"))
             break
-    return TextSplit(key[1], n_chars, train_chars, boundary_byte)
+    return TextSplit(key[1], n_chars, train_chars, boundary_byte, digest.hexdigest())
 
 
 def split_text(path: str | Path) -> TextSplit:
@@ -295,12 +299,18 @@ def _tokenize_rows(batch: dict) -> dict:
     return {"ids": [ids] if ids else []}
 
 
+def _shard_sizes(total: int, world_size: int) -> tuple[int, float, int]:
+    """(n_shards, step, scan) for cutting `total` bytes into a multiple of world_size shards of 64 KiB - 4 MiB: cut
+    near each i * step, at the first clean cut within `scan` bytes."""
+    shard_bytes = min(max(total // 256, MIN_SHARD_BYTES), MAX_SHARD_BYTES)
+    n_shards = max(1, math.ceil(total / (shard_bytes * world_size))) * world_size
+    step = total / n_shards
+    return n_shards, step, min(int(step) // 2, 1 << 16)  # scan < step, so the cuts increase
+
+
 def _shard_ranges(path: Path, end: int, world_size: int) -> list[tuple[int, int]]:
     """Cut bytes [0, end) into a multiple of world_size shards of 64 KiB - 4 MiB, each ending at a clean cut."""
-    shard_bytes = min(max(end // 256, MIN_SHARD_BYTES), MAX_SHARD_BYTES)
-    n_shards = max(1, math.ceil(end / (shard_bytes * world_size))) * world_size
-    step = end / n_shards
-    scan = min(int(step) // 2, 1 << 16)  # < step, so the cuts increase
+    n_shards, step, scan = _shard_sizes(end, world_size)
     with open(path, "rb") as f:
         cuts = [0] + [_clean_cut_after(f, int(i * step), end, scan) for i in range(1, n_shards)] + [end]
     return list(zip(cuts[:-1], cuts[1:]))
@@ -311,11 +321,7 @@ def _text_file_shards(paths: list[Path], ends: list[int], world_size: int) -> li
     shards sized like _shard_ranges': tuples of (file index, start, end, ends the file's train part) segments, cut
     at clean cuts (a cut in a file never moves past that file's train part)."""
     starts = list(itertools.accumulate(ends, initial=0))  # offset of each file's train part in the virtual text
-    total = starts[-1]
-    shard_bytes = min(max(total // 256, MIN_SHARD_BYTES), MAX_SHARD_BYTES)
-    n_shards = max(1, math.ceil(total / (shard_bytes * world_size))) * world_size
-    step = total / n_shards
-    scan = min(int(step) // 2, 1 << 16)  # < step, so the cuts increase
+    n_shards, step, scan = _shard_sizes(starts[-1], world_size)
     cuts = [(0, 0)]
     for i in range(1, n_shards):
         at = int(i * step)
@@ -334,14 +340,19 @@ def _text_file_shards(paths: list[Path], ends: list[int], world_size: int) -> li
 # Sources: what to train on and what to hold out (dataset_source.py has the datasets ones)
 
 
-def _count_tokens(path: Path, start: int, end: int, needed: int) -> int:
-    """Tokens in bytes [start, end), counting only until `needed` is reached."""
+def _count_until(id_pieces, needed: int) -> int:
+    """Tokens in pieces of token ids, counting (and drawing pieces) only until `needed` is reached."""
     count = 0
-    for text in _pieces(str(path), start, end):
-        count += len(bpe.encode(text))
+    for ids in id_pieces:
+        count += len(ids)
         if count >= needed:
             break
     return count
+
+
+def _count_tokens(path: Path, start: int, end: int, needed: int) -> int:
+    """Tokens in bytes [start, end), counting only until `needed` is reached."""
+    return _count_until((bpe.encode(text) for text in _pieces(str(path), start, end)), needed)
 
 
 def validate_input(path: str | Path, block_size: int) -> TextSplit:
@@ -374,14 +385,8 @@ def validate_input(path: str | Path, block_size: int) -> TextSplit:
 def _check_long_enough(source, block_size: int) -> None:
     """InputError unless the source's training text and held-out text each give block_size+1 tokens (streamed until
     they do)."""
-    needed, counts = block_size + 1, []
-    for pieces in (train_token_pieces(source), _val_token_pieces(source)):
-        count = 0
-        for ids in pieces:
-            count += len(ids)
-            if count >= needed:
-                break
-        counts.append(count)
+    needed = block_size + 1
+    counts = [_count_until(pieces, needed) for pieces in (train_token_pieces(source), _val_token_pieces(source))]
     if min(counts) < needed:
         raise InputError(
             f"{source.describe()} is too short for block_size={block_size}: its training text gives {counts[0]} "
@@ -401,21 +406,25 @@ class TextFile:
         self.path = Path(path)
         self.description = description or self.path.name
 
+    @functools.cached_property
+    def split(self) -> TextSplit:
+        return split_text(self.path)  # one split for this object's life
+
     def describe(self) -> str:
         return self.description
 
     def fingerprint(self) -> dict:
-        return {"type": "file", "size": self.path.stat().st_size, "sha256": file_sha256(self.path)}  # not its name
+        return {"type": "file", "size": self.split.n_bytes, "sha256": self.split.sha256}  # not its name
 
     def spec(self) -> dict:
         return {"input": str(self.path.resolve())}
 
     def stream_identity(self, shards: list) -> dict:
         """What TrainWindows' state records of the source (keys other than "path" must match on resume)."""
-        return {"path": str(self.path), "n_bytes": split_text(self.path).n_bytes}
+        return {"path": str(self.path), "n_bytes": self.split.n_bytes}
 
     def train_shards(self, world_size: int) -> list[tuple[int, int]]:
-        return _shard_ranges(self.path, split_text(self.path).boundary_byte, world_size)
+        return _shard_ranges(self.path, self.split.boundary_byte, world_size)
 
     def train_examples(self, shards: list[tuple[int, int]]):
         from datasets import IterableDataset
@@ -431,8 +440,7 @@ class TextFile:
         return IterableDataset(ExamplesIterable(_generate_pieces, {"path": str(self.path), "shards": shards}))
 
     def val_texts(self) -> Iterator[tuple[str, bool]]:
-        split = split_text(self.path)
-        for text in _pieces(str(self.path), split.boundary_byte, split.n_bytes):
+        for text in _pieces(str(self.path), self.split.boundary_byte, self.split.n_bytes):
             yield text, False
 
 
@@ -457,8 +465,8 @@ class TextFiles:
         return f"{self.shown} ({len(self.paths)} text file{'s' * (len(self.paths) != 1)})"
 
     def fingerprint(self) -> dict:
-        files = [{"name": name, "size": split.n_bytes, "sha256": file_sha256(path)}
-                 for name, path, split in zip(self.names, self.paths, self.splits)]
+        files = [{"name": name, "size": split.n_bytes, "sha256": split.sha256}
+                 for name, split in zip(self.names, self.splits)]
         return {"type": "text_files", "files": files}
 
     def spec(self) -> dict:
@@ -747,9 +755,10 @@ class TrainWindows:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        identity = [key for key in self.source.stream_identity(self.shards) if key not in ("path", "source")]
-        for key in (*identity, "block_size", "seed", "rank", "world_size", "shuffle_buffer"):
+        identity = self.source.stream_identity(self.shards)
+        settings = ("block_size", "seed", "rank", "world_size", "shuffle_buffer")  # state_dict's, from attributes
+        mine = {**identity, **{key: getattr(self, key) for key in settings}}
+        for key in (*[key for key in identity if key not in ("path", "source")], *settings):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"Cannot resume the data stream: {key} was {state.get(key)} in the checkpoint but is {mine[key]} "
