@@ -19,8 +19,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import bpe
 from configuration_toygpt import ToyGPTConfig
-from gguf_export import GGUF_TYPES, export_gguf
-from model_dir import ModelDirError, atomic_dir, check_model_dir, save_model_dir
+from gguf_export import GGUF_TYPES, check_fp32_dir, export_gguf, load_fp32_model
+from model_dir import ModelDirError, atomic_dir, save_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
 # GPT-2's Conv1D weights: [in, out], the transpose of nn.Linear's [out, in].
@@ -160,17 +160,9 @@ def convert_from_gpt2(src, dst, overwrite: bool = False) -> Path:
 def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
     """ToyGPT directory -> GPT2LMHeadModel directory with the GPT-2 tokenizer; loads without trust_remote_code."""
     src, dst = Path(src), Path(dst)
-    config = check_model_dir(src)
-    if config.get("quantization") is not None:
-        raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; convert the fp32 directory it came from.")
+    check_fp32_dir(src, "convert the fp32 directory it came from.")
     _check_destination(src, dst, overwrite)
-    try:
-        toygpt = ToyGPTForCausalLM.from_pretrained(src)
-    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
-        raise ModelDirError(
-            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
-            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
-        ) from None
+    toygpt = load_fp32_model(src)
     gpt2 = toygpt_to_gpt2(toygpt)
     gpt2.generation_config = toygpt.generation_config  # keep the shipped sampling defaults
     with atomic_dir(dst, overwrite=overwrite, inputs=[src], flag="DST") as tmp:

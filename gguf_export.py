@@ -117,28 +117,38 @@ def write_gguf(model, src: Path, out: Path, out_type: str = "f32") -> None:
     writer.close()
 
 
+def check_fp32_dir(src: Path, refusal: str) -> None:
+    """ModelDirError unless `src` is an fp32 ToyGPT dir; for an int8 one, `refusal` says what to do instead."""
+    config = check_model_dir(src)
+    if config.get("quantization") is not None:
+        raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; {refusal}")
+
+
+def load_fp32_model(src: Path, **load_kwargs) -> ToyGPTForCausalLM:
+    """The model of the checked fp32 dir `src` (check_fp32_dir), in eval mode; ModelDirError saying which file and what
+    to do if it does not load."""
+    try:
+        return ToyGPTForCausalLM.from_pretrained(src, **load_kwargs).eval()
+    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
+        raise ModelDirError(
+            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
+            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
+        ) from None
+
+
 def export_gguf(src, out, out_type: str = "f32", overwrite: bool = False) -> Path:
     """ToyGPT dir `src` -> GGUF file `out`, written beside it under a temporary name and renamed into place."""
     src, out = Path(src), Path(out)
     if out_type not in GGUF_TYPES:
         raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {out_type!r}.")
-    config = check_model_dir(src)
-    if config.get("quantization") is not None:
-        raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; export the fp32 directory it came from "
-                            "(--type q8_0 gives llama.cpp's own 8-bit format).")
+    check_fp32_dir(src, "export the fp32 directory it came from (--type q8_0 gives llama.cpp's own 8-bit format).")
     if out.is_dir():
         raise FileExistsError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}.")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite.")
     if not out.parent.is_dir():
         raise ValueError(f"{out.parent} is not a directory; create it first, or write OUT.gguf elsewhere.")
-    try:
-        model = ToyGPTForCausalLM.from_pretrained(src, dtype="float32").eval()
-    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
-        raise ModelDirError(
-            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
-            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
-        ) from None
+    model = load_fp32_model(src, dtype="float32")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         write_gguf(model, src, tmp, out_type)
