@@ -32,7 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 import bpe
 import model_card
 from dataset_source import file_sha256
-from gguf_export import export_gguf
+from gguf_export import write_gguf
 from model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
 from model_dir import ModelDirError, atomic_dir, check_model_dir
 
@@ -88,8 +88,9 @@ def require_token() -> str:
     return token
 
 
-def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
-    """ModelDirError checks + remote-code and tokenizer files present + model and tokenizer load with every weight."""
+def check_loadable(directory: Path, flag: str, quantized: bool):
+    """ModelDirError checks + remote-code and tokenizer files present + model and tokenizer load with every weight.
+    Returns the loaded model (the fp32 one is what the staged GGUF file is written from)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
@@ -106,7 +107,8 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
         )
     logging.disable_progress_bar()
     try:  # exactly what a user of the Hub repo runs; a failure here means the Hub copy would not load either
-        _, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True,
+                                                           output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
     except Exception as err:
         raise UsageError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
@@ -122,7 +124,7 @@ def check_loadable(directory: Path, flag: str, quantized: bool) -> dict:
         raise UsageError(f"{flag}: {directory} holds fp32 weights; pass the int8 dir written by quantize.py.")
     if not quantized and config.get("quantization"):
         raise UsageError(f"{flag}: {directory} holds int8 weights; pass it as --quantized-dir and the fp32 dir here.")
-    return config
+    return model
 
 
 def check_tokenizer(tokenizer, directory: Path, flag: str, config: dict) -> None:
@@ -193,9 +195,11 @@ def folder_sizes(stage: Path) -> dict[str, FolderSizes]:
             for name, files in groups.items()}
 
 
-def stage_model(model_dir: Path, repo_id: str, out: Path, quantized_dir: Path | None, space_id: str | None) -> None:
+def stage_model(model_dir: Path, repo_id: str, out: Path, quantized_dir: Path | None, space_id: str | None,
+                model) -> None:
     """Both model dirs, their cards rendered from the records they hold, with load snippets naming the Hub repo;
-    training_args.json names the training text by file name and sha256 instead of its local path."""
+    training_args.json names the training text by file name and sha256 instead of its local path. The GGUF file is
+    written from `model`, the fp32 model check_loadable loaded from model_dir."""
     copy_tree(model_dir, out, skip=("README.md",))
     int8 = None
     if quantized_dir is not None:
@@ -206,10 +210,12 @@ def stage_model(model_dir: Path, repo_id: str, out: Path, quantized_dir: Path | 
     if quantized_dir is not None:
         gone.add(publishable_training_args(out / INT8_SUBFOLDER / TRAINING_ARGS, quantized_dir / TRAINING_ARGS))
         model_card.dir_card(int8, repo_id, INT8_SUBFOLDER).save(str(out / INT8_SUBFOLDER / "README.md"))
-    for path in sorted(gone - {None}):
+    for path, recorded in sorted(gone - {None}):
+        hash_note = "its recorded input_sha256" if recorded else "input_sha256 null (hash unknown)"
         print(f"note: the training text {path} no longer exists; the pushed {TRAINING_ARGS} names it as "
-              f"{Path(path).name!r} with input_sha256 null (hash unknown).")
-    gguf = export_gguf(model_dir, out / gguf_filename(repo_id), GGUF_TYPE)
+              f"{Path(path).name!r} with {hash_note}.")
+    gguf = out / gguf_filename(repo_id)
+    write_gguf(model, model_dir, gguf, GGUF_TYPE)
     gguf = GgufFile(gguf.name, GGUF_TYPE.upper(), file_size(gguf))
     card = model_card.hub_card(root, repo_id, folder_sizes(out), int8, space_id, gguf)
     card.save(str(out / "README.md"))
@@ -237,9 +243,9 @@ def is_stage_dir(path: Path) -> bool:
     return path.is_dir() and {p.name for p in path.iterdir()} <= {"model", "space"}
 
 
-def stage(args, out: Path) -> None:
+def stage(args, out: Path, model) -> None:
     quantized_dir = Path(args.quantized_dir) if args.quantized_dir else None
-    stage_model(Path(args.model_dir), args.repo_id, out / "model", quantized_dir, args.space_id)
+    stage_model(Path(args.model_dir), args.repo_id, out / "model", quantized_dir, args.space_id, model)
     if args.space_id:
         stage_space(args.repo_id, args.space_id, out / "space")
     check_no_local_paths(out, args)
@@ -249,10 +255,11 @@ def stage(args, out: Path) -> None:
 # No local paths: nothing uploaded may name a file on this machine
 
 
-def publishable_training_args(staged: Path, source: Path) -> str | None:
+def publishable_training_args(staged: Path, source: Path) -> tuple[str, bool] | None:
     """Rewrite a staged training_args.json: `input_path` (absolute, local) becomes `input_name` + `input_sha256`,
-    and any other absolute path (--input, --output-dir as typed, data_source) its file name. Returns the input path
-    if it no longer exists (its hash is then unknown: null), else None."""
+    and any other absolute path (--input, --output-dir as typed, data_source) its file name. `input_sha256` is the
+    one train.py recorded; only a file without one (older dirs) is hashed. Returns (the input path, whether a sha256
+    was published) if it no longer exists (without a recorded hash, its hash is unknown: null), else None."""
     if not staged.is_file():
         return None
     try:
@@ -267,12 +274,13 @@ def publishable_training_args(staged: Path, source: Path) -> str | None:
         if key == "input_path" and isinstance(value, str):
             exists = Path(value).is_file()
             published["input_name"] = Path(value).name
-            published["input_sha256"] = file_sha256(Path(value)) if exists else None
+            # train.py records the text's sha256 (input_sha256, copied as is below); only older dirs lack it
+            published["input_sha256"] = args.get("input_sha256") or (file_sha256(Path(value)) if exists else None)
             gone = None if exists else value
         else:
             published[key] = without_local_paths(value)
     staged.write_text(json.dumps(published, indent=2) + "\n")
-    return gone
+    return None if gone is None else (gone, published["input_sha256"] is not None)
 
 
 def without_local_paths(value):
@@ -409,7 +417,7 @@ def push(args) -> None:
     if args.space_id:
         check_repo_id(args.space_id, "--space-id")
     token = None if args.dry_run else require_token()
-    check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
+    model = check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
     if args.quantized_dir:
         check_loadable(Path(args.quantized_dir), "--quantized-dir", quantized=True)
     if args.revision and args.space_id:
@@ -424,12 +432,12 @@ def push(args) -> None:
             raise UsageError(f"--dry-run: {out} exists and is not a previous stage dir; choose a new or empty path.")
         inputs = [args.model_dir, args.quantized_dir, SPACE_DIR]
         with atomic_dir(out, overwrite=True, inputs=inputs, flag="--dry-run", owned=is_stage_dir) as tmp:
-            stage(args, tmp)
+            stage(args, tmp, model)
         describe_stage(out, args)
         print(f"dry run: staged in {out}; nothing was uploaded.")
         return
     with tempfile.TemporaryDirectory(prefix="toygpt-push-") as tmp:
-        stage(args, Path(tmp))
+        stage(args, Path(tmp), model)
         describe_stage(Path(tmp), args)
         upload(HfApi(token=token), args, Path(tmp))
     revision = f", revision={args.revision!r}" if args.revision else ""
