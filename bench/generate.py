@@ -16,6 +16,7 @@ cache / GPT2LMHeadModel >= 1.0x, cache / no-cache >= 4x; static + compile / dyna
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -60,8 +61,7 @@ def bench_config(name, repeats, new_tokens):
     torch.manual_seed(0)
     toygpt = ToyGPTForCausalLM(config).eval()
     gpt2 = toygpt_to_gpt2(toygpt).eval()  # the same weights, transposed into Conv1D
-    compiled = ToyGPTForCausalLM(config).eval()
-    compiled.load_state_dict(toygpt.state_dict())
+    compiled = copy.deepcopy(toygpt)  # the same weights, its own module for torch.compile
     compiled.forward = torch.compile(compiled.forward, fullgraph=True)  # fullgraph: any graph break is an error
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     static = dict(cache_implementation="static", max_cache_len=PROMPT_TOKENS + new_tokens)

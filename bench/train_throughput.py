@@ -4,8 +4,9 @@
                                                                                      [--optimizer adamw|muon]
 
 All three start from one config and see the same batches: real training windows of --input (default: tiny
-Shakespeare, else the default corpus), batch x 256 tokens. Steps are train.py's (training_loss.CausalLMLoss for
-ToyGPT, train.apply_gradients: clipping by the full model's norm, then the optimizer):
+Shakespeare, else the default corpus), batch x 256 tokens. Each step is train.py's: the loss's backward, then
+train.apply_gradients (clipping at 1.0 by the full model's norm, the optimizer step, zero_grad); the loss is
+training_loss.CausalLMLoss for ToyGPT, bench/gpu.py's LogitsLoss for GPT2LMHeadModel:
 - "corpus": --vocab corpus, the rows of the ids the training split uses plus one shared row (corpus_vocab.py), with
   --optimizer (adamw or muon);
 - "full": the full 50257-row head (what train.py ran before the corpus vocabulary), AdamW;
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,6 +36,9 @@ from optim import build_optimizer  # noqa: E402
 from train import apply_gradients  # noqa: E402
 from training_loss import CausalLMLoss  # noqa: E402
 
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # after the repository root, as bench/quantize.py does
+from gpu import LogitsLoss  # noqa: E402  (bench/gpu.py: GPT2LMHeadModel's full logits, then cross-entropy)
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 CONFIGS = {
     "tiny": ToyGPTConfig.from_preset("tiny").to_dict(),
@@ -44,21 +47,9 @@ CONFIGS = {
 TARGET_CORPUS_VS_FULL, TARGET_FULL_VS_GPT2 = 2.5, 1.1
 
 
-class GPT2Step:
-    """GPT2LMHeadModel's training step as its users write it: full logits, cross-entropy, clip, AdamW."""
+class TrainStep:
+    """One training step: the loss's backward, then train.apply_gradients (clip at 1.0, step, zero_grad)."""
 
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def __call__(self, batch):
-        logits = self.model(input_ids=batch[:, :-1], use_cache=False).logits
-        F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-class ToyGPTStep:
     def __init__(self, loss_model, optimizer):
         self.loss_model, self.optimizer = loss_model, optimizer
 
@@ -75,13 +66,15 @@ def build_steps(config: ToyGPTConfig, vocab: CorpusVocab, optimizer: str) -> dic
     compact = ToyGPTForCausalLM(vocab.compact_config(config)).train()
     vocab.init_compact(compact)
     cpu = torch.device("cpu")
-    adamw = argparse.Namespace(lr=1e-4, min_lr=1e-5, weight_decay=0.1, optimizer="adamw")
+
+    def hparams(name):  # what optim.build_optimizer reads
+        return argparse.Namespace(lr=1e-4, weight_decay=0.1, optimizer=name)
+
     return {
-        f"ToyGPT, corpus vocabulary, {optimizer}": ToyGPTStep(
-            CausalLMLoss(compact, vocab=vocab), build_optimizer(compact, argparse.Namespace(**{
-                **vars(adamw), "optimizer": optimizer}), cpu)),
-        "ToyGPT, full vocabulary, adamw": ToyGPTStep(CausalLMLoss(full), build_optimizer(full, adamw, cpu)),
-        "GPT2LMHeadModel, adamw": GPT2Step(gpt2, build_optimizer(gpt2, adamw, cpu)),
+        f"ToyGPT, corpus vocabulary, {optimizer}": TrainStep(
+            CausalLMLoss(compact, vocab=vocab), build_optimizer(compact, hparams(optimizer), cpu)),
+        "ToyGPT, full vocabulary, adamw": TrainStep(CausalLMLoss(full), build_optimizer(full, hparams("adamw"), cpu)),
+        "GPT2LMHeadModel, adamw": TrainStep(LogitsLoss(gpt2), build_optimizer(gpt2, hparams("adamw"), cpu)),
     }
 
 
@@ -111,9 +104,12 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, batch {args.batch_size}, {args.steps} timed steps each; "
           f"windows of {path.name}")
+    vocabs = {}  # vocab_size -> (CorpusVocab, seconds): the configs share one vocabulary, tokenized once
     for name in args.configs:
         config = ToyGPTConfig(**CONFIGS[name])
-        vocab, seconds = CorpusVocab.of_training_split(path, config.vocab_size)
+        if config.vocab_size not in vocabs:
+            vocabs[config.vocab_size] = CorpusVocab.of_training_split(path, config.vocab_size)
+        vocab, seconds = vocabs[config.vocab_size]
         stream = data.TrainWindows(path, config.block_size)
         result = compare(build_steps(config, vocab, args.optimizer), stream.batches(args.batch_size), args.steps,
                          args.warmup, args.batch_size * config.block_size)
