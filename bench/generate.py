@@ -54,6 +54,20 @@ def generate_tokens(model, prompt, new_tokens, **cache_kwargs):
     return output[0, prompt.shape[1]:].tolist(), seconds
 
 
+def greedy_agreement(reference, other, windows, prompts: int, continuation: int) -> float:
+    """Share of positions where `other`'s greedy continuation emits `reference`'s token: `prompts` prompts (the first
+    32 tokens of evenly spaced `windows`), `continuation` new tokens each. After the first different token the two
+    continue from different text, so one early difference costs most of a continuation."""
+    picks = torch.linspace(0, len(windows) - 1, prompts).long()
+    agree = 0
+    for i in picks:
+        prompt = windows[i, :32][None]
+        reference_tokens, _ = generate_tokens(reference, prompt, continuation, use_cache=True)
+        other_tokens, _ = generate_tokens(other, prompt, continuation, use_cache=True)
+        agree += sum(a == b for a, b in zip(reference_tokens, other_tokens))
+    return agree / (prompts * continuation)
+
+
 def bench_config(name, repeats, new_tokens):
     config = ToyGPTConfig(**CONFIGS[name])
     if config.block_size < PROMPT_TOKENS + new_tokens:

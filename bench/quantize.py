@@ -45,7 +45,7 @@ from int8_toygpt import int8_kernel  # noqa: E402
 from model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
-from generate import generate_tokens  # noqa: E402  (bench/generate.py: exact-length greedy, timed)
+from generate import generate_tokens, greedy_agreement  # noqa: E402  (bench/generate.py: exact-length greedy)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS = 16
@@ -135,16 +135,8 @@ def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continu
     models = {"fp32": load(trained), "int8": load(int8_dir)}
     block_size = models["fp32"].config.block_size
     windows = data.val_windows(corpus, block_size).windows  # the prompts come from the same windows
-
-    picks = torch.linspace(0, len(windows) - 1, prompts).long()
-    agree = total = 0
-    for i in picks:
-        prompt = windows[i, :32][None]
-        fp32_tokens, _ = generate_tokens(models["fp32"], prompt, continuation, use_cache=True)
-        int8_tokens, _ = generate_tokens(models["int8"], prompt, continuation, use_cache=True)
-        agree += sum(a == b for a, b in zip(fp32_tokens, int8_tokens))
-        total += continuation
-    return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agree / total}
+    agreement = greedy_agreement(models["fp32"], models["int8"], windows, prompts, continuation)
+    return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agreement}
 
 
 def main(argv=None):
