@@ -1,12 +1,12 @@
 """Push a trained ToyGPT to the Hugging Face Hub: fp32 at the repo root, int8 in subfolder `int8`, plus its Space.
-Beside the fp32 weights goes a q8_0 GGUF file (gguf_export.py), which the Hub lists for llama.cpp, Ollama, LM Studio.
+Beside the fp32 weights goes a q8_0 GGUF file (toygpt/gguf_export.py), which the Hub lists for llama.cpp, Ollama, LM Studio.
 
     python push_to_hub.py --model-dir out/toygpt --quantized-dir out/toygpt-int8 --repo-id you/toygpt \
         --space-id you/toygpt-demo
     python push_to_hub.py ... --dry-run stage/     # writes stage/model and stage/space; uploads nothing, no token
 
 Both trees are staged first (training leftovers dropped, the Space's model id written in, the model cards rendered by
-model_card.py from the records the dirs hold, their load snippets naming the repo), then each staged tree goes up as
+toygpt/model_card.py from the records the dirs hold, their load snippets naming the repo), then each staged tree goes up as
 one commit with HfApi.upload_folder: a dry run shows exactly the bytes a push sends.
 Re-running is safe: existing repos are reused and unchanged files are skipped.
 """
@@ -29,12 +29,12 @@ from huggingface_hub import HfApi, SpaceCard, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-import bpe
-import model_card
-from dataset_source import file_sha256
-from gguf_export import write_gguf
-from model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
-from model_dir import ModelDirError, atomic_dir, check_model_dir
+from toygpt import bpe
+from toygpt import model_card
+from toygpt.dataset_source import file_sha256
+from toygpt.gguf_export import write_gguf
+from toygpt.model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
+from toygpt.model_dir import ModelDirError, atomic_dir, check_model_dir
 
 PROG = "push_to_hub.py"
 SPACE_DIR = Path(__file__).resolve().parent / "space"
@@ -151,7 +151,7 @@ def check_tokenizer(tokenizer, directory: Path, flag: str, config: dict) -> None
     raise UsageError(
         f"{flag}: the tokenizer in {directory} {problem}; a Hub copy would tokenize wrongly. Re-create the directory "
         f"with train.py / quantize.py, or rewrite its tokenizer files from the ToyGPT checkout with "
-        f"`python -c \"import bpe; bpe.save_tokenizer('{directory.absolute()}', model_max_length={context})\"`."
+        f"`python -c \"from toygpt import bpe; bpe.save_tokenizer('{directory.absolute()}', model_max_length={context})\"`."
     )
 
 

@@ -4,7 +4,7 @@ Weights of every Linear and of the tied token embedding / lm_head become int8 wi
 activations are quantized at run time (no calibration data). OUT_DIR is a complete model directory (safetensors
 only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(OUT_DIR,
 trust_remote_code=True)` loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) go to
-OUT_DIR/quantization_report.json, beside SRC's training records; model_card.py renders README.md from them.
+OUT_DIR/quantization_report.json, beside SRC's training records; toygpt/model_card.py renders README.md from them.
 Quantizing (fp32 rows -> int8 rows + scales) happens here; the int8 modules and kernels a loaded model runs on live
 in int8_toygpt.py, which travels with the model beside modeling_toygpt.py.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from evaluation import evaluate
+from toygpt.evaluation import evaluate
 from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
-import model_card
-from model_dir import ModelDirError, OutputDir, OutputDirError, check_model_dir, write_model_files
+from toygpt import model_card
+from toygpt.model_dir import ModelDirError, OutputDir, OutputDirError, check_model_dir, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
-from training_loss import CausalLMLoss
+from toygpt.training_loss import CausalLMLoss
 
 SPEED_PROMPT = "ROMEO:\nIs the day so young?"
 
@@ -93,7 +93,7 @@ def file_size(path: Path) -> int:
 @torch.no_grad()
 def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT) -> float:
     """Batch-1 greedy generation with the KV cache; EOS is not allowed to stop it early."""
-    import bpe
+    from toygpt import bpe
 
     ids = torch.tensor([bpe.encode(prompt)])
     new_tokens = min(new_tokens, model.config.block_size - ids.shape[1])
@@ -112,7 +112,7 @@ def measure(model, val, batch_size: int, speed_tokens: int) -> dict:
 
 def quantization_report(src: Path, sizes: dict, before: dict, after: dict, eval_input, val,
                         speed_tokens: int) -> dict:
-    """The measured figures as quantization_report.json records them; model_card.py renders the card from it."""
+    """The measured figures as quantization_report.json records them; toygpt/model_card.py renders the card from it."""
     evaluated = None if val is None else {  # None: no corpus, val loss not measured
         "text": Path(eval_input).name, "windows": len(val.windows), "window_tokens": val.windows.shape[1] - 1}
     return {
@@ -187,7 +187,7 @@ def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int)
     """The first eval_batches x batch_size validation windows of eval_input (all if eval_batches is None), or None."""
     if eval_input is None:
         return None
-    import data
+    from toygpt import data
 
     try:
         max_windows = None if eval_batches is None else eval_batches * batch_size

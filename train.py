@@ -3,12 +3,12 @@
     python train.py --preset tiny --time-budget-min 10 --input input.txt --output-dir out/toygpt
     torchrun --standalone --nproc_per_node 2 train.py --preset tiny --max-steps 500   # DistributedDataParallel
 
-The run streams the text through data.py (training on the first 90% of the file by characters, validating on the
-last 10%), trains the corpus vocabulary where that is exact and saves time (corpus_vocab.py), with --optimizer
+The run streams the text through toygpt/data.py (training on the first 90% of the file by characters, validating on the
+last 10%), trains the corpus vocabulary where that is exact and saves time (toygpt/corpus_vocab.py), with --optimizer
 (AdamW, or Muon for the blocks' matrices) and --schedule (warmup + cosine, or warmup-stable-decay), evaluates
 periodically (val loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and
 finally swaps in OUTPUT atomically: the save_pretrained model directory, tokenizer, metrics.jsonl,
-training_args.json, loss_curve.png and a README.md card. The command line and its checks live in train_args.py.
+training_args.json, loss_curve.png and a README.md card. The command line and its checks live in toygpt/train_args.py.
 
 --time-budget-min: the schedule is fitted to the wall clock. After the first FIT_STEPS optimizer steps (inside the
 warmup for the presets, so the learning rate does not jump) the total step count is set to
@@ -39,19 +39,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-import data
-import model_card
-from checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
+from toygpt import data
+from toygpt import model_card
+from toygpt.checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
                         restore_rng, rng_state, save_checkpoint)
-from corpus_vocab import CorpusVocab, choose
-from distributed import Processes
-from evaluation import autocast, evaluate
-from model_dir import OutputDir, OutputDirError, write_model_files
+from toygpt.corpus_vocab import CorpusVocab, choose
+from toygpt.distributed import Processes
+from toygpt.evaluation import autocast, evaluate
+from toygpt.model_dir import OutputDir, OutputDirError, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
-from optim import build_optimizer, build_scheduler, fit_total_steps
-from run_log import MetricsLog, plot_loss_curve, read_metrics
-from train_args import TrainError, autocast_dtype, build_parser, model_config, prepare, start_output_dir
-from training_loss import CausalLMLoss
+from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
+from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
+from toygpt.train_args import TrainError, autocast_dtype, build_parser, model_config, prepare, start_output_dir
+from toygpt.training_loss import CausalLMLoss
 
 FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
 FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
@@ -263,7 +263,7 @@ def corpus_vocabulary(args, source, resume_from, processes: Processes) -> Corpus
 def build_run(args, source, resume_from, init_model, processes: Processes):
     """The model, its loss, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`.
 
-    With the corpus vocabulary the model trained is the compact one (corpus_vocab.py); the full one is saved."""
+    With the corpus vocabulary the model trained is the compact one (toygpt/corpus_vocab.py); the full one is saved."""
     vocab = corpus_vocabulary(args, source, resume_from, processes)
     torch.manual_seed(args.seed)  # same initial weights on every rank
     random.seed(args.seed)

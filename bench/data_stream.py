@@ -25,15 +25,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import bpe  # noqa: E402
-import corpus  # noqa: E402
-import data  # noqa: E402
+from toygpt import bpe  # noqa: E402
+from toygpt import corpus  # noqa: E402
+from toygpt import data  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 PROBE = """
 import resource, sys
-import data
+from toygpt import data
 path = sys.argv[1]
 data.validate_input(path, 256)
 stream = data.TrainWindows(path, 256)

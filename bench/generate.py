@@ -28,7 +28,7 @@ from transformers import GenerationConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_toygpt import PRESETS, ToyGPTConfig  # noqa: E402
-from convert_gpt2 import toygpt_to_gpt2  # noqa: E402
+from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 
 PROMPT_TOKENS = 16

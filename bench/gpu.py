@@ -41,13 +41,13 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import training_loss  # noqa: E402
+from toygpt import training_loss  # noqa: E402
 import transformers  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
-from convert_gpt2 import toygpt_to_gpt2  # noqa: E402
-from evaluation import autocast  # noqa: E402
+from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
+from toygpt.evaluation import autocast  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
-from optim import build_optimizer  # noqa: E402
+from toygpt.optim import build_optimizer  # noqa: E402
 
 MFU_GOAL = 0.40  # ToyGPT on an H100
 # Dense (no sparsity) bf16 tensor-core peaks from the vendor's datasheets, TFLOP/s; the first name found wins.

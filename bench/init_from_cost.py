@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from run_log import read_metrics  # noqa: E402
+from toygpt.run_log import read_metrics  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 RECIPE = ["--lr", "6e-5", "--min-lr", "6e-6", "--warmup-steps", "20", "--eval-every", "1000", "--eval-batches", "1"]

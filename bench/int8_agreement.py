@@ -27,7 +27,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
+from toygpt import data  # noqa: E402
 import quantize  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
 from generate import greedy_agreement  # noqa: E402  (bench/generate.py, as bench/quantize.py measures it)

@@ -38,11 +38,11 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402
+from toygpt import data  # noqa: E402
 import quantize  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from int8_toygpt import int8_kernel  # noqa: E402
-from model_dir import save_model_dir  # noqa: E402
+from toygpt.model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
 from generate import generate_tokens, greedy_agreement  # noqa: E402  (bench/generate.py: exact-length greedy)

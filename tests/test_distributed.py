@@ -1,4 +1,4 @@
-"""distributed.py: every collective of a training run goes through Processes, with tensors on the training device.
+"""toygpt/distributed.py: every collective of a training run goes through Processes, with tensors on the training device.
 
 NCCL rejects tensors that are not on the process's GPU; on a CPU machine gloo accepts them, so a collective handed a
 CPU tensor passes every CPU test and fails on the first GPU. These tests catch that class of bug without a GPU.
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import REPO
-from distributed import Processes
+from toygpt.distributed import Processes
 
 COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce",
                "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all", "reduce_scatter",
@@ -34,11 +34,11 @@ def collective_calls(path):
 def test_only_distributed_py_calls_collectives():
     """Training, evaluation and the benches reach other processes only through distributed.Processes."""
     offenders = {}
-    for path in sorted([*REPO.glob("*.py"), *REPO.glob("bench/*.py"), *REPO.glob("space/*.py")]):
+    for path in sorted([*REPO.glob("*.py"), *REPO.glob("toygpt/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("space/*.py")]):
         if path.name != "distributed.py" and (calls := collective_calls(path)):
             offenders[path.name] = calls
     assert offenders == {}
-    assert collective_calls(REPO / "distributed.py")  # the one place that does
+    assert collective_calls(REPO / "toygpt" / "distributed.py")  # the one place that does
 
 
 class Recorder:
@@ -73,10 +73,10 @@ def test_values_from_rank_0_travel_as_tensors_on_the_training_device(monkeypatch
 
 def test_evaluation_sums_on_the_training_device(monkeypatch, tiny_model_dir):
     """evaluate() hands the all-reduce tensors made on the device it evaluates on (the model's)."""
-    import data
-    from evaluation import evaluate
+    from toygpt import data
+    from toygpt.evaluation import evaluate
     from modeling_toygpt import ToyGPTForCausalLM
-    from training_loss import CausalLMLoss
+    from toygpt.training_loss import CausalLMLoss
 
     recorder = Recorder(monkeypatch)
     model = ToyGPTForCausalLM.from_pretrained(tiny_model_dir)
@@ -91,7 +91,7 @@ def test_evaluation_sums_on_the_training_device(monkeypatch, tiny_model_dir):
 
 def test_torchrun_with_one_process_initialises_the_process_group(tmp_path):
     """As nanoGPT: under torchrun (RANK/WORLD_SIZE set) the group exists even for one process (NCCL on a GPU)."""
-    code = ("import torch.distributed as dist; from distributed import Processes; p = Processes.launch('cpu'); "
+    code = ("import torch.distributed as dist; from toygpt.distributed import Processes; p = Processes.launch('cpu'); "
             "print(p.distributed, dist.is_initialized(), dist.get_backend(), p.world_size); p.close()")
     script = tmp_path / "probe.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n{code}\n")

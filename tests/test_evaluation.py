@@ -1,4 +1,4 @@
-"""evaluation.py: one evaluation (loss, perplexity, bits per character) that train.py, quantize.py and the benches
+"""toygpt/evaluation.py: one evaluation (loss, perplexity, bits per character) that train.py, quantize.py and the benches
 share, over the same windows, with the head's memory bounded by a chunk."""
 
 import math
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from toygpt import data
 from conftest import small_config
-from evaluation import evaluate
+from toygpt.evaluation import evaluate
 from modeling_toygpt import ToyGPTForCausalLM
-from training_loss import CausalLMLoss
+from toygpt.training_loss import CausalLMLoss
 
 
 def test_evaluate_is_the_mean_cross_entropy_and_bits_per_character(tmp_path):

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import small_config
 from convert_gpt2 import main
-from model_dir import save_model_dir
+from toygpt.model_dir import save_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
 EOT = 50256

@@ -1,4 +1,4 @@
-"""init_from.py (train.py --init-from): a run starts from a GPT-2 or ToyGPT checkpoint, a local dir or a Hub repo.
+"""toygpt/init_from.py (train.py --init-from): a run starts from a GPT-2 or ToyGPT checkpoint, a local dir or a Hub repo.
 
 A small random GPT-2 (2 layers, width 64, GPT-2's 50257-token vocabulary) is saved locally and served by the stand-in
 Hub (tests/hub_server.py). Every way of naming it loads GPT2LMHeadModel's function, and the first eval of the loaded
@@ -15,17 +15,17 @@ import pytest
 import torch
 from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
-import data
-import init_from
+from toygpt import data
+from toygpt import init_from
 from configuration_toygpt import ToyGPTConfig
 from conftest import REPO, run_python
-from convert_gpt2 import convert_from_gpt2
-from evaluation import evaluate
+from toygpt.gpt2_conversion import convert_from_gpt2
+from toygpt.evaluation import evaluate
 from hub_server import FakeHub
-from init_from import InitFromError, architecture_conflicts, find_init_model, load_init_model
-from model_dir import save_model_dir
+from toygpt.init_from import InitFromError, architecture_conflicts, find_init_model, load_init_model
+from toygpt.model_dir import save_model_dir
 from quantize import quantize_int8
-from training_loss import CausalLMLoss
+from toygpt.training_loss import CausalLMLoss
 
 N_POSITIONS = 64
 GPT2_REPO, TOYGPT_REPO, FIND_ONLY_REPO = "alice/tiny-gpt2", "alice/tiny-toygpt", "alice/find-only"
@@ -204,7 +204,7 @@ def test_truncated_weights_are_refused_naming_the_dir_and_the_fix(name, weights,
 HUB_PROBE = """
 import json, torch
 from transformers import GPT2LMHeadModel
-import init_from
+from toygpt import init_from
 reference = GPT2LMHeadModel.from_pretrained(REFERENCE).eval()
 torch.manual_seed(1)
 input_ids = torch.randint(0, 50257, (2, 24))

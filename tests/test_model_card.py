@@ -1,4 +1,4 @@
-"""model_card.py: every card rendered from the records a model dir holds (config, training records, int8 report)."""
+"""toygpt/model_card.py: every card rendered from the records a model dir holds (config, training records, int8 report)."""
 
 import json
 
@@ -7,8 +7,8 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
-import model_card
-from model_card import FolderSizes, Records
+from toygpt import model_card
+from toygpt.model_card import FolderSizes, Records
 
 CONFIG = {"model_type": "toygpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.1,
           "vocab_size": 50257, "tie_word_embeddings": True}

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-import model_dir
+from toygpt import model_dir
 from conftest import REPO
-from model_dir import OutputDir, OutputDirError, atomic_dir
+from toygpt.model_dir import OutputDir, OutputDirError, atomic_dir
 
 
 def fake_model_dir(path, **extra_files):
@@ -93,7 +93,7 @@ KILL_AT_RENAME = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-import model_dir
+from toygpt import model_dir
 out, kill_at, exchange = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "exchange"
 if not exchange:
     model_dir._exchange = lambda a, b: False  # a filesystem without renameat2: two renames
@@ -152,7 +152,7 @@ def test_one_writer_at_a_time_and_the_refusal_names_the_holder(tmp_path):
     with OutputDir(out):
         with pytest.raises(OutputDirError, match=rf"being written by another run \(pid {os.getpid()} "):
             OutputDir(out)
-        proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import model_dir; "
+        proc = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from toygpt import model_dir; "
                                "model_dir.OutputDir(sys.argv[2])", str(REPO), str(out)],
                               capture_output=True, text=True)
         assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr

@@ -144,7 +144,7 @@ OFFLOADED = pytest.mark.skipif(not torch.cuda.is_available(), reason="transforme
 def test_every_cache_gives_gpt2s_greedy_tokens_padded_or_not(cache_implementation):
     """Static caches get transformers' ready 4-D mask and hand back keys padded to their full length; every cache
     gives GPT2LMHeadModel's greedy tokens (same weights), for one prompt and for a left-padded batch."""
-    from convert_gpt2 import toygpt_to_gpt2
+    from toygpt.gpt2_conversion import toygpt_to_gpt2
 
     device = "cuda" if cache_implementation.startswith("offloaded") else "cpu"
     model = make_model(initializer_range=0.2).to(device)

@@ -1,4 +1,4 @@
-"""optim.py: the warmup + cosine schedule, its resume, and the fit of the step count to a time budget."""
+"""toygpt/optim.py: the warmup + cosine schedule, its resume, and the fit of the step count to a time budget."""
 
 import argparse
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import optim
+from toygpt import optim
 
 
 def scheduled_lrs(total_steps, **overrides):

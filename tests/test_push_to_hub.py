@@ -51,7 +51,7 @@ def tree_bytes(directory: Path) -> dict:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-# The records train.py leaves in its output dir: the cards are rendered from these (model_card.py).
+# The records train.py leaves in its output dir: the cards are rendered from these (toygpt/model_card.py).
 TRAINING_ARGS = {"preset": "tiny", "lr": 0.003, "min_lr": 0.0003, "warmup_steps": 4, "weight_decay": 0.1,
                  "grad_clip": 1.0, "batch_size": 4, "grad_accum": 1, "seed": 7, "input_path": "/moved/input.txt",
                  "data_description": "tiny Shakespeare (test)"}
@@ -62,7 +62,7 @@ FINAL = {"final": True, "step": 10, "train_loss": 9.5, "val_loss": 9.1234, "val_
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir, tmp_path_factory):
     """tiny_model_dir as train.py leaves it: records, a card, a plot, and leftovers that must not be pushed."""
-    import model_card
+    from toygpt import model_card
 
     out = tmp_path_factory.mktemp("trained") / "toygpt"
     shutil.copytree(tiny_model_dir, out)

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import bpe
-import data
+from toygpt import bpe
+from toygpt import data
 from conftest import REPO, run_python
 from hub_server import FakeHub
 
@@ -288,7 +288,7 @@ def test_dataset_with_fewer_parts_than_ranks_splits_rows(tmp_path):
 HUB_PROBE = """
 import json, sys
 import torch
-import data
+from toygpt import data
 out = {}
 source, out["description"] = data.resolve_source(dataset="alice/corpus", block_size=16)
 out["fingerprint"], out["spec"], out["holdout"] = source.fingerprint(), source.spec(), source.holdout
@@ -313,7 +313,7 @@ print(json.dumps(out))
 """
 
 ERROR_PROBE = """
-import data
+from toygpt import data
 try:
     data.resolve_source(dataset="alice/corpus", block_size=16)
 except data.InputError as err:
@@ -379,7 +379,7 @@ def test_unreachable_or_offline_hub_is_reported_before_training(tmp_path):
 
 MEMORY_PROBE = """
 import resource, sys
-import data
+from toygpt import data
 source, _ = data.resolve_source(input=sys.argv[1], block_size=256)
 source.fingerprint()
 stream = data.TrainWindows(source, 256)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-import bpe
+from toygpt import bpe
 
 
 @pytest.fixture(scope="module")

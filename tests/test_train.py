@@ -317,7 +317,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a, tmp_path, tex
 
 
 def test_metrics_line_cut_short_by_a_kill_is_skipped(tmp_path):
-    import run_log
+    from toygpt import run_log
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "train_loss": 10.9}\n{"step": 2, "train_loss": 10.8}\n{"step": 3, "tra')
@@ -486,17 +486,17 @@ def test_outputs_and_checkpoints_get_the_users_umask(run_a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The corpus vocabulary (corpus_vocab.py): the compact run saves the full model, with the numbers it reported
+# The corpus vocabulary (toygpt/corpus_vocab.py): the compact run saves the full model, with the numbers it reported
 
 
 def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
     """run_a trained the corpus vocabulary (its 48k training characters use a few thousand ids); the model dir holds
     the full 50257-row model, whose own validation loss over the same windows is the final eval's."""
-    from evaluation import evaluate
+    from toygpt.evaluation import evaluate
     from modeling_toygpt import ToyGPTForCausalLM
-    from training_loss import CausalLMLoss
+    from toygpt.training_loss import CausalLMLoss
 
-    import data
+    from toygpt import data
 
     state = json.loads(next((run_a / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     n_seen = len(state["vocab"]["seen_ids"])

@@ -1,14 +1,14 @@
-"""training_loss.py: the chunked, fused lm_head + cross-entropy equals the plain loss, its gradients and the
+"""toygpt/training_loss.py: the chunked, fused lm_head + cross-entropy equals the plain loss, its gradients and the
 model's own loss; evaluation through it keeps the head's memory at one chunk."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import training_loss
+from toygpt import training_loss
 from conftest import small_config
 from modeling_toygpt import ToyGPTForCausalLM
-from training_loss import CausalLMLoss, FusedLinearCrossEntropy
+from toygpt.training_loss import CausalLMLoss, FusedLinearCrossEntropy
 
 
 def make_model(**overrides):

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from model_dir import ModelDirError, check_model_dir
+from toygpt.model_dir import ModelDirError, check_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
 MT, QT = gguf.MODEL_TENSOR, gguf.GGMLQuantizationType

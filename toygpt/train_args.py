@@ -16,13 +16,13 @@ import sys
 
 import torch
 
-import data
-import init_from
-from checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
+from toygpt import data
+from toygpt import init_from
+from toygpt.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from configuration_toygpt import PRESETS, ToyGPTConfig
-from corpus_vocab import VOCAB_MODES
-from model_dir import OutputDir
-from optim import OPTIMIZERS, SCHEDULES
+from toygpt.corpus_vocab import VOCAB_MODES
+from toygpt.model_dir import OutputDir
+from toygpt.optim import OPTIMIZERS, SCHEDULES
 
 # Training defaults per preset (the architecture lives in configuration_toygpt.PRESETS); every one has a flag.
 TRAINING_DEFAULTS = {

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import bpe
+from toygpt import bpe
 from configuration_toygpt import ToyGPTConfig
-from convert_gpt2 import GPT2_WEIGHT_FILES, gpt2_to_toygpt, toygpt_config_from_gpt2
-from model_dir import ModelDirError, check_model_dir
+from toygpt.gpt2_conversion import GPT2_WEIGHT_FILES, gpt2_to_toygpt, toygpt_config_from_gpt2
+from toygpt.model_dir import ModelDirError, check_model_dir
 from modeling_toygpt import ToyGPTForCausalLM
 
 MODEL_TYPES = ("gpt2", "toygpt")

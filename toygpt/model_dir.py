@@ -39,8 +39,8 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-import bpe
-from file_modes import give_umask, make_temp_dir
+from toygpt import bpe
+from toygpt.file_modes import give_umask, make_temp_dir
 
 MODEL_TYPES = ("toygpt", "gpt2")  # what this project writes: ToyGPT dirs, and GPT-2 dirs (convert_gpt2.py to-gpt2)
 

@@ -5,7 +5,7 @@ forward is the whole loss. It calls the model's body for the hidden states and a
 
     loss_model = CausalLMLoss(model)
     loss = loss_model(batch[:, :-1], batch[:, 1:])          # mean over targets != -100; .backward() as usual
-    total = loss_model(x, y, reduction="sum")               # under no_grad: evaluation.py's summed loss
+    total = loss_model(x, y, reduction="sum")               # under no_grad: toygpt/evaluation.py's summed loss
 
 With gradients enabled and a plain Linear head, lm_head and the loss are fused (FusedLinearCrossEntropy): the
 (tokens, vocab) logits and their gradient never exist at once, at the FLOPs of the plain path. Otherwise (no_grad,
@@ -114,7 +114,7 @@ class CausalLMLoss(nn.Module):
     """Next-token cross-entropy of a ToyGPTForCausalLM from its hidden states and its head, never its full logits.
 
     forward(input_ids (B, T), targets (B, T)): targets[b, t] is the token after input_ids[b, t] (-100 = ignore).
-    reduction "mean" (the training loss) or "sum" (evaluation: evaluation.py divides by tokens and characters).
+    reduction "mean" (the training loss) or "sum" (evaluation: toygpt/evaluation.py divides by tokens and characters).
     """
 
     def __init__(self, model, ignore_index=-100, chunk_rows=None, vocab=None):

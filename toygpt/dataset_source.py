@@ -1,6 +1,6 @@
 """A 🤗 datasets dataset as training text: a local directory `datasets` can read (parquet, jsonl/json, csv, arrow)
 or a dataset repo on the Hub (wherever HF_ENDPOINT points), streamed with `load_dataset(..., streaming=True)`, so
-memory stays flat whatever the dataset's size. data.py turns the rows into tokens and windows.
+memory stays flat whatever the dataset's size. toygpt/data.py turns the rows into tokens and windows.
 
     source = DatasetSource.hub("alice/corpus", config=None, split="train", text_column="text")  # or .local(dir, ...)
     parts = source.train_shards(world_size)   # the stream permutes them each epoch and splits them across ranks
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 # Extensions of the files `load_dataset(directory)` reads (its packaged builders); a directory holding any is a
-# dataset directory, any other directory is read as text files by data.py.
+# dataset directory, any other directory is read as text files by toygpt/data.py.
 DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
 VALIDATION_SPLIT = "validation"
 HOLDOUT_MODULUS = 10
@@ -39,7 +39,7 @@ ROW_BATCH = 64  # rows per hold-out filter call
 
 
 class DatasetError(ValueError):
-    """The dataset cannot be used; the message names the problem and the fix (data.py reports it as InputError)."""
+    """The dataset cannot be used; the message names the problem and the fix (toygpt/data.py reports it as InputError)."""
 
 
 def is_dataset_dir(directory: Path) -> bool:
@@ -163,7 +163,7 @@ class DatasetSource:
         ds = ds.select_columns([self.text_column])
         return ds if self.text_column == "text" else ds.rename_column(self.text_column, "text")
 
-    # ---- what data.py uses -----------------------------------------------------------------------------------
+    # ---- what toygpt/data.py uses -----------------------------------------------------------------------------------
     def describe(self) -> str:
         column = "" if self.text_column == "text" else f", column {self.text_column}"
         where = self.path if self.hub else f"{self.name}/"

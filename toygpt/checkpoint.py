@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from file_modes import make_temp_dir
+from toygpt.file_modes import make_temp_dir
 
 CHECKPOINT_DIR = "checkpoint"
 

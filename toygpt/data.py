@@ -21,7 +21,7 @@ Sources. `resolve_source` picks and checks one of:
   * a directory of text files, or a glob of them (TextFiles): every file is one document, split the same way (its
     first 90% of characters train, its last 10% are held out).
   * a directory `datasets` reads (parquet, jsonl, csv, arrow files), or a Hub dataset (--dataset): see
-    dataset_source.py. Each row is a document; the held-out rows are the "validation" split, else a fixed tenth.
+    toygpt/dataset_source.py. Each row is a document; the held-out rows are the "validation" split, else a fixed tenth.
 Documents end with GPT-2's <|endoftext|> token, as in nanoGPT's OpenWebText prepare.py (a single file is one
 document and gets none, so its tokens are exactly those of its text). A source gives the stream its training text
 as `train_examples(shards)`, a datasets IterableDataset of text over shards in a given order; its held-out text as
@@ -30,7 +30,7 @@ as `train_examples(shards)`, a datasets IterableDataset of text over shards in a
 Training stream: a text file's train bytes are cut into shards (byte ranges of 64 KiB - 4 MiB, cut at line ends;
 text files' shards may span several files), read as ~16 KiB text pieces by a 🤗 `datasets.IterableDataset` over a
 generator (what `IterableDataset.from_generator` builds); a dataset's shards are parts of its files or parquet row
-groups, read by `load_dataset(..., streaming=True)` (dataset_source.py). Each epoch (one pass over this rank's
+groups, read by `load_dataset(..., streaming=True)` (toygpt/dataset_source.py). Each epoch (one pass over this rank's
 shards) takes the shards in a new order drawn from seed + epoch; `datasets.distributed.split_dataset_by_node` splits
 them across DDP ranks (whole shards per rank where there are a multiple of world_size, as text sources always cut,
 else every world_size-th example: either way ranks see disjoint text), and tiktoken tokenizes them in a batched
@@ -45,10 +45,10 @@ RNG state and the epoch: a stream restored from it yields exactly the windows th
 
 Validation: `val_windows` packs the held-out text the same way, in its fixed order, without shuffling: the same
 windows at every eval. Each window also has its target character count (the characters of its last block_size
-tokens; <|endoftext|> counts none), from which evaluation.py computes bits per character.
+tokens; <|endoftext|> counts none), from which toygpt/evaluation.py computes bits per character.
 
 Input: `resolve_source` with neither --input nor --dataset takes ./input.txt, else the default corpus (tiny
-Shakespeare, which corpus.py fetches or assembles; this module only reads it), and checks the source before
+Shakespeare, which toygpt/corpus.py fetches or assembles; this module only reads it), and checks the source before
 training starts.
 """
 
@@ -70,9 +70,9 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-import bpe
-import corpus
-from dataset_source import DatasetError, DatasetSource, is_dataset_dir, visible_files
+from toygpt import bpe
+from toygpt import corpus
+from toygpt.dataset_source import DatasetError, DatasetSource, is_dataset_dir, visible_files
 
 DEFAULT_INPUT = Path("input.txt")
 VAL_FRACTION = 0.1
@@ -337,7 +337,7 @@ def _text_file_shards(paths: list[Path], ends: list[int], world_size: int) -> li
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sources: what to train on and what to hold out (dataset_source.py has the datasets ones)
+# Sources: what to train on and what to hold out (toygpt/dataset_source.py has the datasets ones)
 
 
 def _count_until(id_pieces, needed: int) -> int:

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-import data
+from toygpt import data
 
 VOCAB_MODES = ("auto", "corpus", "full")
 AUTO_MAX_SEEN_FRACTION = 0.5  # --vocab auto: compact only when the corpus uses less than half of the vocabulary

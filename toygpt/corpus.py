@@ -1,4 +1,4 @@
-"""The default corpus: tiny Shakespeare, fetched or assembled once into a cache; data.py only reads it.
+"""The default corpus: tiny Shakespeare, fetched or assembled once into a cache; toygpt/data.py only reads it.
 
     path, description = default_corpus()    # description is DOWNLOADED or ASSEMBLED
 
@@ -18,7 +18,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from file_modes import umask_mode
+from toygpt.file_modes import umask_mode
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

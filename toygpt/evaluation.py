@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from distributed import Processes
+from toygpt.distributed import Processes
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
