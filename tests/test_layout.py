@@ -16,7 +16,7 @@ FLOW = {
     "toygpt.data": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
     "toygpt.training_loss": 3, "toygpt.distributed": 3, "toygpt.evaluation": 3, "toygpt.optim": 3,
-    "toygpt.run_log": 3, "toygpt.corpus_vocab": 3,
+    "toygpt.run_log": 3, "toygpt.tracking": 3, "toygpt.corpus_vocab": 3,
     "toygpt.checkpoint": 4,  # checkpoint
     "toygpt.model_dir": 5, "toygpt.model_card": 5, "toygpt.train_args": 5,  # model dir
     "toygpt.gguf_export": 5, "toygpt.init_from": 5, "toygpt.gpt2_conversion": 5,
