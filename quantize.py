@@ -187,11 +187,11 @@ def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int)
     """The first eval_batches x batch_size validation windows of eval_input (all if eval_batches is None), or None."""
     if eval_input is None:
         return None
-    from toygpt import data
+    from toygpt.stream import val_windows
 
     try:
         max_windows = None if eval_batches is None else eval_batches * batch_size
-        return data.val_windows(eval_input, block_size, max_windows=max_windows)
+        return val_windows(eval_input, block_size, max_windows=max_windows)
     except (OSError, ValueError) as err:
         raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
 

@@ -3,7 +3,7 @@
     python train.py --preset tiny --time-budget-min 10 --input input.txt --output-dir out/toygpt
     torchrun --standalone --nproc_per_node 2 train.py --preset tiny --max-steps 500   # DistributedDataParallel
 
-The run streams the text through toygpt/data.py (training on the first 90% of the file by characters, validating on the
+The run streams text through toygpt/stream.py (training on the first 90% of the file by characters, validating on the
 last 10%), trains the corpus vocabulary where that is exact and saves time (toygpt/corpus_vocab.py), with --optimizer
 (AdamW, or Muon for the blocks' matrices) and --schedule (warmup + cosine, or warmup-stable-decay), evaluates
 periodically (val loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and
@@ -39,7 +39,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from toygpt import data
+from toygpt.stream import TrainWindows, val_windows
+from toygpt.text_files import InputError
 from toygpt import model_card
 from toygpt.checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
                         restore_rng, rng_state, save_checkpoint)
@@ -277,9 +278,9 @@ def build_run(args, source, resume_from, init_model, processes: Processes):
     model = model.to(processes.device).train()
     loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
     optimizer = build_optimizer(model, args, processes.device)
-    stream = data.TrainWindows(source, args.block_size, seed=args.seed, rank=processes.rank,
+    stream = TrainWindows(source, args.block_size, seed=args.seed, rank=processes.rank,
                                world_size=processes.world_size)
-    val = data.val_windows(source, args.block_size, max_windows=FINAL_EVAL_BATCHES * args.eval_batches * args.batch_size)
+    val = val_windows(source, args.block_size, max_windows=FINAL_EVAL_BATCHES * args.eval_batches * args.batch_size)
     if resume_from is not None:
         state, scheduler = restore_run(resume_from, model, optimizer, stream, args, processes)
         if processes.is_main:
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         train(args)
-    except (TrainError, data.InputError, CheckpointError, OutputDirError) as err:
+    except (TrainError, InputError, CheckpointError, OutputDirError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     except TrainFailed as err:

@@ -1,4 +1,4 @@
-"""Data stream speed and memory: data.TrainWindows against plain tiktoken, and peak RSS for a 1 MB vs a big file.
+"""Data stream speed and memory: TrainWindows against plain tiktoken, and peak RSS for a 1 MB vs a big file.
 
     OMP_NUM_THREADS=1 flock /tmp/toygpt-cpu.lock python bench/data_stream.py [--input PATH] [--big-mb 1024]
 
@@ -27,26 +27,28 @@ sys.path.insert(0, str(REPO))
 
 from toygpt import bpe  # noqa: E402
 from toygpt import corpus  # noqa: E402
-from toygpt import data  # noqa: E402
+from toygpt import text_files  # noqa: E402
+from toygpt.stream import TrainWindows, val_windows  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 PROBE = """
 import resource, sys
-from toygpt import data
+from toygpt import sources
+from toygpt.stream import TrainWindows, val_windows
 path = sys.argv[1]
-data.validate_input(path, 256)
-stream = data.TrainWindows(path, 256)
+sources.validate_input(path, 256)
+stream = TrainWindows(path, 256)
 for _, batch in zip(range(20), stream.batches(16)):
     pass
 stream.state_dict()
-data.val_windows(path, 256, max_windows=64)
+val_windows(path, 256, max_windows=64)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 def throughput(path: Path, block_size: int, batch_size: int, step_ms: float) -> None:
-    split = data.split_text(path)
+    split = text_files.split_text(path)
     with open(path, "rb") as f:
         train_text = f.read(split.boundary_byte).decode("utf-8")
     encoding = bpe.get_encoding()
@@ -58,7 +60,7 @@ def throughput(path: Path, block_size: int, batch_size: int, step_ms: float) -> 
           f"({n_tokens / reference_s / 1e6:.2f} M tokens/s)")
 
     t0 = time.perf_counter()
-    stream = data.TrainWindows(path, block_size, shuffle_buffer=256)
+    stream = TrainWindows(path, block_size, shuffle_buffer=256)
     next(stream)  # starts the prefetch thread (and imports datasets)
     setup_s = time.perf_counter() - t0
     n_windows = n_tokens // block_size

@@ -27,7 +27,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from toygpt import data  # noqa: E402
+from toygpt.stream import val_windows  # noqa: E402
 import quantize  # noqa: E402
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
 from generate import greedy_agreement  # noqa: E402  (bench/generate.py, as bench/quantize.py measures it)
@@ -61,7 +61,7 @@ def measure(model_dir: Path, text: str | None, prompts: int, continuation: int) 
     text = text or quantize.training_input(model_dir)
     if text is None:
         raise ValueError(f"{model_dir} records no training text that still exists; pass --input FILE.")
-    windows = data.val_windows(text, fp32.config.block_size).windows
+    windows = val_windows(text, fp32.config.block_size).windows
     int8 = quantize.quantize_int8(fp32)
     figures = {
         "greedy": greedy_agreement(fp32, int8, windows, prompts, continuation),
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     for model_dir in args.model_dirs:
         try:
             figures = measure(model_dir, args.input, args.prompts, args.continuation_tokens)
-        except (ValueError, OSError) as err:  # quantize.QuantizeError, data.InputError, a missing file
+        except (ValueError, OSError) as err:  # quantize.QuantizeError, InputError, a missing file
             print(f"int8_agreement.py: error: {err}", file=sys.stderr)
             return 2
         print(f"{model_dir}:  " + "   ".join(f"{name} {value:.1%}" for name, value in figures.items()), flush=True)

@@ -14,7 +14,7 @@ measured in the same run, with its target:
     only when used), counted above the RSS it had before loading (interpreter, torch, transformers: the same for
     both), int8 / fp32 (target <= 0.5x); the whole-process figures are printed too
 - the trained model (tiny Shakespeare), quantized the same way:
-  * val loss over every window of the held-out last 10% (data.val_windows), relative rise   (target <= 1%)
+  * val loss over every window of the held-out last 10% (val_windows), relative rise   (target <= 1%)
   * greedy continuations (64 new tokens) of 20 prompts (the first 32 tokens of 20 evenly spaced held-out
     windows): share of positions where int8 emits fp32's token                                (target >= 90%)
 Exit status 1 if any target is missed.
@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from toygpt import data  # noqa: E402
+from toygpt.stream import val_windows  # noqa: E402
 import quantize  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from int8_toygpt import int8_kernel  # noqa: E402
@@ -134,7 +134,7 @@ def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continu
     loss = {"fp32": figures["before"]["val_loss"], "int8": figures["after"]["val_loss"]}
     models = {"fp32": load(trained), "int8": load(int8_dir)}
     block_size = models["fp32"].config.block_size
-    windows = data.val_windows(corpus, block_size).windows  # the prompts come from the same windows
+    windows = val_windows(corpus, block_size).windows  # the prompts come from the same windows
     agreement = greedy_agreement(models["fp32"], models["int8"], windows, prompts, continuation)
     return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agreement}
 

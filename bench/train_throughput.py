@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toygpt import corpus  # noqa: E402
-from toygpt import data  # noqa: E402
+from toygpt.stream import TrainWindows  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
 from toygpt.corpus_vocab import CorpusVocab  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         if config.vocab_size not in vocabs:
             vocabs[config.vocab_size] = CorpusVocab.of_training_split(path, config.vocab_size)
         vocab, seconds = vocabs[config.vocab_size]
-        stream = data.TrainWindows(path, config.block_size)
+        stream = TrainWindows(path, config.block_size)
         result = compare(build_steps(config, vocab, args.optimizer), stream.batches(args.batch_size), args.steps,
                          args.warmup, args.batch_size * config.block_size)
         stream.close()

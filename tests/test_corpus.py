@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from toygpt import corpus
-from toygpt import data
+from toygpt import sources
+from toygpt.stream import val_windows
 from conftest import REPO, SHARED_SHAKESPEARE, run_python
 
 
@@ -35,8 +36,8 @@ def test_default_corpus_offline_is_assembled_in_tiny_shakespeare_format(tmp_path
         assert lines and all(line.strip() for line in lines), speech
     assert not re.search(r"\*\*|_\\?\[|^#|\\", text, re.M)  # no Markdown left
     assert "MENENIUS:\n" in text  # Coriolanus comes first, like tiny Shakespeare
-    data.validate_input(path, 256)
-    assert data.val_windows(path, 256, max_windows=4).windows.shape == (4, 257)
+    sources.validate_input(path, 256)
+    assert val_windows(path, 256, max_windows=4).windows.shape == (4, 257)
     mtime = path.stat().st_mtime_ns
     assert corpus.default_corpus() == (path, description) and path.stat().st_mtime_ns == mtime  # cached
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # no temp files left
@@ -83,7 +84,7 @@ print(oct(stat.S_IMODE(path.stat().st_mode)), sorted(p.name for p in path.parent
 
 
 def test_corpus_does_not_import_the_data_pipeline():
-    # Data flows one way: toygpt/data.py reads what toygpt/corpus.py prepares.
+    # Data flows one way: toygpt/sources.py reads what toygpt/corpus.py prepares.
     code = ("import sys; from toygpt import corpus; "
             "print(sorted(m for m in ('toygpt.data', 'datasets', 'torch', 'toygpt.bpe') if m in sys.modules))")
     assert run_python(code, cwd=REPO).strip() == "[]"

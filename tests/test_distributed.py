@@ -73,7 +73,7 @@ def test_values_from_rank_0_travel_as_tensors_on_the_training_device(monkeypatch
 
 def test_evaluation_sums_on_the_training_device(monkeypatch, tiny_model_dir):
     """evaluate() hands the all-reduce tensors made on the device it evaluates on (the model's)."""
-    from toygpt import data
+    from toygpt.stream import ValWindows
     from toygpt.evaluation import evaluate
     from modeling_toygpt import ToyGPTForCausalLM
     from toygpt.training_loss import CausalLMLoss
@@ -81,7 +81,7 @@ def test_evaluation_sums_on_the_training_device(monkeypatch, tiny_model_dir):
     recorder = Recorder(monkeypatch)
     model = ToyGPTForCausalLM.from_pretrained(tiny_model_dir)
     windows = torch.randint(0, 50257, (4, 9))
-    val = data.ValWindows(windows, torch.full((4,), 20))
+    val = ValWindows(windows, torch.full((4,), 20))
     processes = Processes(rank=0, world_size=1, device=torch.device("cpu"), distributed=True)
     result = evaluate(CausalLMLoss(model), val, batch_size=2, processes=processes)
     assert [(name, t.device, t.dtype) for name, t in recorder.calls] == [("all_reduce", torch.device("cpu"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toygpt import data
+from toygpt.stream import val_windows
 from conftest import small_config
 from toygpt.evaluation import evaluate
 from modeling_toygpt import ToyGPTForCausalLM
@@ -20,7 +20,7 @@ def test_evaluate_is_the_mean_cross_entropy_and_bits_per_character(tmp_path):
     path.write_text(text, encoding="utf-8")
     torch.manual_seed(0)
     model = ToyGPTForCausalLM(small_config(block_size=16)).train()
-    val = data.val_windows(path, 16)
+    val = val_windows(path, 16)
     with torch.no_grad():
         logits = model.eval()(val.windows[:, :-1]).logits
     model.train()

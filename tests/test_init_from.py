@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 
-from toygpt import data
+from toygpt.stream import val_windows
 from toygpt import init_from
 from configuration_toygpt import ToyGPTConfig
 from conftest import REPO, run_python
@@ -65,7 +65,7 @@ def windows(shakespeare_path, tmp_path_factory):
     """Held-out windows of 33 tokens, as train.py's evals read them at --block-size 32."""
     text = tmp_path_factory.mktemp("text") / "input.txt"
     text.write_text(shakespeare_path.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return text, data.val_windows(text, 32, max_windows=16)
+    return text, val_windows(text, 32, max_windows=16)
 
 
 def max_logit_diff(model, reference) -> float:
@@ -332,7 +332,7 @@ def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_r
     run_train("--init-from", start, "--input", text, "--output-dir", out, *TRAIN_FLAGS, "--max-steps", "2",
               "--eval-every", "1", "--lr", "0", "--min-lr", "0")
     first = next(r for r in metrics(out) if "val_loss" in r)
-    val = data.val_windows(text, 32, max_windows=2 * 4)  # --eval-batches x --batch-size
+    val = val_windows(text, 32, max_windows=2 * 4)  # --eval-batches x --batch-size
     assert first["step"] == 1 and first["val_loss"] == pytest.approx(gpt2_loss(gpt2, val.windows), rel=1e-5)
     args = json.loads((out / "training_args.json").read_text())
     assert args["init_from"] == str(start) and (args["n_layer"], args["n_embd"], args["block_size"]) == (2, 64, 32)

@@ -10,10 +10,10 @@ from conftest import REPO
 # Each module's step in the data flow; a module may import modules of its own step or earlier ones.
 # Root modules by their file name, package modules as "toygpt.<name>".
 FLOW = {
-    "toygpt.corpus": 0, "toygpt.dataset_source": 0,  # text (a file, files, a dataset's rows)
+    "toygpt.corpus": 0, "toygpt.text_files": 0, "toygpt.dataset_source": 0,  # text (a file, files, a dataset's rows)
     "toygpt.file_modes": 0,  # the user's umask for what any step writes
-    "toygpt.bpe": 1,  # tokens
-    "toygpt.data": 2,  # windows
+    "toygpt.bpe": 1, "toygpt.sources": 1,  # tokens (a source's text, checked, as tokens)
+    "toygpt.stream": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
     "toygpt.training_loss": 3, "toygpt.distributed": 3, "toygpt.evaluation": 3, "toygpt.optim": 3,
     "toygpt.run_log": 3, "toygpt.tracking": 3, "toygpt.corpus_vocab": 3,

@@ -1,4 +1,4 @@
-"""data.resolve_source beyond one file: directories and globs of text files, a local parquet dataset, a dataset repo
+"""sources.resolve_source beyond one file: directories and globs of text files, a local parquet dataset, a dataset repo
 on the stand-in Hub (streamed over HTTP): hold-outs, exact resume, disjoint ranks, errors, flat memory."""
 
 import io
@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from toygpt import bpe
-from toygpt import data
+from toygpt import sources
+from toygpt.stream import TrainWindows, val_windows
+from toygpt.text_files import InputError
 from conftest import REPO, run_python
 from hub_server import FakeHub
 
@@ -65,32 +67,32 @@ def held_out(text):
 def test_text_directory_holds_out_each_files_last_tenth(tmp_path):
     root = write_text_dir(tmp_path / "books")
     (root / ".hidden.txt").write_text("H000001; never read\n" * 50)
-    source, description = data.resolve_source(input=str(root), block_size=BLOCK)
+    source, description = sources.resolve_source(input=str(root), block_size=BLOCK)
     assert description == "books/ (3 text files)" and source.describe() == description
     assert str(tmp_path) not in description
-    stream = data.TrainWindows(source, BLOCK, shuffle_buffer=32)
+    stream = TrainWindows(source, BLOCK, shuffle_buffer=32)
     seen = set()
     for window in take(stream, 600):  # more than one epoch
         seen |= markers(window, "TVH")
     stream.close()
     assert seen and all(m.startswith("T") for m in seen)
     assert {m[:3] for m in seen} == {"Tf0", "Tf1", "Tf2"}
-    val = data.val_windows(source, BLOCK)
+    val = val_windows(source, BLOCK)
     val_seen = set().union(*(markers(w, "TVH") for w in val.windows))
     assert val_seen and all(m.startswith("V") for m in val_seen)
 
 
 def test_text_files_tokenize_as_documents_ending_in_endoftext(tmp_path):
     root = write_text_dir(tmp_path / "books", n_files=4, n_lines=2000)
-    source, _ = data.resolve_source(input=str(root / "doc*.txt"), block_size=BLOCK)
+    source, _ = sources.resolve_source(input=str(root / "doc*.txt"), block_size=BLOCK)
     texts = [(root / f"doc{i}.txt").read_text(encoding="utf-8") for i in range(4)]
     expected = []
     for text in texts:
         expected += bpe.encode(text[: int(len(text) * 0.9)]) + [bpe.EOT_ID]
     assert len(source.train_shards(2)) % 2 == 0 and len(source.train_shards(1)) > 1  # several shards
-    assert [t for ids in data.train_token_pieces(source) for t in ids.tolist()] == expected
+    assert [t for ids in sources.train_token_pieces(source) for t in ids.tolist()] == expected
     # the held-out windows: each file's last 10%, each ending its document; EOT targets count no characters
-    val = data.val_windows(source, BLOCK)
+    val = val_windows(source, BLOCK)
     covered = bpe.decode([t for t in val.windows[:, 1:].flatten().tolist() if t != bpe.EOT_ID])
     assert val.target_chars.sum().item() == len(covered)
 
@@ -98,53 +100,53 @@ def test_text_files_tokenize_as_documents_ending_in_endoftext(tmp_path):
 def test_glob_takes_only_its_matches(tmp_path):
     root = write_text_dir(tmp_path / "corpus")
     (root / "notes.md").write_text("M000001; not matched\n" * 200)
-    source, description = data.resolve_source(input=str(root / "*.txt"), block_size=BLOCK)
+    source, description = sources.resolve_source(input=str(root / "*.txt"), block_size=BLOCK)
     assert description == "corpus/*.txt (3 text files)"
     assert source.spec() == {"input": str(root.resolve() / "*.txt")}
     assert [f["name"] for f in source.fingerprint()["files"]] == ["doc0.txt", "doc1.txt", "doc2.txt"]
-    with pytest.raises(data.InputError, match=r"holds no files"):
-        data.resolve_source(input=str(root / "*.rst"), block_size=BLOCK)
+    with pytest.raises(InputError, match=r"holds no files"):
+        sources.resolve_source(input=str(root / "*.rst"), block_size=BLOCK)
 
 
 def test_text_file_fingerprint_changes_with_the_text(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text(lines("T", 400))
-    source, _ = data.resolve_source(input=str(path), block_size=BLOCK)
+    source, _ = sources.resolve_source(input=str(path), block_size=BLOCK)
     before = source.fingerprint()
     assert before["type"] == "file" and before["size"] == path.stat().st_size
     assert str(tmp_path) not in json.dumps(before)
     moved = tmp_path / "b.txt"
     moved.write_bytes(path.read_bytes())
-    assert data.resolve_source(input=str(moved), block_size=BLOCK)[0].fingerprint() == before  # content, not name
+    assert sources.resolve_source(input=str(moved), block_size=BLOCK)[0].fingerprint() == before  # content, not name
     path.write_text(lines("T", 400).replace("T000007", "T000008"))
-    assert data.resolve_source(input=str(path), block_size=BLOCK)[0].fingerprint() != before
+    assert sources.resolve_source(input=str(path), block_size=BLOCK)[0].fingerprint() != before
 
 
 def test_bad_text_files_are_named(tmp_path):
     root = write_text_dir(tmp_path / "mixed", n_files=2)
     (root / "z.txt").write_bytes("é".encode("utf-16"))
-    with pytest.raises(data.InputError, match=r"z\.txt is UTF-16 text.*iconv -f UTF-16 -t UTF-8"):
-        data.resolve_source(input=str(root), block_size=BLOCK)
+    with pytest.raises(InputError, match=r"z\.txt is UTF-16 text.*iconv -f UTF-16 -t UTF-8"):
+        sources.resolve_source(input=str(root), block_size=BLOCK)
     short = tmp_path / "short"
     short.mkdir()
     (short / "a.txt").write_text("a few words\n")
-    with pytest.raises(data.InputError, match=r"short/ \(1 text file\) is too short for block_size=16.*--block-size"):
-        data.resolve_source(input=str(short), block_size=BLOCK)
+    with pytest.raises(InputError, match=r"short/ \(1 text file\) is too short for block_size=16.*--block-size"):
+        sources.resolve_source(input=str(short), block_size=BLOCK)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(data.InputError, match="holds no files"):
-        data.resolve_source(input=str(empty), block_size=BLOCK)
+    with pytest.raises(InputError, match="holds no files"):
+        sources.resolve_source(input=str(empty), block_size=BLOCK)
 
 
 def test_dataset_flags_with_a_text_input_are_refused(tmp_path):
     root = write_text_dir(tmp_path / "books")
-    with pytest.raises(data.InputError, match=r"--text-column applies to datasets only"):
-        data.resolve_source(input=str(root), text_column="body", block_size=BLOCK)
-    with pytest.raises(data.InputError, match=r"--dataset-config and --split apply to datasets only"):
-        data.resolve_source(input=str(root), dataset_config="en", split="test", block_size=BLOCK)
-    assert data.resolve_source(input=str(root), split=None, text_column=None, block_size=BLOCK)[0].paths
-    with pytest.raises(data.InputError, match=r"either --input .* or --dataset"):
-        data.resolve_source(input=str(root), dataset="alice/corpus", block_size=BLOCK)
+    with pytest.raises(InputError, match=r"--text-column applies to datasets only"):
+        sources.resolve_source(input=str(root), text_column="body", block_size=BLOCK)
+    with pytest.raises(InputError, match=r"--dataset-config and --split apply to datasets only"):
+        sources.resolve_source(input=str(root), dataset_config="en", split="test", block_size=BLOCK)
+    assert sources.resolve_source(input=str(root), split=None, text_column=None, block_size=BLOCK)[0].paths
+    with pytest.raises(InputError, match=r"either --input .* or --dataset"):
+        sources.resolve_source(input=str(root), dataset="alice/corpus", block_size=BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,22 +156,22 @@ def test_dataset_flags_with_a_text_input_are_refused(tmp_path):
 def test_parquet_without_validation_split_holds_out_a_tenth_of_rows(tmp_path):
     texts = rows("T", 3000)
     write_parquet(tmp_path / "pq" / "train.parquet", texts, n=list(range(3000)))
-    source, description = data.resolve_source(input=str(tmp_path / "pq"), block_size=BLOCK)
+    source, description = sources.resolve_source(input=str(tmp_path / "pq"), block_size=BLOCK)
     assert description == "dataset pq/ (config default, split train)"
     assert source.spec() == {"input": str((tmp_path / "pq").resolve()), "dataset_config": None, "split": "train",
                              "text_column": "text"}
-    assert data.resolve_source(**source.spec(), block_size=BLOCK)[0].fingerprint() == source.fingerprint()
+    assert sources.resolve_source(**source.spec(), block_size=BLOCK)[0].fingerprint() == source.fingerprint()
     train = [t for t in texts if not held_out(t)]
     assert 0.05 < 1 - len(train) / len(texts) < 0.15
     # one pass over the training rows, in dataset order, each row a document
     expected = [t for text in train for t in bpe.encode(text) + [bpe.EOT_ID]]
-    assert [t for ids in data.train_token_pieces(source) for t in ids.tolist()] == expected
+    assert [t for ids in sources.train_token_pieces(source) for t in ids.tolist()] == expected
     # held-out rows never reach training; validation reads exactly them
-    val = data.val_windows(source, BLOCK)
+    val = val_windows(source, BLOCK)
     held = {t.split(";")[0] for t in texts if held_out(t)}
     val_seen = set().union(*(markers(w, "T") for w in val.windows))
     assert val_seen and val_seen <= held
-    stream = data.TrainWindows(source, BLOCK, shuffle_buffer=16)
+    stream = TrainWindows(source, BLOCK, shuffle_buffer=16)
     train_seen = set().union(*(markers(w, "T") for w in take(stream, 3000)))
     stream.close()
     assert len(train_seen) > 2000 and not train_seen & held
@@ -180,34 +182,34 @@ def test_parquet_validation_split_is_the_held_out_text(tmp_path):
     write_parquet(root / "data" / "train-00000-of-00002.parquet", rows("T", 800))
     write_parquet(root / "data" / "train-00001-of-00002.parquet", rows("U", 800))
     write_parquet(root / "data" / "validation-00000-of-00001.parquet", rows("V", 300))
-    source, _ = data.resolve_source(input=str(root), block_size=BLOCK)
+    source, _ = sources.resolve_source(input=str(root), block_size=BLOCK)
     assert source.holdout == "its 'validation' split"
-    assert [t for ids in data.train_token_pieces(source) for t in ids.tolist()] == [
+    assert [t for ids in sources.train_token_pieces(source) for t in ids.tolist()] == [
         t for text in rows("T", 800) + rows("U", 800) for t in bpe.encode(text) + [bpe.EOT_ID]]
-    val = data.val_windows(source, BLOCK)
+    val = val_windows(source, BLOCK)
     assert set().union(*(markers(w, "TUV") for w in val.windows)) <= {f"V{i:06d}" for i in range(300)}
     covered = bpe.decode([t for t in val.windows[:, 1:].flatten().tolist() if t != bpe.EOT_ID])
     assert val.target_chars.sum().item() == len(covered)  # bits per character: characters of the targets
-    assert torch.equal(data.val_windows(str(root), BLOCK).windows, val.windows)  # a path works too (quantize.py)
+    assert torch.equal(val_windows(str(root), BLOCK).windows, val.windows)  # a path works too (quantize.py)
 
 
 def test_dataset_errors_name_the_fix(tmp_path):
     write_parquet(tmp_path / "pq" / "train.parquet", rows("T", 200), body=rows("B", 200), n=list(range(200)))
     src = str(tmp_path / "pq")
     columns = r"no column 'content'; its columns are \['text', 'body', 'n'\].*--text-column"
-    with pytest.raises(data.InputError, match=columns):
-        data.resolve_source(input=src, text_column="content", block_size=BLOCK)
-    with pytest.raises(data.InputError, match=r"Column 'n' .* holds .*int64.*not text.*--text-column"):
-        data.resolve_source(input=src, text_column="n", block_size=BLOCK)
-    with pytest.raises(data.InputError, match=r"no split 'test'; it has \['train'\].*--split"):
-        data.resolve_source(input=src, split="test", block_size=BLOCK)
-    source, description = data.resolve_source(input=src, text_column="body", block_size=BLOCK)
+    with pytest.raises(InputError, match=columns):
+        sources.resolve_source(input=src, text_column="content", block_size=BLOCK)
+    with pytest.raises(InputError, match=r"Column 'n' .* holds .*int64.*not text.*--text-column"):
+        sources.resolve_source(input=src, text_column="n", block_size=BLOCK)
+    with pytest.raises(InputError, match=r"no split 'test'; it has \['train'\].*--split"):
+        sources.resolve_source(input=src, split="test", block_size=BLOCK)
+    source, description = sources.resolve_source(input=src, text_column="body", block_size=BLOCK)
     assert description == "dataset pq/ (config default, split train, column body)"
-    val = data.val_windows(source, BLOCK, max_windows=8).windows
+    val = val_windows(source, BLOCK, max_windows=8).windows
     assert any(markers(w, "B") for w in val) and not any(markers(w, "T") for w in val)
     write_parquet(tmp_path / "tiny" / "train.parquet", ["one row"])
-    with pytest.raises(data.InputError, match=r"too short for block_size=16"):
-        data.resolve_source(input=str(tmp_path / "tiny"), block_size=BLOCK)
+    with pytest.raises(InputError, match=r"too short for block_size=16"):
+        sources.resolve_source(input=str(tmp_path / "tiny"), block_size=BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,23 +228,23 @@ def make_source(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["text_dir", "parquet"])
 def test_exact_resume(kind, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MIN_SHARD_BYTES", 8 << 10)  # several shards from small files
-    source, _ = data.resolve_source(input=make_source(kind, tmp_path), block_size=BLOCK)
+    monkeypatch.setattr(text_files, "MIN_SHARD_BYTES", 8 << 10)  # several shards from small files
+    source, _ = sources.resolve_source(input=make_source(kind, tmp_path), block_size=BLOCK)
     kwargs = dict(seed=3, shuffle_buffer=16)
-    reference = data.TrainWindows(source, BLOCK, **kwargs)
+    reference = TrainWindows(source, BLOCK, **kwargs)
     windows, epochs = [], []
     while len(epochs) < 200 or epochs[-200] < 1:  # into the second epoch
         windows.append(next(reference))
         epochs.append(reference.epoch)
     reference.close()
     boundary = epochs.index(1)
-    stream = data.TrainWindows(source, BLOCK, **kwargs)
+    stream = TrainWindows(source, BLOCK, **kwargs)
     taken = 0
     for k in (1, 77, boundary - 1, boundary + 5):
         take(stream, k - taken)
         taken = k
         state = json.loads(json.dumps(stream.state_dict()))
-        resumed = data.TrainWindows(source, BLOCK, **kwargs)
+        resumed = TrainWindows(source, BLOCK, **kwargs)
         resumed.load_state_dict(state)
         for expected in windows[k : k + 40]:
             assert torch.equal(next(resumed), expected), f"resumed after {k} windows"
@@ -254,11 +256,11 @@ def test_exact_resume(kind, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["text_dir", "parquet"])
 def test_two_ranks_see_disjoint_text(kind, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MIN_SHARD_BYTES", 8 << 10)
-    source, _ = data.resolve_source(input=make_source(kind, tmp_path), block_size=BLOCK)
+    monkeypatch.setattr(text_files, "MIN_SHARD_BYTES", 8 << 10)
+    source, _ = sources.resolve_source(input=make_source(kind, tmp_path), block_size=BLOCK)
     seen = []
     for rank in (0, 1):
-        stream = data.TrainWindows(source, BLOCK, rank=rank, world_size=2, shuffle_buffer=8)
+        stream = TrainWindows(source, BLOCK, rank=rank, world_size=2, shuffle_buffer=8)
         windows = []
         while stream.epoch == 0:
             windows.append(next(stream))
@@ -272,11 +274,11 @@ def test_dataset_with_fewer_parts_than_ranks_splits_rows(tmp_path):
     path = tmp_path / "one" / "train.jsonl"
     path.parent.mkdir()
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows("T", 1500)))
-    source, _ = data.resolve_source(input=str(path.parent), block_size=BLOCK)
+    source, _ = sources.resolve_source(input=str(path.parent), block_size=BLOCK)
     assert source.train_shards(2) == [0]  # one file: datasets gives each rank every other row
     seen = []
     for rank in (0, 1):
-        stream = data.TrainWindows(source, BLOCK, rank=rank, world_size=2, shuffle_buffer=8)
+        stream = TrainWindows(source, BLOCK, rank=rank, world_size=2, shuffle_buffer=8)
         seen.append(set().union(*(markers(w, "T") for w in take(stream, 300))))
         stream.close()
     assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -288,35 +290,38 @@ def test_dataset_with_fewer_parts_than_ranks_splits_rows(tmp_path):
 HUB_PROBE = """
 import json, sys
 import torch
-from toygpt import data
+from toygpt import bpe, sources
+from toygpt.stream import TrainWindows, val_windows
+from toygpt.text_files import InputError
 out = {}
-source, out["description"] = data.resolve_source(dataset="alice/corpus", block_size=16)
+source, out["description"] = sources.resolve_source(dataset="alice/corpus", block_size=16)
 out["fingerprint"], out["spec"], out["holdout"] = source.fingerprint(), source.spec(), source.holdout
-stream = data.TrainWindows(source, 16, shuffle_buffer=8)
+stream = TrainWindows(source, 16, shuffle_buffer=8)
 first = [next(stream) for _ in range(30)]
 state = json.loads(json.dumps(stream.state_dict()))
 after = [next(stream) for _ in range(20)]
 stream.close()
-resumed = data.TrainWindows(source, 16, shuffle_buffer=8)
+resumed = TrainWindows(source, 16, shuffle_buffer=8)
 resumed.load_state_dict(state)
 out["resumed_exactly"] = all(torch.equal(next(resumed), w) for w in after)
 resumed.close()
-out["train_text"] = [data.bpe.decode(w.tolist()) for w in first]
-out["val_text"] = [data.bpe.decode(w.tolist()) for w in data.val_windows(source, 16, max_windows=20).windows]
+out["train_text"] = [bpe.decode(w.tolist()) for w in first]
+out["val_text"] = [bpe.decode(w.tolist()) for w in val_windows(source, 16, max_windows=20).windows]
 for kwargs in ({"dataset": "alice/missing"}, {"dataset": "alice/corpus", "dataset_config": "nope"},
                {"dataset": "alice/corpus", "text_column": "body"}):
     try:
-        data.resolve_source(block_size=16, **kwargs)
-    except data.InputError as err:
+        sources.resolve_source(block_size=16, **kwargs)
+    except InputError as err:
         out.setdefault("errors", []).append(str(err))
 print(json.dumps(out))
 """
 
 ERROR_PROBE = """
-from toygpt import data
+from toygpt import sources
+from toygpt.text_files import InputError
 try:
-    data.resolve_source(dataset="alice/corpus", block_size=16)
-except data.InputError as err:
+    sources.resolve_source(dataset="alice/corpus", block_size=16)
+except InputError as err:
     print(err)
 """
 
@@ -379,14 +384,15 @@ def test_unreachable_or_offline_hub_is_reported_before_training(tmp_path):
 
 MEMORY_PROBE = """
 import resource, sys
-from toygpt import data
-source, _ = data.resolve_source(input=sys.argv[1], block_size=256)
+from toygpt import sources
+from toygpt.stream import TrainWindows, val_windows
+source, _ = sources.resolve_source(input=sys.argv[1], block_size=256)
 source.fingerprint()
-stream = data.TrainWindows(source, 256)
+stream = TrainWindows(source, 256)
 for _, batch in zip(range(20), stream.batches(16)):
     pass
 state = stream.state_dict()
-val = data.val_windows(source, 256, max_windows=64)
+val = val_windows(source, 256, max_windows=64)
 stream.close()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

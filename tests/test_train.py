@@ -496,7 +496,7 @@ def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
     from modeling_toygpt import ToyGPTForCausalLM
     from toygpt.training_loss import CausalLMLoss
 
-    from toygpt import data
+    from toygpt.stream import val_windows
 
     state = json.loads(next((run_a / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     n_seen = len(state["vocab"]["seen_ids"])
@@ -504,7 +504,7 @@ def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
     model = ToyGPTForCausalLM.from_pretrained(run_a)
     assert model.config.vocab_size == 50257 and model.transformer.wte.weight.shape == (50257, 32)
     final = metrics(run_a)[-1]
-    val = data.val_windows(text_file, 32, max_windows=4 * 2 * 4)  # FINAL_EVAL_BATCHES x --eval-batches x batch
+    val = val_windows(text_file, 32, max_windows=4 * 2 * 4)  # FINAL_EVAL_BATCHES x --eval-batches x batch
     result = evaluate(CausalLMLoss(model), val, batch_size=4)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert result["val_bits_per_char"] == pytest.approx(final["val_bits_per_char"], rel=1e-5)

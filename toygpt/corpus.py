@@ -1,4 +1,4 @@
-"""The default corpus: tiny Shakespeare, fetched or assembled once into a cache; toygpt/data.py only reads it.
+"""The default corpus: tiny Shakespeare, fetched or assembled once into a cache; toygpt/sources.py only reads it.
 
     path, description = default_corpus()    # description is DOWNLOADED or ASSEMBLED
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from toygpt import data
+from toygpt import sources
 
 VOCAB_MODES = ("auto", "corpus", "full")
 AUTO_MAX_SEEN_FRACTION = 0.5  # --vocab auto: compact only when the corpus uses less than half of the vocabulary
@@ -51,7 +51,7 @@ class CorpusVocab:
         """One streaming pass over the training split (memory flat in its size); also the seconds it took."""
         start = time.perf_counter()
         seen = np.zeros(vocab_size, dtype=bool)
-        for ids in data.train_token_pieces(source):
+        for ids in sources.train_token_pieces(source):
             seen[ids] = True
         return cls(np.flatnonzero(seen), vocab_size), time.perf_counter() - start
 

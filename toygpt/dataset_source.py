@@ -1,12 +1,13 @@
 """A 🤗 datasets dataset as training text: a local directory `datasets` can read (parquet, jsonl/json, csv, arrow)
 or a dataset repo on the Hub (wherever HF_ENDPOINT points), streamed with `load_dataset(..., streaming=True)`, so
-memory stays flat whatever the dataset's size. toygpt/data.py turns the rows into tokens and windows.
+memory stays flat whatever the dataset's size. It is one of toygpt/sources.py's `Source`s; toygpt/stream.py turns
+the rows into tokens and windows.
 
     source = DatasetSource.hub("alice/corpus", config=None, split="train", text_column="text")  # or .local(dir, ...)
     parts = source.train_shards(world_size)   # the stream permutes them each epoch and splits them across ranks
     source.train_examples(parts)              # IterableDataset of {"text": row} over those parts, in that order
     source.val_texts()                        # the held-out rows, in order
-    source.describe(), source.fingerprint(), source.spec()
+    source.description, source.fingerprint(), source.spec()
 
 Opening checks, before any training, everything that can be checked (DatasetError names what failed and the
 fix): the Hub answers and has the dataset (its revision is then pinned to the commit it reported, so the data cannot
@@ -15,7 +16,7 @@ change under a run), the config and split exist, the text column exists and hold
 Each row is one document. Held-out rows: the dataset's "validation" split when it has one (and --split is not that
 split), else the rows whose UTF-8 text has a CRC-32 divisible by HOLDOUT_MODULUS (one row in ten). That rule reads
 the text alone, so it does not depend on file order, shards, ranks or epochs, and duplicated rows all land on the
-same side. Empty rows are skipped on both sides.
+same side. Blank rows (empty, or only whitespace) are no document: skipped on both sides.
 
 Shards: the split's data files, or, when there are few, the row groups of its parquet files (`reshard`), grouped
 into at most MAX_PARTS contiguous parts (`IterableDataset.shard`); each epoch concatenates the parts in a new order.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 # Extensions of the files `load_dataset(directory)` reads (its packaged builders); a directory holding any is a
-# dataset directory, any other directory is read as text files by toygpt/data.py.
+# dataset directory, any other directory is read as text files (toygpt/sources.py).
 DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
 VALIDATION_SPLIT = "validation"
 HOLDOUT_MODULUS = 10
@@ -39,7 +40,7 @@ ROW_BATCH = 64  # rows per hold-out filter call
 
 
 class DatasetError(ValueError):
-    """The dataset cannot be used; the message names the problem and the fix (toygpt/data.py reports it as InputError)."""
+    """The dataset cannot be used; the message names the problem and the fix (sources.py reports it as InputError)."""
 
 
 def is_dataset_dir(directory: Path) -> bool:
@@ -67,8 +68,13 @@ def is_held_out(text: str) -> bool:
     return zlib.crc32(text.encode("utf-8")) % HOLDOUT_MODULUS == 0
 
 
+def has_text(text: str) -> bool:
+    """A row is a document when it holds a character other than whitespace."""
+    return bool(text) and not text.isspace()
+
+
 def _train_rows(batch: list, hold_out: bool) -> list[bool]:
-    return [bool(text) and not (hold_out and is_held_out(text)) for text in batch]
+    return [has_text(text) and not (hold_out and is_held_out(text)) for text in batch]
 
 
 def _hub_error(repo_id: str, err: Exception) -> DatasetError:
@@ -97,8 +103,7 @@ def _hub_error(repo_id: str, err: Exception) -> DatasetError:
 class DatasetSource:
     """A dataset's train split and held-out rows, checked when opened; see the module docstring."""
 
-    columns = ["text"]  # of train_examples
-    rows_are_documents = True
+    rows_are_documents = True  # see sources.Source
 
     def __init__(self, path: str, *, hub: bool, config: str | None, split: str, text_column: str,
                  revision: str | None = None):
@@ -141,6 +146,9 @@ class DatasetSource:
             f"its {VALIDATION_SPLIT!r} split" if has_validation
             else f"the rows whose text has CRC-32 % {HOLDOUT_MODULUS} == 0"
         )
+        column = "" if text_column == "text" else f", column {text_column}"
+        where = path if hub else f"{self.name}/"
+        self.description = f"dataset {where} (config {self.config}, split {split}{column})"
 
     @classmethod
     def local(cls, directory: str | Path, *, config=None, split="train", text_column="text") -> "DatasetSource":
@@ -163,12 +171,7 @@ class DatasetSource:
         ds = ds.select_columns([self.text_column])
         return ds if self.text_column == "text" else ds.rename_column(self.text_column, "text")
 
-    # ---- what toygpt/data.py uses -----------------------------------------------------------------------------------
-    def describe(self) -> str:
-        column = "" if self.text_column == "text" else f", column {self.text_column}"
-        where = self.path if self.hub else f"{self.name}/"
-        return f"dataset {where} (config {self.config}, split {self.split}{column})"
-
+    # ---- sources.Source -----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         common = {"config": self.config, "split": self.split, "text_column": self.text_column}
         if self.hub:
@@ -184,17 +187,13 @@ class DatasetSource:
             return {"dataset": self.path, "dataset_revision": self.revision, **common}
         return {"input": self.path, **common}
 
-    def stream_identity(self, parts: list[int]) -> dict:
-        """What TrainWindows' state records of the source (keys other than "source" must match on resume)."""
-        return {"source": self.describe(), "n_parts": len(parts)}
-
     def train_shards(self, world_size: int) -> list[int]:
         """Part indices: at most MAX_PARTS, a multiple of world_size where there are enough (whole parts per rank)."""
         n = min(self.train.num_shards, MAX_PARTS)
         return list(range(n - n % world_size if n >= world_size else n))
 
     def train_examples(self, parts: list[int]):
-        """The training rows ({"text": str}) of these parts, in this order: held-out and empty rows dropped."""
+        """The training rows ({"text": str}) of these parts, in this order: held-out and blank rows dropped."""
         from datasets import concatenate_datasets
 
         ds = concatenate_datasets([self.train.shard(num_shards=len(parts), index=i) for i in parts])
@@ -205,5 +204,5 @@ class DatasetSource:
         """The held-out rows in dataset order, as (text, ends a document) pairs: each row is a whole document."""
         for example in self.val if self.val is not None else self.train:
             text = example["text"]
-            if text and (self.val is not None or is_held_out(text)):
+            if has_text(text) and (self.val is not None or is_held_out(text)):
                 yield text, True

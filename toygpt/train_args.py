@@ -2,7 +2,7 @@
 
 `prepare(args)` claims --output-dir (model_dir.OutputDir: lock, finish an interrupted save, never the user's files),
 resolves every flag (the preset's training defaults; on --resume the checkpoint's arguments, refusing flags that
-would change the run), checks the device, the training data (data.resolve_source) and --init-from, and returns what
+would change the run), checks the device, the training data (sources.resolve_source) and --init-from, and returns what
 the run needs. Everything that can be wrong with a command line is reported from here, as a TrainError.
 """
 
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from toygpt import data
+from toygpt import sources
 from toygpt import init_from
 from toygpt.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from configuration_toygpt import PRESETS, ToyGPTConfig
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = p.add_argument
     add("--input", help="training text: a UTF-8 text file, a directory or quoted glob of text files, or a directory of "
-        f"parquet/jsonl/csv/arrow files (default: {data.DEFAULT_INPUT} if present, else the default corpus)")
+        f"parquet/jsonl/csv/arrow files (default: {sources.DEFAULT_INPUT} if present, else the default corpus)")
     add("--dataset", help="a Hub dataset to stream instead of --input, as owner/name (HF_ENDPOINT, HF_TOKEN respected)")
     add("--dataset-config", help="the dataset's config (subset), if it has several")
     add("--split", help="dataset split to train on (default: train); held out: its 'validation' split, else a fixed "
@@ -226,7 +226,7 @@ def prepare(args: argparse.Namespace):
     Returns the resolved args (with the data records of DATA_RECORDS), the checked data source, the checkpoint to
     resume from or None, the --init-from model (fp32, loaded) or None, and the claimed output dir (locked on rank 0
     until it is closed)."""
-    given_input = args.input or (data.DEFAULT_INPUT if data.DEFAULT_INPUT.is_file() else None)
+    given_input = args.input or (sources.DEFAULT_INPUT if sources.DEFAULT_INPUT.is_file() else None)
     output = OutputDir(args.output_dir, inputs=[given_input], replace=args.overwrite or args.resume,
                        lock=os.environ.get("RANK", "0") == "0", log=lambda message: print(message, file=sys.stderr),
                        exists_hint=", --resume to continue its checkpoint, or choose another --output-dir")
@@ -245,7 +245,7 @@ def prepare(args: argparse.Namespace):
                             if args.resume else None)
         model_config(args)
         check_device(args.device)
-        source, args.data_description = data.resolve_source(
+        source, args.data_description = sources.resolve_source(
             input=args.input, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             text_column=args.text_column, block_size=args.block_size,
             dataset_revision=saved.get("data_source", {}).get("dataset_revision"))  # a resumed run keeps its commit
