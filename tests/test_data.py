@@ -91,6 +91,16 @@ def test_empty_file(tmp_path):
         sources.validate_input(write(tmp_path / "empty.txt", ""), BLOCK)
 
 
+def test_whitespace_only_file_is_refused_like_an_empty_one(tmp_path):
+    # Long enough to give windows: the old check let it through, and a model trained on blanks (13.7 bits/char).
+    path = write(tmp_path / "blank.txt", " \t \n\n   \u3000\n" * 2000)
+    with pytest.raises(InputError, match=r"blank\.txt holds only whitespace.*Put some UTF-8 text in it"):
+        sources.validate_input(path, BLOCK)
+    with pytest.raises(InputError, match="holds only whitespace"):
+        sources.resolve_source(input=str(path), block_size=BLOCK)
+    assert not text_files.split_text(write(tmp_path / "one.txt", "\n" * 5000 + "x")).blank  # one character is text
+
+
 def test_directory_is_rejected(tmp_path):
     with pytest.raises(InputError, match="not a regular file"):
         sources.validate_input(tmp_path, BLOCK)

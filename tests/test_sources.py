@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from toygpt import bpe
-from toygpt import sources
+from toygpt import sources, text_files
 from toygpt.stream import TrainWindows, val_windows
 from toygpt.text_files import InputError
 from conftest import REPO, run_python
@@ -68,7 +68,7 @@ def test_text_directory_holds_out_each_files_last_tenth(tmp_path):
     root = write_text_dir(tmp_path / "books")
     (root / ".hidden.txt").write_text("H000001; never read\n" * 50)
     source, description = sources.resolve_source(input=str(root), block_size=BLOCK)
-    assert description == "books/ (3 text files)" and source.describe() == description
+    assert description == "books/ (3 text files)" and source.description == description
     assert str(tmp_path) not in description
     stream = TrainWindows(source, BLOCK, shuffle_buffer=32)
     seen = set()
@@ -95,6 +95,27 @@ def test_text_files_tokenize_as_documents_ending_in_endoftext(tmp_path):
     val = val_windows(source, BLOCK)
     covered = bpe.decode([t for t in val.windows[:, 1:].flatten().tolist() if t != bpe.EOT_ID])
     assert val.target_chars.sum().item() == len(covered)
+
+
+def test_blank_files_in_a_directory_are_skipped_and_counted(tmp_path):
+    # An empty or whitespace-only file holds no document: skipped (not refused, one blank file among many should not
+    # stop a run), and the description says so; a directory of nothing but blank files is refused.
+    root = write_text_dir(tmp_path / "books")
+    plain, _ = sources.resolve_source(input=str(root), block_size=BLOCK)
+    expected = [ids.tolist() for ids in sources.train_token_pieces(plain)]
+    expected_val = val_windows(plain, BLOCK).windows
+    (root / "doc1b.txt").write_text(" \n\t\n   \n" * 3000)
+    (root / "doc9.txt").write_text("")
+    source, description = sources.resolve_source(input=str(root), block_size=BLOCK)
+    assert description == "books/ (5 text files, 2 blank skipped)"
+    assert [ids.tolist() for ids in sources.train_token_pieces(source)] == expected
+    assert torch.equal(val_windows(source, BLOCK).windows, expected_val)
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("\n\n  \n" * 3000)
+    (blank / "b.txt").write_text("")
+    with pytest.raises(InputError, match=r"--input blank/ holds no text: each of its files is empty or only whitespace"):
+        sources.resolve_source(input=str(blank), block_size=BLOCK)
 
 
 def test_glob_takes_only_its_matches(tmp_path):
@@ -175,6 +196,18 @@ def test_parquet_without_validation_split_holds_out_a_tenth_of_rows(tmp_path):
     train_seen = set().union(*(markers(w, "T") for w in take(stream, 3000)))
     stream.close()
     assert len(train_seen) > 2000 and not train_seen & held
+
+
+def test_blank_rows_are_no_documents(tmp_path):
+    # A whitespace-only row is skipped like an empty one, on both sides: no "   " + <|endoftext|> documents.
+    texts = rows("T", 600)
+    blanks = ["", "   ", "\t\n", " \t\n"] * 50  # "\t\n" falls in the CRC-32 hold-out
+    write_parquet(tmp_path / "pq" / "train.parquet", [t for pair in zip(texts, blanks * 3) for t in pair])
+    source, _ = sources.resolve_source(input=str(tmp_path / "pq"), block_size=BLOCK)
+    expected = [t for text in texts if not held_out(text) for t in bpe.encode(text) + [bpe.EOT_ID]]
+    assert [t for ids in sources.train_token_pieces(source) for t in ids.tolist()] == expected
+    held = [t for text in texts if held_out(text) for t in bpe.encode(text) + [bpe.EOT_ID]]
+    assert [t for ids in sources.val_token_pieces(source) for t in ids.tolist()] == held
 
 
 def test_parquet_validation_split_is_the_held_out_text(tmp_path):
