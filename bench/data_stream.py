@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from toygpt import bpe  # noqa: E402
 from toygpt import corpus  # noqa: E402
 from toygpt import text_files  # noqa: E402
-from toygpt.stream import TrainWindows, val_windows  # noqa: E402
+from toygpt.stream import TrainWindows  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -2,7 +2,7 @@
 
 train.py (periodic and final evals), quantize.py (fp32 against int8) and the benches call `evaluate`:
 
-    result = evaluate(CausalLMLoss(model), val_windows(path, block_size), batch_size=8)
+    result = evaluate(CausalLMLoss(model), stream.val_windows(path, block_size), batch_size=8)
     result["val_loss"], result["val_perplexity"], result["val_bits_per_char"], result["val_tokens"]
 
 Bits per character = summed loss (nats) / characters of the target tokens / ln 2, so models with different
@@ -39,7 +39,7 @@ def metrics_from_sums(loss_sum: float, tokens: int, chars: int) -> dict:
 @torch.no_grad()
 def evaluate(loss_model, val, batch_size: int, max_batches: int | None = None, amp_dtype=None,
              processes: Processes | None = None) -> dict:
-    """Mean loss over the first max_batches * batch_size windows of `val` (all if None): a ValWindows.
+    """Mean loss over the first max_batches * batch_size windows of `val` (all if None): a stream.ValWindows.
 
     `loss_model` is a training_loss.CausalLMLoss (or anything with its forward(x, y, reduction="sum")); it is put
     in eval mode for the pass and back in its previous mode after.
