@@ -86,5 +86,5 @@ print(oct(stat.S_IMODE(path.stat().st_mode)), sorted(p.name for p in path.parent
 def test_corpus_does_not_import_the_data_pipeline():
     # Data flows one way: toygpt/sources.py reads what toygpt/corpus.py prepares.
     code = ("import sys; from toygpt import corpus; "
-            "print(sorted(m for m in ('toygpt.data', 'datasets', 'torch', 'toygpt.bpe') if m in sys.modules))")
+            "print(sorted(m for m in ('toygpt.sources', 'toygpt.stream', 'datasets', 'torch', 'toygpt.bpe') if m in sys.modules))")
     assert run_python(code, cwd=REPO).strip() == "[]"
