@@ -272,6 +272,19 @@ def test_close_stops_and_joins_the_prefetch_thread(tmp_path):
     assert prefetch_threads() == before
 
 
+def test_a_stream_state_written_before_the_sources_protocol_still_resumes(tmp_path):
+    """Checkpoints of runs before toygpt/stream.py recorded a text file as its path and size, without n_shards."""
+    path = write(tmp_path / "old.txt", numbered_lines(800))
+    stream = TrainWindows(path, BLOCK, seed=3, shuffle_buffer=8)
+    take(stream, 77)
+    state = json.loads(json.dumps(stream.state_dict()))
+    del state["source"], state["n_shards"]
+    state.update(path=str(path), n_bytes=path.stat().st_size)
+    resumed = TrainWindows(path, BLOCK, seed=3, shuffle_buffer=8)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(take(stream, 40), take(resumed, 40)))
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     path = write(tmp_path / "a.txt", numbered_lines(500))
     state = TrainWindows(path, BLOCK, seed=1).state_dict()

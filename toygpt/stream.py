@@ -209,6 +209,9 @@ class TrainWindows:
     def load_state_dict(self, state: dict) -> None:
         settings = ("block_size", "seed", "rank", "world_size", "shuffle_buffer")  # state_dict's, from attributes
         mine = {"n_shards": len(self.shards), **{key: getattr(self, key) for key in settings}}
+        state = {**state, "n_shards": state.get("n_shards", state.get("n_parts"))}  # a dataset's, before 2026-12
+        if state["n_shards"] is None:  # a text file's state before 2026-12: its shards follow from the file, which
+            del mine["n_shards"]  # the run's data fingerprint (sha256) has already checked
         for key in mine:
             if state.get(key) != mine[key]:
                 raise ValueError(
