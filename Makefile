@@ -21,8 +21,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# Optional: llama.cpp's Python binding, for the test that runs an exported GGUF in llama.cpp itself. pip compiles
-# llama.cpp from source (about 18 minutes on 2 cores), so neither `make install` nor CI installs it.
+# Optional: llama-cpp-python, a second llama.cpp binding for the test that runs an exported GGUF in llama.cpp itself
+# (`make install` already brings xllamacpp's prebuilt wheel for it). pip compiles llama.cpp from source (about 18
+# minutes on 2 cores), so neither `make install` nor CI installs it.
 install-llama-cpp: install
 	$(PY) -m pip install -q llama-cpp-python
 

@@ -1,10 +1,11 @@
 """`convert_gpt2.py to-gguf`: a ToyGPT dir -> a GPT-2 GGUF file, checked by independent readers: the gguf package's
-reader (metadata, tensor types), transformers (`gguf_file=`: logits, tokenizer, greedy tokens) and, where
-llama-cpp-python is installed, llama.cpp itself (greedy tokens)."""
+reader (metadata, tensor types), transformers (`gguf_file=`: logits, tokenizer, greedy tokens) and llama.cpp itself (tokenizer, greedy tokens)
+through xllamacpp's prebuilt wheel and, where it is installed, llama-cpp-python."""
 
 import json
 import re
 import shutil
+import urllib.request
 
 import gguf
 import pytest
@@ -97,25 +98,109 @@ def test_q8_0_gguf_picks_the_same_greedy_token_at_90_percent_of_positions(model_
     assert agreement >= 0.9, agreement
 
 
-def test_llama_cpp_generates_toygpts_greedy_tokens_from_the_f32_gguf(model_dir, ggufs):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (`make install-llama-cpp`: it compiles llama.cpp)")
+class XllamacppRuntime:
+    """llama.cpp through xllamacpp, whose prebuilt CPU wheel (glibc 2.17) installs with `make install`: llama.cpp's
+    own server, in-process, listening on 127.0.0.1. Its native routes take and return token ids (the OpenAI-style
+    `handle_completions` withholds a token's id while its text is an incomplete UTF-8 sequence)."""
+
+    def __init__(self, path, n_ctx):
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx, params.n_parallel, params.warmup = n_ctx, 1, False
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
+        self.server = xllamacpp.Server(params)
+
+    def post(self, route, body):
+        request = urllib.request.Request(self.server.listening_address + route, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
+    def tokenize(self, text):
+        return self.post("/tokenize", {"content": text, "add_special": False})["tokens"]
+
+    def greedy(self, prompt_ids, new_tokens):
+        return self.post("/completion", {"prompt": prompt_ids, "n_predict": new_tokens, "temperature": 0.0,
+                                         "top_k": 1, "ignore_eos": True, "cache_prompt": False,
+                                         "return_tokens": True})["tokens"]
+
+    def close(self):
+        del self.server
+
+
+class LlamaCppPythonRuntime:
+    """llama.cpp through llama-cpp-python (`make install-llama-cpp` compiles it), where it is installed."""
+
+    def __init__(self, path, n_ctx):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, seed=0, verbose=False)
+
+    def tokenize(self, text):
+        return self.llm.tokenize(text.encode(), add_bos=False)
+
+    def greedy(self, prompt_ids, new_tokens):
+        generated = []
+        for token in self.llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            generated.append(token)
+            if len(generated) == new_tokens:
+                return generated
+
+    def close(self):
+        self.llm.close()
+
+
+LLAMA_CPP_RUNTIMES = {
+    "xllamacpp": (XllamacppRuntime, "xllamacpp is not installed (requirements-dev.txt: `make install`)"),
+    "llama_cpp": (LlamaCppPythonRuntime,
+                  "llama-cpp-python is not installed (`make install-llama-cpp`: it compiles llama.cpp)"),
+}
+
+
+@pytest.fixture(params=sorted(LLAMA_CPP_RUNTIMES))
+def llama_cpp_runtime(request):
+    """A factory for one llama.cpp binding; each test closes what it opens."""
+    runtime, reason = LLAMA_CPP_RUNTIMES[request.param]
+    pytest.importorskip(request.param, reason=reason)
+    opened = []
+
+    def open_gguf(path, n_ctx):
+        opened.append(runtime(path, n_ctx))
+        return opened[-1]
+
+    yield open_gguf
+    for llm in opened:
+        llm.close()
+
+
+def test_llama_cpp_generates_toygpts_greedy_tokens_from_the_f32_gguf(model_dir, ggufs, llama_cpp_runtime):
     model = ToyGPTForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    llm = llama_cpp.Llama(model_path=str(ggufs["f32"]), n_ctx=64, n_threads=2, seed=0, verbose=False)
-    try:
-        for prompt in ("ROMEO:", "Hello, my name is"):
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            assert llm.tokenize(prompt.encode(), add_bos=False) == prompt_ids
-            expected = greedy(model, torch.tensor([prompt_ids]), new_tokens=24)
-            generated = []
-            for token in llm.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-                generated.append(token)
-                if len(generated) == len(expected):
-                    break
-            assert generated == expected, prompt
-    finally:
-        llm.close()
+    llm = llama_cpp_runtime(ggufs["f32"], 64)
+    assert llm.tokenize(TEXT) == tokenizer(TEXT)["input_ids"]
+    for prompt in ("ROMEO:", "Hello, my name is"):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        expected = greedy(model, torch.tensor([prompt_ids]), new_tokens=24)
+        assert llm.greedy(prompt_ids, 24) == expected, prompt
+
+
+def test_llama_cpp_q8_0_picks_toygpts_greedy_token_at_90_percent_of_positions(model_dir, ggufs, llama_cpp_runtime,
+                                                                             record_property):
+    """Teacher-forced, as the transformers q8_0 test above: llama.cpp's greedy next token after every prefix of random
+    text against ToyGPT's fp32 argmax there. The agreement is reported (`record_property`, in the JUnit XML)."""
+    model = ToyGPTForCausalLM.from_pretrained(model_dir).eval()
+    input_ids = torch.randint(0, EOT, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids).logits.argmax(-1)
+    llm = llama_cpp_runtime(ggufs["q8_0"], 64)
+    matches = [llm.greedy(row[:k].tolist(), 1) == [expected[i, k - 1].item()]
+               for i, row in enumerate(input_ids) for k in range(1, 64)]
+    agreement = sum(matches) / len(matches)
+    record_property("llama_cpp_q8_0_greedy_agreement", agreement)
+    print(f"llama.cpp q8_0 greedy agreement with ToyGPT fp32: {agreement:.3f} of {len(matches)} positions")
+    assert agreement >= 0.9, agreement
 
 
 def test_model_without_biases_exports_zero_biases(tmp_path):
