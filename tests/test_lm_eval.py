@@ -9,7 +9,7 @@ How the two score text, and why they agree exactly on the windows checked here:
 * Windows. The harness tokenizes each document on its own and predicts every token: the first window feeds
   <|endoftext|> then the document's first B-1 tokens and scores B tokens (B = the context, 64 here); each next
   window scores the next B tokens from the B tokens before them; the last one scores the r = N mod B left over
-  with a full context of B. That is ToyGPT's packing (`data.val_windows`: windows of B+1 tokens at stride B) of
+  with a full context of B. That is ToyGPT's packing (`stream.val_windows`: windows of B+1 tokens at stride B) of
   <|endoftext|> + the document, plus that partial tail. ToyGPT's own validation stream differs at the edges:
   no <|endoftext|> in front (its first token is context only), and an incomplete last window is dropped; so its
   figure over a text file's held-out part is a different average, reported beside the harness's, not compared.
@@ -34,7 +34,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm_eval is not installed (requi
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from toygpt import bpe  # noqa: E402
-from toygpt.data import ValWindows, split_text, val_windows  # noqa: E402
+from toygpt.stream import ValWindows, val_windows  # noqa: E402
+from toygpt.text_files import split_text  # noqa: E402
 from toygpt.evaluation import evaluate  # noqa: E402
 from toygpt.training_loss import CausalLMLoss  # noqa: E402
 

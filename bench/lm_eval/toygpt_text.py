@@ -1,5 +1,5 @@
 """Documents for the `toygpt_text` lm-evaluation-harness task (toygpt_text.yaml): a local UTF-8 text file, by default
-its held-out last 10% of characters, the same text train.py's validation loss reads (toygpt.data's split)."""
+its held-out last 10% of characters, the same text train.py's validation loss reads (toygpt.text_files.split_text)."""
 
 import re
 import sys
@@ -9,7 +9,7 @@ import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # the harness imports this file by path
 
-from toygpt.data import split_text  # noqa: E402
+from toygpt.text_files import split_text  # noqa: E402
 
 SPLITS = ("heldout", "all")
 DOCUMENTS = ("paragraphs", "whole")
