@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -211,7 +212,7 @@ def held_out(run: TrainingConfig) -> str:
         part = "its 'validation' split if it has one, else the rows whose text has CRC-32 % 10 == 0"
     else:
         part = "the last 10% of its characters"
-    return f"Validation used {part}, never trained on; training the rest."
+    return f"Validation used {part}, never trained on; training used the rest."
 
 
 def architecture(records: Records) -> str:
@@ -252,12 +253,12 @@ def vocabulary_text(run: TrainingConfig, vocab_size: int) -> str:
 
 
 def training(config: dict, run: TrainingConfig, final: dict) -> str:
-    return f"""## Training
-
-{optimizer_text(run)}; {schedule_text(run)}; gradient clipping {run.grad_clip:g}. {vocabulary_text(run, config['vocab_size'])}.
-Batch {run.batch_size} x {run.grad_accum} accumulation x {final['world_size']} process(es) of {config['block_size']}
-tokens, seed {run.seed}. {final['step']} optimizer steps, {final['tokens_seen']:,} training tokens,
-{final['elapsed_s'] / 60:.1f} minutes on {final['device']}."""
+    text = (f"{optimizer_text(run)}; {schedule_text(run)}; gradient clipping {run.grad_clip:g}. "
+            f"{vocabulary_text(run, config['vocab_size'])}. Batch {run.batch_size} x {run.grad_accum} accumulation x "
+            f"{final['world_size']} process(es) of {config['block_size']} tokens, seed {run.seed}. {final['step']} "
+            f"optimizer steps, {final['tokens_seen']:,} training tokens, {final['elapsed_s'] / 60:.1f} minutes on "
+            f"{final['device']}.")
+    return "## Training\n\n" + textwrap.fill(text, width=116, break_on_hyphens=False)
 
 
 def results(final: dict) -> str:

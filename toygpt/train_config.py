@@ -202,7 +202,7 @@ class TrainingConfig:
             defaults.update({k: v for k, v in dataclasses.asdict(saved).items()
                              if k not in ("resume", "overwrite", "data", "vocab_used", "start") and v is not None})
             defaults["start"] = saved.start
-        filled = {k: defaults[k] for k, v in self.__dict__.items() if v is None and k in defaults}
+        filled = {k: defaults[k] for k, v in self.__dict__.items() if v is None and k in defaults and k != "preset"}
         config = replace(self, preset=preset, **filled)
         if config.embedding_lr is None:
             config = replace(config, embedding_lr=config.lr)
