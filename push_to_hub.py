@@ -33,6 +33,7 @@ from toygpt import bpe
 from toygpt import model_card
 from toygpt.dataset_source import file_sha256
 from toygpt.gguf_export import write_gguf
+from toygpt.train_config import TrainingConfig
 from toygpt.model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
 from toygpt.model_dir import ModelDirError, atomic_dir, check_model_dir
 
@@ -270,12 +271,13 @@ def publishable_training_args(staged: Path, source: Path) -> tuple[str, bool] | 
     if not isinstance(args, dict):
         raise UsageError(f"{source} holds no JSON object; re-create the directory with train.py / quantize.py.")
     published, gone = {}, None
+    data = TrainingConfig.from_record(args).data
     for key, value in args.items():
         if key == "input_path" and isinstance(value, str):
             exists = Path(value).is_file()
             published["input_name"] = Path(value).name
             # train.py records the text's sha256 (input_sha256, copied as is below); only older dirs lack it
-            published["input_sha256"] = args.get("input_sha256") or (file_sha256(Path(value)) if exists else None)
+            published["input_sha256"] = data.input_sha256 or (file_sha256(Path(value)) if exists else None)
             gone = None if exists else value
         else:
             published[key] = without_local_paths(value)
@@ -308,9 +310,9 @@ def local_paths(args) -> dict[str, str]:
         if directory:
             add(directory, f"the {flag} path")
     for flag, directory in dirs.items():
-        recorded = model_card.read_json(Path(directory) / TRAINING_ARGS) if directory else None
-        for key in ("input_path", "input"):  # input_path is absolute; --input is as typed
-            value = recorded.get(key) if isinstance(recorded, dict) else None
+        recorded = TrainingConfig.load(directory) if directory else None
+        for value in ((recorded.data and recorded.data.input_path), recorded.input) if recorded else ():
+            # input_path is absolute; --input is as typed
             if isinstance(value, str) and Path(value).is_absolute():
                 add(value, f"the training text's path (recorded in {flag}'s {TRAINING_ARGS})")
     try:

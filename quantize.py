@@ -26,6 +26,7 @@ from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
 from toygpt import model_card
 from toygpt.model_dir import ModelDirError, OutputDir, OutputDirError, check_model_dir, write_model_files
 from modeling_toygpt import ToyGPTForCausalLM
+from toygpt.train_config import TrainingConfig
 from toygpt.training_loss import CausalLMLoss
 
 SPEED_PROMPT = "ROMEO:\nIs the day so young?"
@@ -133,10 +134,8 @@ def write_card(src: Path, out: Path, report: dict) -> None:
 
 def training_input(src: Path) -> str | None:
     """The text file train.py recorded for SRC (training_args.json), if it still exists."""
-    try:
-        recorded = json.loads((src / "training_args.json").read_text()).get("input_path")
-    except (OSError, ValueError):
-        return None
+    training = TrainingConfig.load(src)
+    recorded = training.data.input_path if training and training.data else None
     return recorded if recorded and Path(recorded).is_file() else None
 
 

@@ -3,417 +3,84 @@
     python train.py --preset tiny --time-budget-min 10 --input input.txt --output-dir out/toygpt
     torchrun --standalone --nproc_per_node 2 train.py --preset tiny --max-steps 500   # DistributedDataParallel
 
-The run streams text through toygpt/stream.py (training on the first 90% of the file by characters, validating on the
-last 10%), trains the corpus vocabulary where that is exact and saves time (toygpt/corpus_vocab.py), with --optimizer
-(AdamW, or Muon for the blocks' matrices) and --schedule (warmup + cosine, or warmup-stable-decay), evaluates
-periodically (val loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and
-finally swaps in OUTPUT atomically: the save_pretrained model directory, tokenizer, metrics.jsonl,
-training_args.json, loss_curve.png and a README.md card. The command line and its checks live in toygpt/train_args.py.
-
---time-budget-min: the schedule is fitted to the wall clock. After the first FIT_STEPS optimizer steps (inside the
-warmup for the presets, so the learning rate does not jump) the total step count is set to
-`steps so far + remaining budget / seconds per step so far`, and refitted the same way after every periodic eval
-(the average then includes eval time and any change in CPU contention). Training stops when the budget is spent
-even if the estimate was optimistic; the final checkpoint, eval and save come after the budget.
+The command line only: its flags become a toygpt.train_config.TrainingConfig (same names), toygpt/training.py runs
+it (checks first, in train_config.prepare), and errors become `train.py: error: ...` with exit status 2 (bad input)
+or 1 (a failure at run time).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
-import os
-import math
-import random
-import resource
-import shutil
-import signal
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
-from toygpt.stream import TrainWindows, val_windows
+from configuration_toygpt import PRESETS
+from toygpt import sources
+from toygpt.checkpoint import CHECKPOINT_DIR, CheckpointError
+from toygpt.corpus_vocab import VOCAB_MODES
+from toygpt.model_dir import OutputDirError
+from toygpt.optim import OPTIMIZERS, SCHEDULES
 from toygpt.text_files import InputError
-from toygpt import model_card
-from toygpt.checkpoint import (CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, read_trainer_state,
-                        restore_rng, rng_state, save_checkpoint)
-from toygpt.corpus_vocab import CorpusVocab, choose
-from toygpt.distributed import Processes
-from toygpt.evaluation import autocast, evaluate
-from toygpt.model_dir import OutputDir, OutputDirError, write_model_files
-from modeling_toygpt import ToyGPTForCausalLM
-from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
-from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
-from toygpt.train_args import TrainError, autocast_dtype, build_parser, model_config, prepare, start_output_dir
-from toygpt.training_loss import CausalLMLoss
-
-FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
-FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
-BATCH_HASH_ENV = "TOYGPT_LOG_BATCH_HASH"  # debug: each rank prints a hash of its first batch (DDP test)
+from toygpt.train_config import TrainError, TrainingConfig
+from toygpt.training import TrainFailed, resume_command, train
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The run: its state, one step, the schedule fit, checkpoints, evals
-
-
-@dataclass
-class RunState:
-    """What the training loop advances, and what a checkpoint saves and restores."""
-
-    total_steps: int
-    step: int = 0
-    budget_fitted: bool = False  # --time-budget-min: total_steps has been fitted to the wall clock
-    elapsed_before: float = 0.0  # training seconds spent by the processes this run resumed from
-    tokens_seen: int = 0
-    train_loss: float = float("nan")
-    start_step: int = 0  # the step this process started at
-    last_checkpoint_step: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def run_seconds(self) -> float:
-        """Seconds this process has trained."""
-        return time.perf_counter() - self.started
-
-    def elapsed(self) -> float:
-        """Seconds the whole run has trained, resumed parts included."""
-        return self.elapsed_before + self.run_seconds()
-
-
-def restore_run(checkpoint_dir: Path, model, optimizer, stream, args, processes: Processes):
-    """(RunState, scheduler) continuing `checkpoint_dir` exactly: weights, optimizer, schedule, stream and RNGs."""
-    saved = load_checkpoint(checkpoint_dir, model, optimizer, processes.rank, processes.world_size)
-    state = RunState(total_steps=saved["total_steps"], step=saved["step"], budget_fitted=saved["budget_fitted"],
-                     elapsed_before=saved["elapsed_s"], tokens_seen=saved["tokens_seen"], start_step=saved["step"],
-                     last_checkpoint_step=saved["step"])
-    if not state.budget_fitted or args.max_steps != saved["args"]["max_steps"]:
-        state.total_steps = args.max_steps  # a new --max-steps extends (or cuts) the schedule
-    try:
-        stream.load_state_dict(saved["rank_state"]["stream"])
-    except ValueError as err:  # the input changed in a way the recorded hash did not catch (older checkpoints)
-        raise TrainError(f"--resume: {err}") from None
-    scheduler = build_scheduler(optimizer, args, state.total_steps, state.step)
-    if state.total_steps == saved["total_steps"]:
-        scheduler.load_state_dict(saved["scheduler"])
-    restore_rng(saved["rank_rng"], saved["rank_state"]["python_random"])
-    return state, scheduler
-
-
-def forward_backward(step_model, batches, args, processes: Processes, amp_dtype) -> float:
-    """The gradients of one optimizer step over --grad-accum micro-batches; returns the mean training loss (over every
-    rank)."""
-    loss_sum = torch.zeros((), device=processes.device)
-    for micro in range(args.grad_accum):
-        batch = next(batches).to(processes.device, non_blocking=True)  # (batch_size, block_size + 1)
-        last_micro = micro == args.grad_accum - 1
-        # DDP all-reduces gradients on the last micro-batch only.
-        sync = step_model.no_sync() if processes.distributed and not last_micro else contextlib.nullcontext()
-        with sync:
-            with autocast(processes.device, amp_dtype):
-                # Every window position has its target (no token lost to the usual shift).
-                loss = step_model(batch[:, :-1], batch[:, 1:])
-            (loss / args.grad_accum).backward()
-        loss_sum += loss.detach()
-    return processes.all_reduce_sum(loss_sum).item() / args.grad_accum / processes.world_size
-
-
-def refuse_non_finite(train_loss: float, state: RunState, lr: float, args) -> None:
-    """A loss that is not finite stops the run before the optimizer applies it: the last checkpoint stays good."""
-    if math.isfinite(train_loss):
-        return
-    checkpoints = Path(args.output_dir) / CHECKPOINT_DIR
-    kept = (f"The last good checkpoint, step {state.last_checkpoint_step}, is in {checkpoints}: resume it with a "
-            "lower learning rate (--resume --lr ...), or start again with a lower --lr."
-            if latest_checkpoint(Path(args.output_dir)) else "No checkpoint was written yet: start again with a lower "
-            "--lr.")
-    raise TrainFailed(f"the training loss is {train_loss} at step {state.step + 1} (learning rate {lr:.3g}): "
-                      f"training diverged; nothing of this step was applied. {kept}")
-
-
-def apply_gradients(loss_model, optimizer, grad_clip: float) -> None:
-    """Clip (by the full model's gradient norm, also with the corpus vocabulary), step, zero the gradients."""
-    params, vocab = [p for p in loss_model.parameters() if p.grad is not None], loss_model.vocab
-    if vocab is not None:
-        vocab.to_per_row_gradient(loss_model.model)
-    if grad_clip > 0:
-        norm = (vocab.grad_norm(loss_model.model, params) if vocab is not None
-                else torch.nn.utils.get_total_norm([p.grad for p in params]))
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def refit_due(state: RunState, args, budget_s: float | None) -> bool:
-    """--time-budget-min: fit after FIT_STEPS timed steps, then refit at every eval (the pace then includes evals)."""
-    if budget_s is None:
-        return False
-    return state.step == FIT_STEPS or (state.budget_fitted and state.step % args.eval_every == 0)
-
-
-def refit_schedule(state: RunState, optimizer, scheduler, args, budget_s: float, processes: Processes):
-    """Set total_steps so that the schedule ends when the budget runs out, at the pace timed so far (rank 0's)."""
-    run_s = state.run_seconds()
-    seconds_left = budget_s - state.elapsed_before - run_s
-    fitted = fit_total_steps(state.step, state.step - state.start_step, run_s, seconds_left, args.max_steps)
-    fitted = processes.from_main(fitted)
-    state.budget_fitted = True
-    if fitted == state.total_steps:
-        return scheduler
-    state.total_steps = fitted
-    return build_scheduler(optimizer, args, fitted, state.step)
-
-
-def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, args, stream, processes: Processes):
-    """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N (the model being
-    trained: the compact one with the corpus vocabulary, whose ids the checkpoint records)."""
-    vocab = None if loss_model.vocab is None else loss_model.vocab.state_dict()
-    trainer_state = {"step": state.step, "total_steps": state.total_steps, "budget_fitted": state.budget_fitted,
-                     "elapsed_s": state.elapsed(), "tokens_seen": state.tokens_seen, "args": vars(args),
-                     "vocab": vocab}
-    model = loss_model.model
-    rank_state = {"stream": stream.state_dict(), "python_random": list(random.getstate())}
-    rank_states, rank_rngs = processes.gather_objects(rank_state), processes.gather_objects(rng_state())
-    if processes.is_main:
-        save_checkpoint(out_dir, model, optimizer, scheduler, trainer_state, rank_states, rank_rngs)
-    processes.barrier()
-    state.last_checkpoint_step = state.step
-
-
-def evaluate_and_log(loss_model, val, args, max_batches, amp_dtype, processes, metrics, state: RunState) -> dict:
-    result = evaluate(loss_model, val, args.batch_size, max_batches, amp_dtype, processes)
-    metrics.log({"step": state.step, **result, "elapsed_s": state.elapsed()})
-    step = state.step
-    if processes.is_main:
-        tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
-                   f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
-    return result
-
-
-def log_first_batch(batches, rank: int):
-    """Debug (BATCH_HASH_ENV): print a hash of this rank's first batch, then pass every batch on."""
-    first = next(batches)
-    print(f"rank {rank} first batch sha256 {hashlib.sha256(first.numpy().tobytes()).hexdigest()[:16]}",
-          file=sys.stderr, flush=True)
-    yield first
-    yield from batches
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-
-
-class TrainFailed(RuntimeError):
-    """A run that stopped at run time (diverged, interrupted); the message says what was kept and what to do."""
-
-
-@contextlib.contextmanager
-def ctrl_c_requests_a_stop():
-    """The first Ctrl-C sets the yielded event (the loop stops at the next step, saves a checkpoint and says how to
-    resume); a second one interrupts at once. Outside the main thread (no signals there), the event never fires."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request_stop(signum, frame):
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
-        print("\nCtrl-C: stopping after this step (Ctrl-C again to stop at once, without a checkpoint)",
-              file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def resume_command(args) -> str:
-    launcher = "torchrun --nproc_per_node N train.py" if os.environ.get("WORLD_SIZE", "1") != "1" else "python train.py"
-    return f"{launcher} --output-dir {args.output_dir} --resume"
-
-
-def corpus_vocabulary(args, source, resume_from, processes: Processes) -> CorpusVocab | None:
-    """--vocab's choice: the corpus vocabulary (the checkpoint's on --resume, else one pass over the training split on
-    rank 0, shared with every rank), or None for the full vocabulary."""
-    if resume_from is not None:
-        saved = read_trainer_state(resume_from).get("vocab")
-        return None if saved is None else CorpusVocab.from_state_dict(saved)
-    if args.vocab == "full":
-        return None
-    vocab_size = model_config(args).vocab_size
-    found = CorpusVocab.of_training_split(source, vocab_size) if processes.is_main else None
-    vocab = CorpusVocab.from_state_dict(processes.from_main_object(found and found[0].state_dict()))
-    if os.environ.get(BATCH_HASH_ENV):  # debug (DDP test): every rank holds the same ids
-        digest = hashlib.sha256(vocab.seen_ids.numpy().tobytes()).hexdigest()[:16]
-        print(f"rank {processes.rank} vocab sha256 {digest}", file=sys.stderr, flush=True)
-    use = choose(args.vocab, vocab.n_seen / vocab_size, fine_tuning=args.init_from is not None)
-    if processes.is_main:
-        trained = f"the corpus vocabulary, {vocab.n_seen + 1:,} rows" if use else "the full vocabulary"
-        print(f"vocab: the training split uses {vocab.n_seen:,} of the {vocab_size:,} token ids (one pass, "
-              f"{found[1]:.1f} s): training {trained}", file=sys.stderr, flush=True)
-    return vocab if use else None
-
-
-def build_run(args, source, resume_from, init_model, processes: Processes):
-    """The model, its loss, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`.
-
-    With the corpus vocabulary the model trained is the compact one (toygpt/corpus_vocab.py); the full one is saved."""
-    vocab = corpus_vocabulary(args, source, resume_from, processes)
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    random.seed(args.seed)
-    config = model_config(args)
-    if init_model is not None:  # --init-from: its fp32 weights, not a random init (always the full vocabulary)
-        model = init_model
-    else:
-        model = ToyGPTForCausalLM(config if vocab is None else vocab.compact_config(config))
-    if vocab is not None and resume_from is None:
-        vocab.init_compact(model)
-    model = model.to(processes.device).train()
-    loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
-    optimizer = build_optimizer(model, args, processes.device)
-    stream = TrainWindows(source, args.block_size, seed=args.seed, rank=processes.rank,
-                               world_size=processes.world_size)
-    val = val_windows(source, args.block_size, max_windows=FINAL_EVAL_BATCHES * args.eval_batches * args.batch_size)
-    if resume_from is not None:
-        state, scheduler = restore_run(resume_from, model, optimizer, stream, args, processes)
-        if processes.is_main:
-            print(f"resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
-    else:
-        torch.manual_seed(args.seed + processes.rank)  # dropout differs per rank
-        state, scheduler = RunState(total_steps=args.max_steps), build_scheduler(optimizer, args, args.max_steps)
-    return loss_model, optimizer, scheduler, stream, val, state
-
-
-def train(args: argparse.Namespace) -> dict:
-    """Run training as configured by build_parser()'s namespace; return the final metrics (rank 0's view)."""
-    args, source, resume_from, init_model, output = prepare(args)
-    try:
-        return run(args, source, resume_from, init_model, output)
-    finally:
-        output.close()
-
-
-def run(args, source, resume_from: Path | None, init_model, output: OutputDir) -> dict:
-    """The training loop, from the checked arguments to the written model directory."""
-    processes = Processes.launch(args.device)
-    device, amp_dtype, out_dir = processes.device, autocast_dtype(args.dtype, processes.device), output.path
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if processes.is_main:
-        print(f"data: {args.data_description}", file=sys.stderr, flush=True)
-        start_output_dir(output, resuming=resume_from is not None)
-    processes.barrier()
-    loss_model, optimizer, scheduler, stream, val, state = build_run(args, source, resume_from, init_model, processes)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
-    metrics.keep_until(state.step)
-
-    # Evals use loss_model as is: their batches differ per rank, no gradient sync.
-    step_model = torch.compile(loss_model) if args.compile else loss_model
-    if processes.distributed:
-        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = stream.batches(args.batch_size)
-    if os.environ.get(BATCH_HASH_ENV) and state.step == 0:
-        batches = log_first_batch(batches, processes.rank)
-    budget_s = args.time_budget_min * 60 if args.time_budget_min else None
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * processes.world_size
-    bar = tqdm(total=state.total_steps, initial=state.step, disable=not processes.is_main, desc="train",
-               dynamic_ncols=True)
-    with ctrl_c_requests_a_stop() as stop, bar:
-        while state.step < state.total_steps:
-            if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
-                break  # Ctrl-C, or the budget is spent: final checkpoint (and eval and save) below
-            step_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            state.train_loss = forward_backward(step_model, batches, args, processes, amp_dtype)
-            refuse_non_finite(state.train_loss, state, lr, args)
-            apply_gradients(loss_model, optimizer, args.grad_clip)
-            scheduler.step()
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
-            metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if state.step % args.eval_every == 0 and state.step < state.total_steps:
-                evaluate_and_log(loss_model, val, args, args.eval_batches, amp_dtype, processes, metrics, state)
-            if refit_due(state, args, budget_s):
-                scheduler = refit_schedule(state, optimizer, scheduler, args, budget_s, processes)
-                bar.total = state.total_steps
-            if state.step % args.checkpoint_every == 0 and state.step < state.total_steps:
-                checkpoint(out_dir, loss_model, optimizer, scheduler, state, args, stream, processes)
-    stream.close()
-
-    elapsed = state.elapsed()
-    if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
-        checkpoint(out_dir, loss_model, optimizer, scheduler, state, args, stream, processes)
-    if stop.is_set():
-        raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
-                          f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(args)}")
-    result = evaluate_and_log(loss_model, val, args, FINAL_EVAL_BATCHES * args.eval_batches, amp_dtype, processes,
-                              metrics, state)
-    final = finish(output, loss_model, args, state, result, elapsed, processes, metrics)
-    processes.barrier()
-    return final
-
-
-def finish(output: OutputDir, loss_model, args, state: RunState, result: dict, elapsed: float, processes,
-           metrics) -> dict:
-    """The final record; rank 0 logs it and writes the model directory (the full-vocabulary model)."""
-    vocab = loss_model.vocab
-    model = loss_model.model if vocab is None else vocab.expand(loss_model.model, model_config(args))
-    final = {
-        "final": True, "step": state.step, "train_loss": state.train_loss, **result,
-        "tokens_seen": state.tokens_seen, "elapsed_s": elapsed,
-        "tokens_per_s": (state.tokens_seen / elapsed) if elapsed else 0.0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "world_size": processes.world_size, "device": str(processes.device),
-        "n_params": sum(p.numel() for p in model.parameters()),
-    }
-    if processes.is_main:
-        metrics.log(final)
-        write_output_dir(output, model, args, final)
-        print(f"final: step {state.step}, val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
-              f"bits/char {final['val_bits_per_char']:.4f}; wrote {args.output_dir}", file=sys.stderr, flush=True)
-    return final
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model directory
-
-
-def write_output_dir(output: OutputDir, model, args, final: dict) -> None:
-    """Atomically replace the output dir by the complete model dir (+ metrics, args, plot, card, latest checkpoint);
-    what else the user keeps in it stays."""
-    records = read_metrics(output.path / "metrics.jsonl")
-    checkpoint_dir = latest_checkpoint(output.path)
-    with output.write() as tmp:
-        write_model_files(model, tmp)
-        with open(tmp / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        (tmp / "training_args.json").write_text(json.dumps(vars(args), indent=2))
-        plot_loss_curve(records, tmp / "loss_curve.png")
-        model_card.training_card(model.config.to_dict(), vars(args), final).save(str(tmp / "README.md"))
-        if checkpoint_dir is not None:  # kept for --resume with a larger --max-steps; hard links cost no space
-            shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR / checkpoint_dir.name, copy_function=_link_or_copy)
-
-
-def _link_or_copy(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--input", help="training text: a UTF-8 text file, a directory or quoted glob of text files, or a directory of "
+        f"parquet/jsonl/csv/arrow files (default: {sources.DEFAULT_INPUT} if present, else the default corpus)")
+    add("--dataset", help="a Hub dataset to stream instead of --input, as owner/name (HF_ENDPOINT, HF_TOKEN respected)")
+    add("--dataset-config", help="the dataset's config (subset), if it has several")
+    add("--split", help="dataset split to train on (default: train); held out: its 'validation' split, else a fixed "
+        "tenth of its rows")
+    add("--text-column", help="dataset column holding the text (default: text)")
+    add("--output-dir", default="out/toygpt", help="model directory to write (default: out/toygpt)")
+    add("--preset", choices=sorted(PRESETS), help="architecture + training defaults (default: tiny)")
+    add("--init-from", metavar="ID_OR_DIR", help="start from a checkpoint instead of random weights: a Hub repo id "
+        "(openai-community/gpt2 or a larger sibling), a GPT2LMHeadModel dir or a ToyGPT dir; the architecture comes "
+        "from it (--block-size may crop its context; --dropout is free; the preset gives training defaults only)")
+    add("--init-revision", help="with a Hub --init-from: the branch, tag or commit to start from (default: main)")
+    # Architecture (None: the preset's value; on --resume the checkpoint's).
+    add("--n-layer", type=int)
+    add("--n-head", type=int)
+    add("--n-embd", type=int)
+    add("--block-size", type=int, help="context length in tokens")
+    add("--dropout", type=float)
+    # Optimisation.
+    add("--batch-size", type=int, help="windows per micro-batch, per process")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step")
+    add("--vocab", choices=VOCAB_MODES, help="train the rows of the token ids the training split uses plus one shared row "
+        "(corpus; exact, faster), all 50257 (full), or auto: corpus when it uses under half of them (default)")
+    add("--optimizer", choices=OPTIMIZERS, help="adamw, or muon for the blocks' matrices (AdamW for the rest)")
+    add("--schedule", choices=SCHEDULES, help="warmup + cosine decay, or warmup-stable-decay (wsd)")
+    add("--lr", type=float, help="peak learning rate")
+    add("--embedding-lr", type=float, help="peak learning rate of the tied token embedding / head (default: --lr)")
+    add("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    add("--warmup-steps", type=int)
+    add("--max-steps", type=int, help="optimizer steps (with --time-budget-min: an upper bound)")
+    add("--time-budget-min", type=float, help="wall-clock budget in minutes; the schedule is fitted to it")
+    add("--weight-decay", type=float, help="AdamW weight decay on matrices (dim >= 2) only")
+    add("--grad-clip", type=float, help="max gradient norm (0 disables clipping)")
+    add("--eval-every", type=int, help="optimizer steps between evals")
+    add("--eval-batches", type=int, help="validation batches per periodic eval")
+    add("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    add("--seed", type=int, default=None, help="makes CPU runs reproducible (default 1337)")
+    add("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    add("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+        help="autocast dtype; auto = bfloat16 on CUDA, float32 elsewhere")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    add("--overwrite", action="store_true", help="replace an existing --output-dir")
+    add("--resume", action="store_true", help="continue from --output-dir/checkpoint (flags given override)")
+    return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    config = TrainingConfig(**vars(build_parser().parse_args(argv)))
     try:
-        train(args)
+        train(config)
     except (TrainError, InputError, CheckpointError, OutputDirError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
@@ -422,8 +89,8 @@ def main(argv=None) -> int:
         return 1
     except OSError as err:  # disk full, permissions, ...: what failed, not a traceback
         print(f"train.py: error: {err.strerror or err} ({err.filename or 'while training'}); the last checkpoint, if "
-              f"any, is in {Path(args.output_dir) / CHECKPOINT_DIR}: fix the cause and {resume_command(args)}",
-              file=sys.stderr)
+              f"any, is in {Path(config.output_dir) / CHECKPOINT_DIR}: fix the cause and "
+              f"{resume_command(config.output_dir)}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -5,7 +5,7 @@
     python bench/gpu.py --device cpu --preset tiny --steps 3   # the same code on CPU (a smoke test, no MFU)
 
 Each variant trains a fresh copy of one set of weights with the step train.py runs (train_step below mirrors
-train.forward_backward + train.apply_gradients for one process: the model wrapped in training_loss.CausalLMLoss,
+training.forward_backward + apply_gradients for one process: the model wrapped in training_loss.CausalLMLoss,
 torch.compile'd, bf16 autocast, TF32 matmuls, backward, the loss read back with .item(), grad clip 1.0, fused AdamW
 from optim.build_optimizer; one micro-batch of --batch-size x block_size tokens, moved from the CPU as train.py's
 stream delivers them). The reference is transformers' GPT2LMHeadModel with the same config and weights
@@ -57,7 +57,7 @@ PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), 
 class LogitsLoss(nn.Module):
     """GPT2LMHeadModel's training loss as its users compute it: the full (B, T, vocab) logits, then cross-entropy."""
 
-    vocab = None  # the full vocabulary, as train.apply_gradients reads it (training_loss.CausalLMLoss.vocab)
+    vocab = None  # the full vocabulary, as training.apply_gradients reads it (training_loss.CausalLMLoss.vocab)
 
     def __init__(self, model):
         super().__init__()
@@ -104,8 +104,8 @@ def matmul_tflops(device: torch.device, size: int = 8192, reps: int = 10) -> flo
 
 
 def train_step(step_model, optimizer, batches, device, amp_dtype, grad_clip: float = 1.0) -> float:
-    """train.forward_backward + train.apply_gradients for one process and one micro-batch (train.py also all-reduces
-    the loss and checks that it is finite between the two)."""
+    """toygpt/training.py's forward_backward + apply_gradients for one process and one micro-batch (training also
+    all-reduces the loss and checks that it is finite between the two)."""
     batch = next(batches).to(device, non_blocking=True)  # (batch_size, block_size + 1)
     with autocast(device, amp_dtype):
         loss = step_model(batch[:, :-1], batch[:, 1:])

@@ -5,7 +5,7 @@
 
 All three start from one config and see the same batches: real training windows of --input (default: tiny
 Shakespeare, else the default corpus), batch x 256 tokens. Each step is train.py's: the loss's backward, then
-train.apply_gradients (clipping at 1.0 by the full model's norm, the optimizer step, zero_grad); the loss is
+training.apply_gradients (clipping at 1.0 by the full model's norm, the optimizer step, zero_grad); the loss is
 training_loss.CausalLMLoss for ToyGPT, bench/gpu.py's LogitsLoss for GPT2LMHeadModel:
 - "corpus": --vocab corpus, the rows of the ids the training split uses plus one shared row (toygpt/corpus_vocab.py), with
   --optimizer (adamw or muon);
@@ -33,7 +33,7 @@ from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
 from toygpt.corpus_vocab import CorpusVocab  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 from toygpt.optim import build_optimizer  # noqa: E402
-from train import apply_gradients  # noqa: E402
+from toygpt.training import apply_gradients  # noqa: E402
 from toygpt.training_loss import CausalLMLoss  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parent))  # after the repository root, as bench/quantize.py does
@@ -48,7 +48,7 @@ TARGET_CORPUS_VS_FULL, TARGET_FULL_VS_GPT2 = 2.5, 1.1
 
 
 class TrainStep:
-    """One training step: the loss's backward, then train.apply_gradients (clip at 1.0, step, zero_grad)."""
+    """One training step: the loss's backward, then training.apply_gradients (clip at 1.0, step, zero_grad)."""
 
     def __init__(self, loss_model, optimizer):
         self.loss_model, self.optimizer = loss_model, optimizer

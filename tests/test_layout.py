@@ -18,7 +18,8 @@ FLOW = {
     "toygpt.training_loss": 3, "toygpt.distributed": 3, "toygpt.evaluation": 3, "toygpt.optim": 3,
     "toygpt.run_log": 3, "toygpt.tracking": 3, "toygpt.corpus_vocab": 3,
     "toygpt.checkpoint": 4,  # checkpoint
-    "toygpt.model_dir": 5, "toygpt.model_card": 5, "toygpt.train_args": 5,  # model dir
+    "toygpt.model_dir": 5, "toygpt.model_card": 5, "toygpt.train_config": 5,  # model dir
+    "toygpt.training": 5,  # the training loop: a checkpoint becomes a model dir
     "toygpt.gguf_export": 5, "toygpt.init_from": 5, "toygpt.gpt2_conversion": 5,
     "train": 5, "convert_gpt2": 5,
     "quantize": 6,  # int8 dir

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from toygpt import model_card
 from toygpt.model_card import FolderSizes, Records
+from toygpt.train_config import TrainingConfig
 
 CONFIG = {"model_type": "toygpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.1,
           "vocab_size": 50257, "tie_word_embeddings": True}
@@ -50,7 +51,8 @@ def test_read_records_takes_the_last_final_record_and_skips_a_cut_line(tmp_path)
         "training_args.json": json.dumps(ARGS),
         "metrics.jsonl": "".join(json.dumps(r) + "\n" for r in metrics) + '{"step": 31, "train_lo'})
     records = model_card.read_records(model_dir)
-    assert records.config == CONFIG and records.training_args == ARGS and records.int8_report is None
+    assert records.config == CONFIG and records.int8_report is None
+    assert records.training_args == TrainingConfig.from_record(ARGS)
     assert records.final["step"] == 30 and records.n_params == FINAL["n_params"] and records.trained
 
 
@@ -76,10 +78,13 @@ def test_training_card_renders_config_args_and_final_record():
     text = card.text
     assert text.lstrip().startswith("# ToyGPT (tiny preset, 1.2M parameters)")
     assert "2 layers, 2 heads, 32-dim embeddings,\ncontext 64 tokens" in text and "1,234,567 parameters" in text
-    assert "tiny Shakespeare (downloaded). Training used the first 90%" in text
-    assert "peak LR 0.003 with\n4 warmup steps and cosine decay to 0.0003" in text
-    assert "batch 4 x 2 accumulation x 1 process(es)" in text and "24 optimizer steps, 3,072 training" in text
-    assert "1.5 minutes on cpu" in text
+    assert "tiny Shakespeare (downloaded). Validation used the last 10% of its characters, never trained on" in text
+    # A record without an optimizer or schedule was written when AdamW and cosine were all train.py had.
+    words = " ".join(text.split())
+    assert "AdamW (betas 0.9/0.95), weight decay 0.1" in words and "Muon" not in words
+    assert "peak LR 0.003 with 4 warmup steps and cosine decay to 0.0003" in words
+    assert "Batch 4 x 2 accumulation x 1 process(es)" in words and "24 optimizer steps, 3,072 training" in words
+    assert "1.5 minutes on cpu" in words
     for row in ("| validation loss | 7.1234 | nats/token |", "| validation perplexity | 1238.46 |",
                 "| validation bits per character | 2.8765 | bits/char |", "| final training loss | 7.6543 |"):
         assert row in text, row
@@ -93,7 +98,58 @@ def test_training_card_renders_config_args_and_final_record():
 
 def test_training_data_falls_back_to_the_input_file_name():
     args = {k: v for k, v in ARGS.items() if k != "data_description"}
-    assert "`input.txt`. Training used the first 90%" in model_card.training_card(CONFIG, args, FINAL).text
+    assert "`input.txt`. Validation used the last 10%" in model_card.training_card(CONFIG, args, FINAL).text
+
+
+def training_words(args: dict) -> str:
+    """The card's Training data and Training sections of a run recorded as `args`, whitespace collapsed."""
+    text = model_card.training_card(CONFIG, args, FINAL).text
+    return " ".join(text[text.index("## Training data"):text.index("## Results")].split())
+
+
+# What train.py records for a default tiny run on a text file and for the gpt2 preset on a dataset without a validation
+# split: the card says what each used (the tiny preset's card once said AdamW and cosine).
+TINY_RUN = {**ARGS, "optimizer": "muon", "schedule": "wsd", "lr": 0.004, "embedding_lr": 0.008, "min_lr": 0.0004,
+            "warmup_steps": 20, "vocab": "auto", "vocab_used": "corpus", "data_fingerprint": {"type": "file"},
+            "data_holdout": "the last 10% of its characters"}
+GPT2_RUN = {**ARGS, "preset": "gpt2", "optimizer": "adamw", "schedule": "cosine", "lr": 0.0006, "embedding_lr": 0.0006,
+            "min_lr": 6e-05, "warmup_steps": 700, "vocab": "full", "vocab_used": "full", "input_path": None,
+            "data_description": "dataset user/corpus (config None, split train)",
+            "data_fingerprint": {"type": "hub_dataset"}, "data_holdout": "the rows whose text has CRC-32 % 10 == 0"}
+
+
+def test_a_muon_wsd_run_card_says_muon_wsd_and_the_corpus_vocabulary():
+    words = training_words(TINY_RUN)
+    assert "Muon (orthogonalised momentum, AdamW-matched update size) for the blocks' weight matrices" in words
+    assert ("peak LR 0.004 (tied embedding 0.008), warmup-stable-decay: 20 warmup steps, constant, then cosine decay "
+            "to 0.0004 over the last 30% of the steps") in words
+    assert "Vocabulary: the corpus vocabulary" in words and "saved as the full 50,257 rows" in words
+    assert "Validation used the last 10% of its characters, never trained on" in words
+    assert "AdamW (betas 0.9/0.95), weight decay" not in words and "with 20 warmup steps and cosine" not in words
+
+
+def test_an_adamw_cosine_run_card_says_adamw_cosine_and_the_full_vocabulary():
+    words = training_words(GPT2_RUN)
+    assert "AdamW (betas 0.9/0.95), weight decay 0.1 on matrices and embeddings" in words and "Muon" not in words
+    assert "peak LR 0.0006 with 700 warmup steps and cosine decay to 6e-05" in words and "tied embedding" not in words
+    assert "Vocabulary: all 50,257 rows trained" in words
+    assert ("dataset user/corpus (config None, split train). Validation used the rows whose text has CRC-32 % 10 == 0, "
+            "never trained on") in words
+    assert "90%" not in words
+
+
+@pytest.mark.parametrize("kind, held_out", [
+    ("file", "the last 10% of its characters"),
+    ("text_files", "the last 10% of each file's characters"),
+    ("hub_dataset", "its 'validation' split if it has one, else the rows whose text has CRC-32 % 10 == 0"),
+    ("dataset_dir", "its 'validation' split if it has one, else the rows whose text has CRC-32 % 10 == 0"),
+])
+def test_a_record_without_its_held_out_text_gets_its_source_kinds(kind, held_out):
+    """Runs recorded before data_holdout: what that kind of source holds out; the vocabulary's choice unknown."""
+    args = {**ARGS, "vocab": "auto", "data_fingerprint": {"type": kind}}
+    words = training_words(args)
+    assert f"Validation used {held_out}, never trained on" in words
+    assert "Vocabulary: --vocab auto (the choice it made was not recorded)" in words
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,7 +165,7 @@ def test_untrained_dir_gets_a_card_from_its_config_alone(tmp_path):
 
 
 def test_int8_card_renders_the_report_beside_the_training_records():
-    card = model_card.dir_card(Records(INT8_CONFIG, ARGS, FINAL, REPORT, FINAL["n_params"]))
+    card = model_card.dir_card(Records(INT8_CONFIG, TrainingConfig.from_record(ARGS), FINAL, REPORT, FINAL["n_params"]))
     assert {"int8", "quantized", "toygpt"} <= set(card.data.tags)
     assert card.text.lstrip().startswith("# ToyGPT (tiny preset, 1.2M parameters, int8)")
     assert headings(card) == ["## Architecture", "## Training data", "## Training", "## Results",
@@ -139,7 +195,8 @@ def test_int8_dir_without_a_report_names_its_scheme():
 
 
 def test_variant_card_on_the_hub_names_the_repo_and_subfolder():
-    text = model_card.dir_card(Records(INT8_CONFIG, ARGS, FINAL, REPORT, 1), "alice/toygpt", "int8").text
+    records = Records(INT8_CONFIG, TrainingConfig.from_record(ARGS), FINAL, REPORT, 1)
+    text = model_card.dir_card(records, "alice/toygpt", "int8").text
     assert 'repo = "alice/toygpt"' in text and "path/to" not in text
     assert 'model = AutoModelForCausalLM.from_pretrained(repo, subfolder="int8", trust_remote_code=True)' in text
 
@@ -152,8 +209,8 @@ FOLDERS = {"": FolderSizes(4_938_268, 12, 6_000_000), "int8": FolderSizes(1_300_
 
 
 def test_hub_card_combines_both_variants_sizes_and_the_space():
-    fp32 = Records(CONFIG, ARGS, FINAL, None, FINAL["n_params"])
-    int8 = Records(INT8_CONFIG, ARGS, FINAL, REPORT, FINAL["n_params"])
+    fp32 = Records(CONFIG, TrainingConfig.from_record(ARGS), FINAL, None, FINAL["n_params"])
+    int8 = Records(INT8_CONFIG, TrainingConfig.from_record(ARGS), FINAL, REPORT, FINAL["n_params"])
     card = model_card.hub_card(fp32, "alice/toygpt", FOLDERS, int8, space_id="alice/toygpt-demo")
     assert card.data.license == "mit" and {"toygpt", "int8", "custom_code"} <= set(card.data.tags)
     assert headings(card) == ["## Architecture", "## Training data", "## Training", "## Results",

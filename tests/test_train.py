@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -75,6 +76,13 @@ def train_module():
     return train
 
 
+@pytest.fixture(scope="module")
+def training():
+    from toygpt import training
+
+    return training
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input: exit 2 with a clear message, before any work, leaving no output directory
 
@@ -105,6 +113,9 @@ BAD_FLAGS = {
     "dropout_one": (["--dropout", "1.0"], "dropout"),
     "zero_budget": (["--time-budget-min", "0"], "--time-budget-min must be positive"),
     "no_gpu": (["--device", "cuda"], "no CUDA GPU is available"),
+    # Issue 17: each raised a traceback after the output dir was made.
+    "negative_seed": (["--seed", "-1"], "--seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
+    "huge_seed": (["--seed", "99999999999999999999"], "--seed must be between 0 and 4294967295"),
     # `nan < 0` is false: every float flag is checked for a finite value first.
     **{f"{flag}_{value}": ([f"--{flag}", value], f"--{flag} must be a finite number, got {value}")
        for flag, value in [("lr", "nan"), ("lr", "inf"), ("min-lr", "nan"), ("weight-decay", "inf"),
@@ -173,7 +184,7 @@ def test_run_logs_the_schedule(run_a, train_module):
     assert 3e-4 < logged[-1] < 3.2e-4  # one step before the end of the cosine
 
 
-def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, train_module):
+def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, training):
     budget_s = 6.0
     out = tmp_path / "model"
     run_train("--input", text_file, "--output-dir", out, *TINY, "--schedule", "cosine", "--time-budget-min", budget_s / 60,
@@ -184,14 +195,14 @@ def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, train_modu
     assert final["final"] and 0 < final["step"] < 100_000
     # Stops once the budget is spent (one step late at most; the final eval and save come after).
     assert final["elapsed_s"] < budget_s + 5, final
-    assert final["step"] > train_module.FIT_STEPS, "too slow to fit the schedule within 6 s"
+    assert final["step"] > training.FIT_STEPS, "too slow to fit the schedule within 6 s"
     state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     assert state["budget_fitted"] and final["step"] <= state["total_steps"] < 100_000
     # After the fit at step FIT_STEPS (no refit: eval never runs), the lr follows the cosine ending at the fitted
     # total step count, instead of the 100000-step one it started with.
     lrs = [r["lr"] for r in records if "train_loss" in r and "final" not in r]
     fitted, _ = scheduled_lrs(state["total_steps"], lr=1e-3, min_lr=1e-4, warmup_steps=2)
-    fit_step = train_module.FIT_STEPS
+    fit_step = training.FIT_STEPS
     assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
 
@@ -406,6 +417,52 @@ def test_resume_with_a_changed_architecture_names_the_flags(run_a, train_module,
     assert sorted((p.name, p.stat().st_mtime_ns) for p in run_a.rglob("*")) == before
 
 
+def test_a_grad_accum_beyond_one_steps_bound_is_refused_before_any_work(tmp_path, text_file):
+    """Issue 17: --grad-accum 1000000000 made one optimizer step that never ends (Ctrl-C stops at a step); a real
+    process, so that today's code fails by its timeout rather than hanging the suite."""
+    out = tmp_path / "model"
+    proc = subprocess.run(train_cmd("--input", text_file, "--output-dir", out, *TINY, "--grad-accum", 1_000_000_000),
+                          env=train_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert ("--grad-accum 1000000000 makes one optimizer step 128,000,000,000 tokens per process" in proc.stderr
+            and "a step is at most 16,777,216 tokens" in proc.stderr and "Use --grad-accum 131072 or less" in proc.stderr)
+    assert not out.exists()
+
+
+# training_args.json as train.py wrote it up to commit 6bf8614 (a tiny run on a text file): these keys, no more.
+RECORD_KEYS_6BF8614 = [
+    "input", "dataset", "dataset_config", "split", "text_column", "output_dir", "preset", "init_from", "init_revision",
+    "n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size", "grad_accum", "vocab", "optimizer",
+    "schedule", "lr", "embedding_lr", "min_lr", "warmup_steps", "max_steps", "time_budget_min", "weight_decay",
+    "grad_clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "device", "dtype", "compile", "overwrite",
+    "resume", "data_description", "data_source", "data_fingerprint", "input_path", "input_sha256"]
+
+
+def test_a_run_recorded_by_the_old_namespace_resumes_and_is_read_back(run_a, tmp_path):
+    """A checkpoint and model dir whose records hold exactly the keys train.py wrote before TrainingConfig (no
+    vocab_used, no data_holdout) still --resume, and quantize.py and the cards read them."""
+    import quantize
+    from toygpt import model_card
+
+    out = tmp_path / "model"
+    shutil.copytree(run_a, out)
+    record = json.loads((out / "training_args.json").read_text())
+    assert set(RECORD_KEYS_6BF8614) <= set(record)  # today's keys are still written, same names
+    old = {key: record[key] for key in RECORD_KEYS_6BF8614}
+    (out / "training_args.json").write_text(json.dumps(old, indent=2))
+    state_path = next((out / "checkpoint").glob("step-*/trainer_state.json"))
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "args": old}, indent=1))
+
+    assert quantize.training_input(out) == record["input_path"]
+    words = " ".join(model_card.dir_card(model_card.read_records(out)).text.split())
+    assert "Muon" in words and "20 warmup steps" not in words and "cosine decay to 0.0003" in words
+    run_train("--output-dir", out, "--resume", "--max-steps", STEPS + 2)
+    assert metrics(out)[-1]["step"] == STEPS + 2
+    resumed = json.loads((out / "training_args.json").read_text())
+    assert resumed["vocab_used"] == "corpus" and resumed["optimizer"] == "muon" and resumed["max_steps"] == STEPS + 2
+
+
 def test_resume_after_the_input_changed_is_refused(tmp_path, text_file):
     text = tmp_path / "input.txt"
     text.write_text(text_file.read_text())
@@ -446,14 +503,15 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_goo
     assert not (out / "config.json").exists()  # no model dir from a diverged run
 
 
-def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file, train_module, monkeypatch):
+def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file, train_module, training,
+                                                              monkeypatch):
     def out_of_memory_in_the_final_eval(*args, **kwargs):
         if args[3] > 1:  # the final eval reads FINAL_EVAL_BATCHES x --eval-batches
             raise MemoryError("simulated")
         return real(*args, **kwargs)
 
-    real = train_module.evaluate_and_log
-    monkeypatch.setattr(train_module, "evaluate_and_log", out_of_memory_in_the_final_eval)
+    real = training.evaluate_and_log
+    monkeypatch.setattr(training, "evaluate_and_log", out_of_memory_in_the_final_eval)
     out = tmp_path / "model"
     with pytest.raises(MemoryError):
         train_module.main(["--input", str(text_file), "--output-dir", str(out), *TINY, "--max-steps", "5",

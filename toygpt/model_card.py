@@ -2,8 +2,9 @@
 
 The records (no card is ever parsed back from its Markdown):
 - `config.json`: the architecture;
-- `training_args.json` (train.py's arguments, with `data_description`) and the `"final": true` record of
-  `metrics.jsonl`: how the model was trained and how well it does;
+- `training_args.json` (train.py's config, read as a train_config.TrainingConfig) and the `"final": true` record
+  of `metrics.jsonl`: how the model was trained (optimizer, schedule, vocabulary, data and its held-out part, as
+  the run used them) and how well it does;
 - `quantization_report.json` (quantize.py): the int8 figures measured before/after.
 
     training_card(config, training_args, final)           train.py: the fp32 model dir's card
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TRAINING_ARGS = "training_args.json"
+from toygpt.optim import WSD_DECAY_FRACTION
+from toygpt.train_config import TRAINING_ARGS, TrainingConfig
+
 METRICS = "metrics.jsonl"
 INT8_REPORT = "quantization_report.json"
 TRAINING_RECORDS = (TRAINING_ARGS, METRICS)  # what quantize.py copies so the int8 dir's card stands alone
@@ -40,7 +44,7 @@ class Records(NamedTuple):
     """What a model dir records about itself; None where a record is absent."""
 
     config: dict
-    training_args: dict | None
+    training_args: TrainingConfig | None
     final: dict | None
     int8_report: dict | None
     n_params: int  # of the fp32 model
@@ -110,7 +114,7 @@ def parameter_count(weights: Path) -> int:
 def read_records(model_dir) -> Records:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    training_args, final = read_json(model_dir / TRAINING_ARGS), final_record(model_dir / METRICS)
+    training_args, final = TrainingConfig.load(model_dir), final_record(model_dir / METRICS)
     report = read_json(model_dir / INT8_REPORT)
     if final and "n_params" in final:
         n_params = final["n_params"]
@@ -125,9 +129,11 @@ def read_records(model_dir) -> Records:
 # Cards
 
 
-def training_card(config: dict, training_args: dict, final: dict) -> ModelCard:
-    """The card train.py writes into the fp32 model dir."""
-    return dir_card(Records(config, training_args, final, None, final["n_params"]))
+def training_card(config: dict, training: TrainingConfig | dict, final: dict) -> ModelCard:
+    """The card train.py writes into the fp32 model dir (`training` may be a training_args.json record)."""
+    if isinstance(training, dict):
+        training = TrainingConfig.from_record(training)
+    return dir_card(Records(config, training, final, None, final["n_params"]))
 
 
 def dir_card(records: Records, repo_id: str | None = None, subfolder: str = "") -> ModelCard:
@@ -165,34 +171,48 @@ def render(data: ModelCardData, sections: list[str]) -> ModelCard:
 
 def description(records: Records, int8: bool) -> list[str]:
     """Title, architecture and, for a model train.py wrote, its data, training and results."""
-    args, final = records.training_args, records.final
+    run, final = records.training_args, records.final
     size = f"{records.n_params / 1e6:.1f}M parameters" + (", int8" if int8 else "")
     if not records.trained:
         return [f"# ToyGPT ({size})\n\nA ToyGPT model packaged as transformers remote code "
                 "(`trust_remote_code=True`).", architecture(records)]
     return [
-        f"# ToyGPT ({args['preset']} preset, {size})\n\nA small GPT-2-style language model {origin(args)} "
+        f"# ToyGPT ({run.preset} preset, {size})\n\nA small GPT-2-style language model {origin(run)} "
         "with `train.py`, packaged as a transformers remote-code model (`trust_remote_code=True`).",
         architecture(records),
-        f"## Training data\n\n{data_description(args)}. Training used the first 90% of the file by characters; "
-        "validation the last 10%, never trained on.",
-        training(records.config, args, final),
+        f"## Training data\n\n{data_description(run)}. {held_out(run)}",
+        training(records.config, run, final),
         results(final),
     ]
 
 
-def origin(args: dict) -> str:
-    """How the training started: from scratch, or from the checkpoint train.py --init-from names (training_args.json)."""
-    if not args.get("init_from"):
+def origin(run: TrainingConfig) -> str:
+    """How the training started: from scratch, or from the checkpoint train.py --init-from names."""
+    if not run.init_from:
         return "trained from scratch"
-    commit = f" (commit {args['init_from_revision'][:12]})" if args.get("init_from_revision") else ""
-    return f"fine-tuned from `{args['init_from']}`{commit}"
+    revision = run.start.revision if run.start else None
+    commit = f" (commit {revision[:12]})" if revision else ""
+    return f"fine-tuned from `{run.init_from}`{commit}"
 
 
-def data_description(args: dict) -> str:
-    if args.get("data_description"):
-        return args["data_description"]
-    return f"`{Path(args['input_path']).name}`" if args.get("input_path") else "The training text"
+def data_description(run: TrainingConfig) -> str:
+    if run.data and run.data.description:
+        return run.data.description
+    return f"`{Path(run.data.input_path).name}`" if run.data and run.data.input_path else "The training text"
+
+
+def held_out(run: TrainingConfig) -> str:
+    """What validation read, never trained on: recorded by the run, else what its kind of source holds out."""
+    kind = run.data.fingerprint.get("type") if run.data and run.data.fingerprint else "file"
+    if run.data and run.data.holdout:
+        part = run.data.holdout
+    elif kind == "text_files":
+        part = "the last 10% of each file's characters"
+    elif kind in ("hub_dataset", "dataset_dir"):
+        part = "its 'validation' split if it has one, else the rows whose text has CRC-32 % 10 == 0"
+    else:
+        part = "the last 10% of its characters"
+    return f"Validation used {part}, never trained on; training used the rest."
 
 
 def architecture(records: Records) -> str:
@@ -205,14 +225,40 @@ context {c['block_size']} tokens, learned positions, pre-LayerNorm, GELU MLP (4x
 {tied}. Tokenizer: GPT-2 BPE ({c['vocab_size']} tokens). {records.n_params:,} parameters."""
 
 
-def training(config: dict, args: dict, final: dict) -> str:
-    return f"""## Training
+def optimizer_text(run: TrainingConfig) -> str:
+    decay = f"weight decay {run.weight_decay:g} on matrices and embeddings"
+    if run.optimizer == "muon":
+        return (f"Muon (orthogonalised momentum, AdamW-matched update size) for the blocks' weight matrices and AdamW "
+                f"(betas 0.9/0.95) for the embeddings, gains and biases, {decay}")
+    return f"AdamW (betas 0.9/0.95), {decay}"
 
-AdamW (betas 0.9/0.95, weight decay {args['weight_decay']} on matrices), peak LR {args['lr']:g} with
-{args['warmup_steps']} warmup steps and cosine decay to {args['min_lr']:g}, gradient clipping {args['grad_clip']:g},
-batch {args['batch_size']} x {args['grad_accum']} accumulation x {final['world_size']} process(es) of
-{config['block_size']} tokens, seed {args['seed']}. {final['step']} optimizer steps, {final['tokens_seen']:,} training
-tokens, {final['elapsed_s'] / 60:.1f} minutes on {final['device']}."""
+
+def schedule_text(run: TrainingConfig) -> str:
+    lrs = f"peak LR {run.lr:g}" + (f" (tied embedding {run.embedding_lr:g})"
+                                   if run.embedding_lr is not None and run.embedding_lr != run.lr else "")
+    if run.schedule == "wsd":
+        return (f"{lrs}, warmup-stable-decay: {run.warmup_steps} warmup steps, constant, then cosine decay to "
+                f"{run.min_lr:g} over the last {WSD_DECAY_FRACTION:.0%} of the steps")
+    return f"{lrs} with {run.warmup_steps} warmup steps and cosine decay to {run.min_lr:g}"
+
+
+def vocabulary_text(run: TrainingConfig, vocab_size: int) -> str:
+    used = run.vocab_used or (run.vocab if run.vocab in ("corpus", "full") else None)
+    if used == "corpus":
+        return (f"Vocabulary: the corpus vocabulary (the rows of the token ids the training split uses, plus one "
+                f"shared row for the rest; exact), saved as the full {vocab_size:,} rows")
+    if used == "full":
+        return f"Vocabulary: all {vocab_size:,} rows trained"
+    return f"Vocabulary: --vocab {run.vocab or 'auto'} (the choice it made was not recorded)"
+
+
+def training(config: dict, run: TrainingConfig, final: dict) -> str:
+    text = (f"{optimizer_text(run)}; {schedule_text(run)}; gradient clipping {run.grad_clip:g}. "
+            f"{vocabulary_text(run, config['vocab_size'])}. Batch {run.batch_size} x {run.grad_accum} accumulation x "
+            f"{final['world_size']} process(es) of {config['block_size']} tokens, seed {run.seed}. {final['step']} "
+            f"optimizer steps, {final['tokens_seen']:,} training tokens, {final['elapsed_s'] / 60:.1f} minutes on "
+            f"{final['device']}.")
+    return "## Training\n\n" + textwrap.fill(text, width=116, break_on_hyphens=False)
 
 
 def results(final: dict) -> str:

@@ -110,6 +110,19 @@ def chunked_cross_entropy_sum(h, head, targets, ignore_index=-100, chunk_rows=No
     return total
 
 
+def clip_gradients(model, parameters, max_norm: float, vocab=None) -> None:
+    """After backward, the gradients the optimizer applies: those of the full-vocabulary model (with a
+    corpus_vocab.CorpusVocab, u's summed gradient becomes one unseen row's), clipped to `max_norm` by the full model's
+    norm (0: not clipped). `model` is the one the gradients are in (the compact one with `vocab`)."""
+    params = [p for p in parameters if p.grad is not None]
+    if vocab is not None:
+        vocab.to_per_row_gradient(model)
+    if max_norm > 0:
+        norm = (vocab.grad_norm(model, params) if vocab is not None
+                else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
 class CausalLMLoss(nn.Module):
     """Next-token cross-entropy of a ToyGPTForCausalLM from its hidden states and its head, never its full logits.
 

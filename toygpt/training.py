@@ -1,0 +1,420 @@
+"""The training loop train.py runs, and its helpers: one step, the schedule's fit to a time budget, checkpoints,
+evals, the final model directory.
+
+    final = training.train(TrainingConfig(input="input.txt", max_steps=500))   # prepare() resolves and checks it
+
+The run streams the text through toygpt/stream.py, trains the corpus vocabulary where that is exact and saves time
+(toygpt/corpus_vocab.py), with the config's optimizer and schedule (toygpt/optim.py), evaluates periodically (val
+loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and finally swaps in OUTPUT
+atomically: the save_pretrained model directory, tokenizer, metrics.jsonl, training_args.json, loss_curve.png and a
+README.md card.
+
+--time-budget-min: the schedule is fitted to the wall clock. After the first FIT_STEPS optimizer steps (inside the
+warmup for the presets, so the learning rate does not jump) the total step count is set to
+`steps so far + remaining budget / seconds per step so far`, and refitted the same way after every periodic eval
+(the average then includes eval time and any change in CPU contention). Training stops when the budget is spent
+even if the estimate was optimistic; the final checkpoint, eval and save come after the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from modeling_toygpt import ToyGPTForCausalLM
+from toygpt import model_card
+from toygpt.checkpoint import (CHECKPOINT_DIR, latest_checkpoint, load_checkpoint, read_trainer_state, restore_rng,
+                               rng_state, save_checkpoint)
+from toygpt.corpus_vocab import CorpusVocab, choose
+from toygpt.distributed import Processes
+from toygpt.evaluation import autocast, evaluate
+from toygpt.model_dir import OutputDir, write_model_files
+from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
+from toygpt.stream import TrainWindows, ValWindows, val_windows
+from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
+from toygpt.train_config import TrainError, TrainingConfig, autocast_dtype, prepare, start_output_dir
+from toygpt.training_loss import CausalLMLoss, clip_gradients
+
+FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
+FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
+BATCH_HASH_ENV = "TOYGPT_LOG_BATCH_HASH"  # debug: each rank prints a hash of its first batch (DDP test)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: its state, one step, the schedule fit, checkpoints, evals
+
+
+@dataclass
+class RunState:
+    """What the training loop advances, and what a checkpoint saves and restores."""
+
+    total_steps: int
+    step: int = 0
+    budget_fitted: bool = False  # --time-budget-min: total_steps has been fitted to the wall clock
+    elapsed_before: float = 0.0  # training seconds spent by the processes this run resumed from
+    tokens_seen: int = 0
+    train_loss: float = float("nan")
+    start_step: int = 0  # the step this process started at
+    last_checkpoint_step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def run_seconds(self) -> float:
+        """Seconds this process has trained."""
+        return time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        """Seconds the whole run has trained, resumed parts included."""
+        return self.elapsed_before + self.run_seconds()
+
+
+def restore_run(checkpoint_dir: Path, model, optimizer, stream, config: TrainingConfig, processes: Processes):
+    """(RunState, scheduler) continuing `checkpoint_dir` exactly: weights, optimizer, schedule, stream and RNGs."""
+    saved = load_checkpoint(checkpoint_dir, model, optimizer, processes.rank, processes.world_size)
+    state = RunState(total_steps=saved["total_steps"], step=saved["step"], budget_fitted=saved["budget_fitted"],
+                     elapsed_before=saved["elapsed_s"], tokens_seen=saved["tokens_seen"], start_step=saved["step"],
+                     last_checkpoint_step=saved["step"])
+    if not state.budget_fitted or config.max_steps != saved["args"]["max_steps"]:
+        state.total_steps = config.max_steps  # a new --max-steps extends (or cuts) the schedule
+    try:
+        stream.load_state_dict(saved["rank_state"]["stream"])
+    except ValueError as err:  # the input changed in a way the recorded hash did not catch (older checkpoints)
+        raise TrainError(f"--resume: {err}") from None
+    scheduler = build_scheduler(optimizer, config, state.total_steps, state.step)
+    if state.total_steps == saved["total_steps"]:
+        scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(saved["rank_rng"], saved["rank_state"]["python_random"])
+    return state, scheduler
+
+
+def forward_backward(step_model, batches, grad_accum: int, processes: Processes, amp_dtype) -> float:
+    """The gradients of one optimizer step over --grad-accum micro-batches; returns the mean training loss (over every
+    rank)."""
+    loss_sum = torch.zeros((), device=processes.device)
+    for micro in range(grad_accum):
+        batch = next(batches).to(processes.device, non_blocking=True)  # (batch_size, block_size + 1)
+        last_micro = micro == grad_accum - 1
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = step_model.no_sync() if processes.distributed and not last_micro else contextlib.nullcontext()
+        with sync:
+            with autocast(processes.device, amp_dtype):
+                # Every window position has its target (no token lost to the usual shift).
+                loss = step_model(batch[:, :-1], batch[:, 1:])
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach()
+    return processes.all_reduce_sum(loss_sum).item() / grad_accum / processes.world_size
+
+
+def refuse_non_finite(train_loss: float, state: RunState, lr: float, out_dir: Path) -> None:
+    """A loss that is not finite stops the run before the optimizer applies it: the last checkpoint stays good."""
+    if math.isfinite(train_loss):
+        return
+    checkpoints = out_dir / CHECKPOINT_DIR
+    kept = (f"The last good checkpoint, step {state.last_checkpoint_step}, is in {checkpoints}: resume it with a "
+            "lower learning rate (--resume --lr ...), or start again with a lower --lr."
+            if latest_checkpoint(out_dir) else "No checkpoint was written yet: start again with a lower "
+            "--lr.")
+    raise TrainFailed(f"the training loss is {train_loss} at step {state.step + 1} (learning rate {lr:.3g}): "
+                      f"training diverged; nothing of this step was applied. {kept}")
+
+
+def apply_gradients(loss_model, optimizer, grad_clip: float) -> None:
+    """Clip (by the full model's gradient norm, also with the corpus vocabulary), step, zero the gradients."""
+    clip_gradients(loss_model.model, list(loss_model.parameters()), grad_clip, loss_model.vocab)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def refit_due(state: RunState, eval_every: int, budget_s: float | None) -> bool:
+    """--time-budget-min: fit after FIT_STEPS timed steps, then refit at every eval (the pace then includes evals)."""
+    if budget_s is None:
+        return False
+    return state.step == FIT_STEPS or (state.budget_fitted and state.step % eval_every == 0)
+
+
+def refit_schedule(state: RunState, optimizer, scheduler, config: TrainingConfig, budget_s: float,
+                   processes: Processes):
+    """Set total_steps so that the schedule ends when the budget runs out, at the pace timed so far (rank 0's)."""
+    run_s = state.run_seconds()
+    seconds_left = budget_s - state.elapsed_before - run_s
+    fitted = fit_total_steps(state.step, state.step - state.start_step, run_s, seconds_left, config.max_steps)
+    fitted = processes.from_main(fitted)
+    state.budget_fitted = True
+    if fitted == state.total_steps:
+        return scheduler
+    state.total_steps = fitted
+    return build_scheduler(optimizer, config, fitted, state.step)
+
+
+def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, config: TrainingConfig, stream,
+               processes: Processes):
+    """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N (the model being
+    trained: the compact one with the corpus vocabulary, whose ids the checkpoint records)."""
+    vocab = None if loss_model.vocab is None else loss_model.vocab.state_dict()
+    trainer_state = {"step": state.step, "total_steps": state.total_steps, "budget_fitted": state.budget_fitted,
+                     "elapsed_s": state.elapsed(), "tokens_seen": state.tokens_seen, "args": config.to_record(),
+                     "vocab": vocab}
+    model = loss_model.model
+    rank_state = {"stream": stream.state_dict(), "python_random": list(random.getstate())}
+    rank_states, rank_rngs = processes.gather_objects(rank_state), processes.gather_objects(rng_state())
+    if processes.is_main:
+        save_checkpoint(out_dir, model, optimizer, scheduler, trainer_state, rank_states, rank_rngs)
+    processes.barrier()
+    state.last_checkpoint_step = state.step
+
+
+def evaluate_and_log(loss_model, val, batch_size, max_batches, amp_dtype, processes, metrics, state: RunState) -> dict:
+    result = evaluate(loss_model, val, batch_size, max_batches, amp_dtype, processes)
+    metrics.log({"step": state.step, **result, "elapsed_s": state.elapsed()})
+    step = state.step
+    if processes.is_main:
+        tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
+                   f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
+    return result
+
+
+def log_first_batch(batches, rank: int):
+    """Debug (BATCH_HASH_ENV): print a hash of this rank's first batch, then pass every batch on."""
+    first = next(batches)
+    print(f"rank {rank} first batch sha256 {hashlib.sha256(first.numpy().tobytes()).hexdigest()[:16]}",
+          file=sys.stderr, flush=True)
+    yield first
+    yield from batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class TrainFailed(RuntimeError):
+    """A run that stopped at run time (diverged, interrupted); the message says what was kept and what to do."""
+
+
+@contextlib.contextmanager
+def ctrl_c_requests_a_stop():
+    """The first Ctrl-C sets the yielded event (the loop stops at the next step, saves a checkpoint and says how to
+    resume); a second one interrupts at once. Outside the main thread (no signals there), the event never fires."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\nCtrl-C: stopping after this step (Ctrl-C again to stop at once, without a checkpoint)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def resume_command(output_dir) -> str:
+    launcher = "torchrun --nproc_per_node N train.py" if os.environ.get("WORLD_SIZE", "1") != "1" else "python train.py"
+    return f"{launcher} --output-dir {output_dir} --resume"
+
+
+def corpus_vocabulary(config: TrainingConfig, source, resume_from, processes: Processes) -> CorpusVocab | None:
+    """--vocab's choice: the corpus vocabulary (the checkpoint's on --resume, else one pass over the training split on
+    rank 0, shared with every rank), or None for the full vocabulary."""
+    if resume_from is not None:
+        saved = read_trainer_state(resume_from).get("vocab")
+        return None if saved is None else CorpusVocab.from_state_dict(saved)
+    if config.vocab == "full":
+        return None
+    vocab_size = config.model_config().vocab_size
+    found = CorpusVocab.of_training_split(source, vocab_size) if processes.is_main else None
+    vocab = CorpusVocab.from_state_dict(processes.from_main_object(found and found[0].state_dict()))
+    if os.environ.get(BATCH_HASH_ENV):  # debug (DDP test): every rank holds the same ids
+        digest = hashlib.sha256(vocab.seen_ids.numpy().tobytes()).hexdigest()[:16]
+        print(f"rank {processes.rank} vocab sha256 {digest}", file=sys.stderr, flush=True)
+    use = choose(config.vocab, vocab.n_seen / vocab_size, fine_tuning=config.init_from is not None)
+    if processes.is_main:
+        trained = f"the corpus vocabulary, {vocab.n_seen + 1:,} rows" if use else "the full vocabulary"
+        print(f"vocab: the training split uses {vocab.n_seen:,} of the {vocab_size:,} token ids (one pass, "
+              f"{found[1]:.1f} s): training {trained}", file=sys.stderr, flush=True)
+    return vocab if use else None
+
+
+@dataclass
+class Run:
+    """What build_run sets up: the model (in its loss), optimizer, schedule, data and state."""
+
+    loss_model: CausalLMLoss
+    optimizer: object  # optim.Optimizers
+    scheduler: object  # optim.Schedule
+    stream: TrainWindows
+    val: ValWindows
+    state: RunState
+
+
+def build_run(config: TrainingConfig, source, resume_from, init_model, processes: Processes) -> Run:
+    """The model, its loss, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`.
+
+    With the corpus vocabulary the model trained is the compact one (toygpt/corpus_vocab.py); the full one is saved."""
+    vocab = corpus_vocabulary(config, source, resume_from, processes)
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    random.seed(config.seed)
+    model_config = config.model_config()
+    if init_model is not None:  # --init-from: its fp32 weights, not a random init (always the full vocabulary)
+        model = init_model
+    else:
+        model = ToyGPTForCausalLM(model_config if vocab is None else vocab.compact_config(model_config))
+    if vocab is not None and resume_from is None:
+        vocab.init_compact(model)
+    model = model.to(processes.device).train()
+    loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
+    optimizer = build_optimizer(model, config, processes.device)
+    stream = TrainWindows(source, config.block_size, seed=config.seed, rank=processes.rank,
+                          world_size=processes.world_size)
+    val = val_windows(source, config.block_size,
+                      max_windows=FINAL_EVAL_BATCHES * config.eval_batches * config.batch_size)
+    if resume_from is not None:
+        state, scheduler = restore_run(resume_from, model, optimizer, stream, config, processes)
+        if processes.is_main:
+            print(f"resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
+    else:
+        torch.manual_seed(config.seed + processes.rank)  # dropout differs per rank
+        state, scheduler = RunState(total_steps=config.max_steps), build_scheduler(optimizer, config, config.max_steps)
+    return Run(loss_model, optimizer, scheduler, stream, val, state)
+
+
+def train(config: TrainingConfig) -> dict:
+    """Run training as `config` says (prepare resolves and checks it first); return the final metrics (rank 0's)."""
+    config, source, resume_from, init_model, output = prepare(config)
+    try:
+        return run(config, source, resume_from, init_model, output)
+    finally:
+        output.close()
+
+
+def run(config: TrainingConfig, source, resume_from: Path | None, init_model, output: OutputDir) -> dict:
+    """The training loop, from the checked config to the written model directory."""
+    processes = Processes.launch(config.device)
+    device, amp_dtype, out_dir = processes.device, autocast_dtype(config.dtype, processes.device), output.path
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if processes.is_main:
+        print(f"data: {config.data.description}", file=sys.stderr, flush=True)
+        start_output_dir(output, resuming=resume_from is not None)
+    processes.barrier()
+    r = build_run(config, source, resume_from, init_model, processes)
+    config = replace(config, vocab_used="full" if r.loss_model.vocab is None else "corpus")
+    loss_model, optimizer, scheduler, state = r.loss_model, r.optimizer, r.scheduler, r.state
+    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
+    metrics.keep_until(state.step)
+
+    # Evals use loss_model as is: their batches differ per rank, no gradient sync.
+    step_model = torch.compile(loss_model) if config.compile else loss_model
+    if processes.distributed:
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = r.stream.batches(config.batch_size)
+    if os.environ.get(BATCH_HASH_ENV) and state.step == 0:
+        batches = log_first_batch(batches, processes.rank)
+    budget_s = config.time_budget_min * 60 if config.time_budget_min else None
+    tokens_per_step = config.step_tokens * processes.world_size
+
+    bar = tqdm(total=state.total_steps, initial=state.step, disable=not processes.is_main, desc="train",
+               dynamic_ncols=True)
+    with ctrl_c_requests_a_stop() as stop, bar:
+        while state.step < state.total_steps:
+            if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
+                break  # Ctrl-C, or the budget is spent: final checkpoint (and eval and save) below
+            step_start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            state.train_loss = forward_backward(step_model, batches, config.grad_accum, processes, amp_dtype)
+            refuse_non_finite(state.train_loss, state, lr, out_dir)
+            apply_gradients(loss_model, optimizer, config.grad_clip)
+            scheduler.step()
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
+            metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if state.step % config.eval_every == 0 and state.step < state.total_steps:
+                evaluate_and_log(loss_model, r.val, config.batch_size, config.eval_batches, amp_dtype, processes,
+                                 metrics, state)
+            if refit_due(state, config.eval_every, budget_s):
+                scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
+                bar.total = state.total_steps
+            if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
+                checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes)
+    r.stream.close()
+
+    elapsed = state.elapsed()
+    if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
+        checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes)
+    if stop.is_set():
+        raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
+                          f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(config.output_dir)}")
+    result = evaluate_and_log(loss_model, r.val, config.batch_size, FINAL_EVAL_BATCHES * config.eval_batches, amp_dtype,
+                              processes, metrics, state)
+    final = finish(output, loss_model, config, state, result, elapsed, processes, metrics)
+    processes.barrier()
+    return final
+
+
+def finish(output: OutputDir, loss_model, config: TrainingConfig, state: RunState, result: dict, elapsed: float,
+           processes, metrics) -> dict:
+    """The final record; rank 0 logs it and writes the model directory (the full-vocabulary model)."""
+    vocab = loss_model.vocab
+    model = loss_model.model if vocab is None else vocab.expand(loss_model.model, config.model_config())
+    final = {
+        "final": True, "step": state.step, "train_loss": state.train_loss, **result,
+        "tokens_seen": state.tokens_seen, "elapsed_s": elapsed,
+        "tokens_per_s": (state.tokens_seen / elapsed) if elapsed else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "world_size": processes.world_size, "device": str(processes.device),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    if processes.is_main:
+        metrics.log(final)
+        write_output_dir(output, model, config, final)
+        print(f"final: step {state.step}, val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
+              f"bits/char {final['val_bits_per_char']:.4f}; wrote {config.output_dir}", file=sys.stderr, flush=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model directory
+
+
+def write_output_dir(output: OutputDir, model, config: TrainingConfig, final: dict) -> None:
+    """Atomically replace the output dir by the complete model dir (+ metrics, config, plot, card, latest checkpoint);
+    what else the user keeps in it stays."""
+    records = read_metrics(output.path / "metrics.jsonl")
+    checkpoint_dir = latest_checkpoint(output.path)
+    with output.write() as tmp:
+        write_model_files(model, tmp)
+        with open(tmp / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        config.save(tmp)
+        plot_loss_curve(records, tmp / "loss_curve.png")
+        model_card.training_card(model.config.to_dict(), config, final).save(str(tmp / "README.md"))
+        if checkpoint_dir is not None:  # kept for --resume with a larger --max-steps; hard links cost no space
+            shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR / checkpoint_dir.name, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
