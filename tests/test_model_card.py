@@ -246,3 +246,67 @@ def test_hub_card_lists_the_gguf_file_and_how_to_run_it_in_llama_cpp():
 @pytest.mark.parametrize("n, text", [(999, "999 B"), (1500, "1.5 kB"), (4_938_268, "4.9 MB"), (2.5e12, "2500.0 GB")])
 def test_human_size(n, text):
     assert model_card.human_size(n) == text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model-index: the evaluation results the Hub renders
+
+
+def metrics_of(card: ModelCard) -> dict[str, float]:
+    return {result.metric_name: result.metric_value for result in card.data.eval_results}
+
+
+def test_a_trained_card_carries_its_final_evaluation_as_model_index_and_loads_back(tmp_path):
+    card = model_card.dir_card(Records(CONFIG, TrainingConfig.from_record(ARGS), FINAL, None, FINAL["n_params"]),
+                               "alice/toygpt")
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")  # huggingface_hub parses model-index back into EvalResults
+    assert loaded.data.model_name == "alice/toygpt"
+    assert metrics_of(loaded) == {"validation loss (nats/token)": 7.1234, "validation perplexity": 1238.4567,
+                                  "validation bits per character": 2.8765}
+    result = loaded.data.eval_results[0]
+    assert (result.task_type, result.dataset_type, result.dataset_name, result.dataset_split) == (
+        "text-generation", "text", "tiny Shakespeare (downloaded)", "validation")
+    assert {r.metric_type for r in loaded.data.eval_results} == {"loss", "perplexity", "bits_per_character"}
+
+
+def test_an_int8_card_gives_its_own_figures_and_the_fp32_ones_beside_them():
+    report = {**REPORT, "before": {**REPORT["before"], "val_perplexity": 1240.0, "val_bits_per_char": 2.9},
+              "after": {**REPORT["after"], "val_perplexity": 1248.5, "val_bits_per_char": 2.91}}
+    card = model_card.dir_card(Records(INT8_CONFIG, TrainingConfig.from_record(ARGS), FINAL, report, 1),
+                               "alice/toygpt", "int8")
+    assert card.data.model_name == "alice/toygpt (int8)"
+    assert metrics_of(card) == {
+        "validation loss (nats/token)": 7.1301, "validation perplexity": 1248.5, "validation bits per character": 2.91,
+        "validation loss (nats/token) (fp32 model)": 7.1234, "validation perplexity (fp32 model)": 1240.0,
+        "validation bits per character (fp32 model)": 2.9}
+
+
+def test_a_hub_dataset_run_names_the_dataset_its_config_and_commit():
+    args = {**ARGS, "data_source": {"dataset": "alice/poems", "dataset_config": "en", "dataset_revision": "abc123",
+                                    "split": "train", "text_column": "text"}}
+    card = model_card.dir_card(Records(CONFIG, TrainingConfig.from_record(args), FINAL, None, 1))
+    result = card.data.eval_results[0]
+    assert (result.dataset_type, result.dataset_name, result.dataset_config, result.dataset_revision) == (
+        "alice/poems", "alice/poems", "en", "abc123")
+
+
+def test_model_index_is_what_the_hub_validates():
+    """The YAML huggingface_hub writes for the Hub (`model-index`) has the Hub's schema: each result names its task,
+    data set and metrics, and the library's own parser (what the Hub's card loader runs) reads it back."""
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = model_card.dir_card(Records(CONFIG, TrainingConfig.from_record(ARGS), FINAL, None, 1))
+    [entry] = card.data.to_dict()["model-index"]
+    assert entry["name"] == "toygpt"
+    [result] = entry["results"]  # one task + data set, three metrics
+    assert result["task"] == {"type": "text-generation", "name": "Language modeling"}
+    assert result["dataset"] == {"type": "text", "name": "tiny Shakespeare (downloaded)", "split": "validation"}
+    assert [m["type"] for m in result["metrics"]] == ["loss", "perplexity", "bits_per_character"]
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert name == "toygpt" and len(results) == 3
+
+
+def test_an_untrained_card_claims_no_results():
+    card = model_card.dir_card(Records(CONFIG, None, None, None, 12))
+    assert card.data.eval_results is None and "model-index" not in card.content

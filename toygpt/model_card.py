@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from toygpt.optim import WSD_DECAY_FRACTION
 from toygpt.train_config import TRAINING_ARGS, TrainingConfig
@@ -141,7 +141,7 @@ def dir_card(records: Records, repo_id: str | None = None, subfolder: str = "") 
     int8 = bool(records.config.get("quantization"))
     sections = [*description(records, int8=int8), *int8_sections(records),
                 usage(repo_id, [(subfolder, int8)])]
-    return render(metadata(records.trained, int8), sections)
+    return render(metadata(records.trained, int8, eval_results(records, int8, repo_id)), sections)
 
 
 def hub_card(records: Records, repo_id: str, folders: dict[str, FolderSizes], int8: Records | None = None,
@@ -153,12 +153,48 @@ def hub_card(records: Records, repo_id: str, folders: dict[str, FolderSizes], in
     variants = [("", False)] + ([(INT8_SUBFOLDER, True)] if int8 else [])
     sections = [title, *space, *about, *(int8_sections(int8) if int8 else []), sizes(folders, gguf),
                 usage(repo_id, variants), *([gguf_usage(repo_id, gguf)] if gguf else [])]
-    return render(metadata(records.trained, int8 is not None), sections)
+    return render(metadata(records.trained, int8 is not None, eval_results(records, False, repo_id)), sections)
 
 
-def metadata(trained: bool, int8: bool) -> ModelCardData:
+def metadata(trained: bool, int8: bool, results: tuple[str, list[EvalResult]] | None = None) -> ModelCardData:
+    """The card's YAML header; `results` (model name, eval results) become its `model-index`, which the Hub renders
+    as the model's evaluation results."""
+    model_name, evals = results or (None, None)
     return ModelCardData(library_name="transformers", pipeline_tag="text-generation",
-                         license=LICENSE if trained else None, tags=TAGS + (INT8_TAGS if int8 else []))
+                         license=LICENSE if trained else None, tags=TAGS + (INT8_TAGS if int8 else []),
+                         model_name=model_name, eval_results=evals or None)
+
+
+# The figures of one evaluation, as model-index metrics: (metric type, name, record key).
+EVAL_METRICS = (("loss", "validation loss (nats/token)", "val_loss"),
+                ("perplexity", "validation perplexity", "val_perplexity"),
+                ("bits_per_character", "validation bits per character", "val_bits_per_char"))
+
+
+def eval_dataset(run: TrainingConfig) -> dict:
+    """The data set the figures are on, as model-index names it: a Hub dataset by its id (split and commit), any
+    other text by its description, split 'validation' (the held-out part held_out() describes)."""
+    source = (run.data.source if run.data else None) or {}
+    if source.get("dataset"):
+        split = "validation"  # its validation split, or the CRC-32 tenth of its rows (held_out() says which)
+        return dict(dataset_type=source["dataset"], dataset_name=source["dataset"], dataset_split=split,
+                    dataset_config=source.get("dataset_config"), dataset_revision=source.get("dataset_revision"))
+    return dict(dataset_type="text", dataset_name=data_description(run).strip("`"), dataset_split="validation")
+
+
+def eval_results(records: Records, int8: bool, repo_id: str | None) -> tuple[str, list[EvalResult]] | None:
+    """model-index results of a trained model: the fp32 model's final evaluation; for an int8 dir, the int8
+    figures quantize.py measured and the fp32 ones beside them, on the same windows."""
+    if not records.trained:
+        return None
+    dataset = eval_dataset(records.training_args)
+    measured = [("", records.final)]
+    if int8 and records.int8_report and records.int8_report.get("eval"):
+        measured = [("", records.int8_report["after"]), (" (fp32 model)", records.int8_report["before"])]
+    results = [EvalResult(task_type="text-generation", task_name="Language modeling", metric_type=kind,
+                          metric_name=name + label, metric_value=round(figures[key], 4), **dataset)
+               for label, figures in measured for kind, name, key in EVAL_METRICS if figures.get(key) is not None]
+    return (repo_id or "toygpt") + (" (int8)" if int8 else ""), results
 
 
 def render(data: ModelCardData, sections: list[str]) -> ModelCard:
