@@ -232,8 +232,9 @@ class OutputDir:
     kind = "directory"
 
     def __init__(self, path, *, inputs=(), replace: bool = False, flag: str = "--output-dir",
-                 owned=is_project_model_dir, lock: bool = True, log=print, exists_hint: str = ""):
-        self.flag, self.log, self.exists_hint = flag, log, exists_hint
+                 owned=is_project_model_dir, lock: bool = True, log=print, exists_hint: str = "",
+                 owner: str = "a model directory written by train.py, quantize.py or convert_gpt2.py"):
+        self.flag, self.log, self.exists_hint, self.owner = flag, log, exists_hint, owner
         self._lock_fd = None
         self.path = self._follow_link(Path(path).absolute())
         self._check_kind()
@@ -289,8 +290,8 @@ class OutputDir:
         if not owned(out):
             names = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())[:6])
             raise OutputDirError(
-                f"{self.flag} {out} is not a directory this project wrote (it holds {names}); --overwrite replaces only "
-                f"a model directory written by train.py, quantize.py or convert_gpt2.py. Choose another {self.flag}."
+                f"{self.flag} {out} is not a directory this project wrote (it holds {names}); it replaces only "
+                f"{self.owner}. Choose another {self.flag}."
             )
         return True
 
@@ -479,7 +480,7 @@ def load_pretrained(cls, source, where: str | None = None, fix: str | None = Non
                     for kind, keys in info.items() if kind != "error_msgs" and keys]
         if not problems:  # else from_pretrained would silently fill them with random values
             return model
-        what = f"its weights do not match config.json: {'; '.join(problems)}"
+        what = f"its weights do not match config.json ({'; '.join(problems)})"
     fix = fix or (f"If it was cut short or damaged (an interrupted copy or download), copy it again; else re-create "
                   f"{source} with train.py. Nothing was written.")
     raise ModelDirError(f"{where} cannot be loaded ({what}). {fix}")
