@@ -20,6 +20,10 @@ Every command that writes a directory (train.py, quantize.py, convert_gpt2.py, p
    say so; temp trees of killed runs are removed then too.
 6. One writer at a time: an exclusive lock on `.OUT.lock` for as long as the command runs; a second one is refused
    with a message naming the holder.
+7. A symlinked OUT is resolved once and its target written (the link stays); a dangling one is refused. Recovery never
+   replaces an entry of OUT changed after the journal was written: it stays, the save's copy goes beside it.
+8. A full disk is one line (DiskFullError) naming the disk and OUT, which is as it was.
+`OutputFile` keeps the same rule for one file (convert_gpt2.py to-gguf's .gguf).
 New directories and files get the user's umask, like any other file they create.
 """
 
