@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import re
 import shutil
 import sys
@@ -35,10 +36,11 @@ from toygpt.dataset_source import file_sha256
 from toygpt.gguf_export import write_gguf
 from toygpt.train_config import TrainingConfig
 from toygpt.model_card import GGUF_TYPE, INT8_SUBFOLDER, TRAINING_ARGS, FolderSizes, GgufFile, gguf_filename, human_size
-from toygpt.model_dir import ModelDirError, atomic_dir, check_model_dir
+from toygpt.model_dir import ModelDirError, OutputDir, OutputDirError, check_model_dir, load_pretrained
 
 PROG = "push_to_hub.py"
 SPACE_DIR = Path(__file__).resolve().parent / "space"
+STAGE_MARKER = ".toygpt-stage"  # written into every --dry-run stage: the only directory a later --dry-run replaces
 # Never uploaded: resumable checkpoints, pickled tensors (safetensors only), caches, hidden and temp files, and GGUF
 # files a dir may hold (the staged one is written from the weights being pushed).
 EXCLUDE = ["checkpoint*", "__pycache__", ".*", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.tmp", "*.lock", "runs",
@@ -108,19 +110,14 @@ def check_loadable(directory: Path, flag: str, quantized: bool):
         )
     logging.disable_progress_bar()
     try:  # exactly what a user of the Hub repo runs; a failure here means the Hub copy would not load either
-        model, info = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True,
-                                                           output_loading_info=True)
+        model = load_pretrained(AutoModelForCausalLM, directory, where=str(directory), trust_remote_code=True,
+                                fix="Re-create the directory with train.py / quantize.py.")
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
+    except ModelDirError as err:
+        raise UsageError(f"{flag}: {err}") from None
     except Exception as err:
-        raise UsageError(f"{flag}: {directory} does not load ({type(err).__name__}: {err}).") from None
+        raise UsageError(f"{flag}: the tokenizer in {directory} does not load ({type(err).__name__}: {err}).") from None
     check_tokenizer(tokenizer, directory, flag, config)
-    problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
-                for kind, keys in info.items() if kind != "error_msgs" and keys]
-    if problems:  # from_pretrained would silently fill these with random values
-        raise UsageError(
-            f"{flag}: {directory} does not load cleanly, its weights do not match config.json ({'; '.join(problems)}); "
-            "re-create the directory with train.py / quantize.py."
-        )
     if quantized and not config.get("quantization"):
         raise UsageError(f"{flag}: {directory} holds fp32 weights; pass the int8 dir written by quantize.py.")
     if not quantized and config.get("quantization"):
@@ -164,12 +161,38 @@ def is_excluded(relative: Path) -> bool:
     return any(fnmatch.fnmatch(part, pattern) for part in relative.parts for pattern in EXCLUDE)
 
 
+def files_to_stage(src: Path) -> dict[Path, Path]:
+    """{path inside the staged tree: the file to copy} of `src`, excluded names dropped. A symlink inside `src` is
+    staged as the file it points to; one that leads out of `src` is refused, all of them named, before anything is
+    staged or uploaded (a link to ../secret.txt must never reach the Hub)."""
+    root, found, leaving, walked = src.resolve(), {}, [], {src.resolve()}
+    for folder, dirs, names in os.walk(src, followlinks=True):
+        folder = Path(folder)
+        for name in [*dirs, *names]:
+            path = folder / name
+            relative = path.relative_to(src)
+            if is_excluded(relative):
+                continue
+            real = path.resolve()
+            if real != root and root not in real.parents:
+                leaving.append(f"{relative} -> {real}")
+            elif real.is_file():
+                found[relative] = real
+        inside = [d for d in dirs if not is_excluded((folder / d).relative_to(src))
+                  and root in (folder / d).resolve().parents]  # links out are not walked
+        dirs[:] = [d for d in inside if (folder / d).resolve() not in walked and not walked.add((folder / d).resolve())]
+    if leaving:
+        raise UsageError(f"{src} holds symbolic links that lead out of it ({'; '.join(leaving[:5])}"
+                         f"{' …' if len(leaving) > 5 else ''}); nothing outside the directory is ever staged or "
+                         "uploaded. Replace each link by a copy of the file, or remove it, and run again.")
+    return found
+
+
 def copy_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
-    for path in sorted(src.rglob("*")):
-        relative = path.relative_to(src)
-        if path.is_file() and not is_excluded(relative) and str(relative) not in skip:
+    for relative, source in sorted(files_to_stage(src).items()):
+        if str(relative) not in skip:
             (dst / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dst / relative)
+            shutil.copyfile(source, dst / relative)
 
 
 def files_in(directory: Path) -> list[Path]:
@@ -240,8 +263,9 @@ def stage_space(repo_id: str, space_id: str, out: Path) -> None:
 
 
 def is_stage_dir(path: Path) -> bool:
-    """A --dry-run stage this script wrote: nothing but model/ and space/ (an empty dir counts too)."""
-    return path.is_dir() and {p.name for p in path.iterdir()} <= {"model", "space"}
+    """A --dry-run stage this script wrote: its marker file, beside nothing but model/ and space/. Top-level names
+    alone are not enough: a user's P/model/ folder of drafts looks the same."""
+    return (path / STAGE_MARKER).is_file() and {p.name for p in path.iterdir()} <= {STAGE_MARKER, "model", "space"}
 
 
 def stage(args, out: Path, model) -> None:
@@ -429,14 +453,7 @@ def push(args) -> None:
               "secret HF_TOKEN (Space settings -> Variables and secrets).")
 
     if args.dry_run:
-        out = Path(args.dry_run)
-        if out.exists() and not is_stage_dir(out):
-            raise UsageError(f"--dry-run: {out} exists and is not a previous stage dir; choose a new or empty path.")
-        inputs = [args.model_dir, args.quantized_dir, SPACE_DIR]
-        with atomic_dir(out, overwrite=True, inputs=inputs, flag="--dry-run", owned=is_stage_dir) as tmp:
-            stage(args, tmp, model)
-        describe_stage(out, args)
-        print(f"dry run: staged in {out}; nothing was uploaded.")
+        dry_run(args, Path(args.dry_run), model)
         return
     with tempfile.TemporaryDirectory(prefix="toygpt-push-") as tmp:
         stage(args, Path(tmp), model)
@@ -445,6 +462,25 @@ def push(args) -> None:
     revision = f", revision={args.revision!r}" if args.revision else ""
     print(f'done: AutoModelForCausalLM.from_pretrained("{args.repo_id}"{revision}, trust_remote_code=True) loads it'
           + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if args.quantized_dir else ""))
+
+
+def dry_run(args, out: Path, model) -> None:
+    """Stage into `out` under OutputDir's rule: never an input's dir or anything holding one, only a stage this
+    script wrote (its marker), swapped in whole; a refusal or a failure is one line and leaves `out` as it was."""
+    inputs = [args.model_dir, args.quantized_dir, SPACE_DIR]
+    try:
+        with OutputDir(out, inputs=inputs, replace=True, flag="--dry-run", owned=is_stage_dir,
+                       owner=f"a stage push_to_hub.py --dry-run wrote (it holds {STAGE_MARKER})") as output:
+            with output.write() as tmp:
+                stage(args, tmp, model)
+                (tmp / STAGE_MARKER).write_text("Staged by ToyGPT's push_to_hub.py --dry-run; the next --dry-run here "
+                                                "replaces this directory. model/ and space/ are what a push uploads.\n")
+    except OutputDirError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:  # a full disk (DiskFullError says where), a read-only stage: the old stage is as it was
+        raise PushError(f"staging into {out} failed ({err}); nothing was uploaded.") from None
+    describe_stage(out, args)
+    print(f"dry run: staged in {out}; nothing was uploaded.")
 
 
 def build_parser() -> argparse.ArgumentParser:

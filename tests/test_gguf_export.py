@@ -3,8 +3,10 @@ reader (metadata, tensor types), transformers (`gguf_file=`: logits, tokenizer, 
 through xllamacpp's prebuilt wheel and, where it is installed, llama-cpp-python."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import urllib.request
 
 import gguf
@@ -225,7 +227,7 @@ def test_bad_input_is_refused_with_exit_2_and_nothing_written(model_dir, ggufs, 
         (["to-gguf", str(model_dir), str(ggufs["f32"])], "already exists.*--overwrite"),
         (["to-gguf", str(tmp_path / "missing"), str(tmp_path / "b.gguf")], "is not a directory"),
         (["to-gguf", str(model_dir), str(tmp_path / "no" / "c.gguf")], "is not a directory; create it first"),
-        (["to-gguf", str(model_dir), str(tmp_path)], "is a directory; name the .gguf file"),
+        (["to-gguf", str(model_dir), str(tmp_path)], "is a directory; name the file to write"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
@@ -234,3 +236,71 @@ def test_bad_input_is_refused_with_exit_2_and_nothing_written(model_dir, ggufs, 
         main(["to-gpt2", str(model_dir), str(tmp_path / "d"), "--type", "q8_0"])
     assert exit_info.value.code == 2 and "--type applies to to-gguf only" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+
+
+def test_overwrite_replaces_only_a_gguf_file_this_project_wrote(model_dir, ggufs, tmp_path, capsys):
+    """--overwrite never replaces an input, a file inside one, a user's own file or a GGUF another tool wrote; a link
+    is never swapped for a file. A GGUF this project wrote is replaced."""
+    weights = (model_dir / "model.safetensors").read_bytes()
+    theirs = tmp_path / "notes.gguf"
+    writer = gguf.GGUFWriter(theirs, "gpt2")  # a GGUF from another tool: valid, but not ours
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tmp_path / "thesis.txt").write_text("mine")
+    (tmp_path / "dangling.gguf").symlink_to(tmp_path / "elsewhere.gguf")
+    cases = [(model_dir / "model.safetensors", "not a file this project wrote"),
+             (theirs, "not a file this project wrote"), (tmp_path / "thesis.txt", "not a file this project wrote"),
+             (tmp_path / "dangling.gguf", "symbolic link to .*elsewhere.gguf, which does not exist")]
+    for dst, message in cases:
+        before = dst.read_bytes() if dst.exists() else None
+        assert main(["to-gguf", str(model_dir), str(dst), "--overwrite"]) == 2
+        assert re.search(message, capsys.readouterr().err), dst
+        assert (dst.read_bytes() if dst.exists() else None) == before
+    assert main(["to-gguf", str(model_dir), str(tmp_path / "dangling.gguf")]) == 2  # without --overwrite too
+    assert (model_dir / "model.safetensors").read_bytes() == weights and ToyGPTForCausalLM.from_pretrained(model_dir)
+    assert not (tmp_path / "elsewhere.gguf").exists() and (tmp_path / "dangling.gguf").is_symlink()
+    ours = tmp_path / "ours.gguf"
+    shutil.copyfile(ggufs["q8_0"], ours)
+    assert main(["to-gguf", str(model_dir), str(ours), "--type", "f16", "--overwrite"]) == 0
+    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_F16
+
+
+def test_temp_files_of_killed_runs_are_removed_by_the_next_writer(model_dir, tmp_path, capsys):
+    stale = tmp_path / ".m.gguf.tmp-99999"
+    stale.write_bytes(b"x" * 1000)
+    assert main(["to-gguf", str(model_dir), str(tmp_path / "m.gguf")]) == 0
+    assert ".m.gguf.tmp-99999" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_a_full_disk_is_one_line_and_the_old_file_stays(model_dir, ggufs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "m.gguf"
+    shutil.copyfile(ggufs["f32"], out)
+    before = out.read_bytes()
+
+    def short_write(self, *args, **kwargs):  # what numpy's tofile raises when the disk fills mid-tensor
+        raise OSError("1608224 requested and 633232 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    assert main(["to-gguf", str(model_dir), str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.fullmatch(rf"convert_gpt2.py: error: the disk holding {tmp_path} is full .*"
+                                                   "m.gguf is as it was. Free some space.*", err.splitlines()[-1]), err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_is_one_line(model_dir, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert main(["to-gguf", str(model_dir), str(disk / "m.gguf")]) == 1  # the f32 file is ~7 MB
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"error: the disk holding {disk} is full" in err.splitlines()[-1], err
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -195,3 +195,58 @@ def test_outputs_get_the_users_umask(tmp_path):
     out = tmp_path / "toygpt"
     assert stat.S_IMODE(out.stat().st_mode) == 0o750  # tempfile would have made it 0700
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o640
+
+
+def test_recovery_never_replaces_an_entry_changed_after_the_interrupted_swap(tmp_path):
+    """train --overwrite killed between the journal and the exchange leaves OUT without its carried int8/ (it sits in
+    the hidden new tree). A new int8/ made then (quantize.py OUT OUT/int8) must survive the next command's recovery;
+    the stale copy is kept beside it and named."""
+    out = fake_model_dir(tmp_path / "toygpt")
+    fake_model_dir(out / "int8")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_RENAME.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script), str(out), "3", "renames"], capture_output=True, text=True)
+    assert proc.returncode == -9 and not (out / "int8").exists(), proc.stderr  # carried into the temp tree
+    with atomic_dir(out / "int8", overwrite=True) as tmp:  # the user's new int8
+        (tmp / "config.json").write_text(json.dumps({"model_type": "toygpt"}))
+        (tmp / "model.safetensors").write_bytes(b"newest int8")
+    said = []
+    with OutputDir(out, replace=True, log=said.append):
+        pass
+    assert (out / "model.safetensors").read_bytes() == b"new weights"
+    assert (out / "int8" / "model.safetensors").read_bytes() == b"newest int8"
+    assert (out / "int8.interrupted-save" / "model.safetensors").read_bytes() == b"old weights"
+    assert any("int8.interrupted-save" in s and "changed after" in s for s in said), said
+
+
+def test_a_symlinked_output_is_written_where_it_points_and_stays_a_link(tmp_path, capsys):
+    target = fake_model_dir(tmp_path / "project" / "toygpt", **{"notes.txt": "mine"})
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    write_new(link)
+    assert link.is_symlink() and (target / "model.safetensors").read_bytes() == b"new weights"
+    assert (target / "notes.txt").read_text() == "mine"
+    write_new(link)  # no journal or lock left to wedge the next write
+    assert sorted(p.name for p in target.parent.iterdir()) == ["toygpt"]
+    assert f"writing its target {target}" in capsys.readouterr().out
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputDirError, match="symbolic link to .*nowhere, which does not exist"):
+        write_new(tmp_path / "dangling")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_full_disk_during_the_save_is_one_line_and_the_old_output_stays(tmp_path):
+    out = fake_model_dir(tmp_path / "toygpt", **{"notes.txt": "mine"})
+    before = listing(out)
+    with pytest.raises(model_dir.DiskFullError, match=rf"the disk holding {tmp_path} is full .* toygpt is as it was"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise OSError(28, "No space left on device")  # what save_pretrained raises on a full disk
+    assert listing(out) == before and (out / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toygpt"]
+
+
+def test_a_users_file_ending_in_part_survives_a_replace(tmp_path):
+    out = fake_model_dir(tmp_path / "toygpt", **{"draft.part": "mine"})
+    write_new(out)
+    assert (out / "draft.part").read_text() == "mine"

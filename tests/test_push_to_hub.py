@@ -17,6 +17,7 @@ import pytest
 import push_to_hub
 from conftest import REPO, run_python
 from hub_server import FakeHub
+from toygpt import model_dir as model_dir_module
 
 REPO_ID, SPACE_ID = "alice/toygpt-test", "alice/toygpt-test-demo"
 
@@ -338,8 +339,8 @@ def drop_a_tensor(directory: Path) -> None:
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "modeling_toygpt.py").unlink(), "lacks modeling_toygpt.py"),
         (lambda d: (d / "config.json").write_text(json.dumps(
-            {**json.loads((d / "config.json").read_text()), "n_head": 3})), "does not load"),
-        (lambda d: (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage"), "does not load"),
+            {**json.loads((d / "config.json").read_text()), "n_head": 3})), "cannot be loaded"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}garbage"), "cannot be loaded"),
         (drop_a_tensor, "weights do not match config.json (missing keys: transformer.h.0.attn.c_proj.weight)"),
     ],
     ids=["no-weights", "bad-json", "no-remote-code", "bad-config", "corrupt-weights", "missing-tensor"],
@@ -369,7 +370,7 @@ def test_dry_run_refuses_to_replace_other_dirs(capsys, tiny_model_dir, tmp_path)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "precious.txt").write_text("keep me")
     code, err = run_main(capsys, "--model-dir", tiny_model_dir, "--repo-id", REPO_ID, "--dry-run", tmp_path / "s")
-    assert code == 2 and "not a previous stage dir" in err
+    assert code == 2 and "not a directory this project wrote" in err and ".toygpt-stage" in err
     assert (tmp_path / "s" / "precious.txt").read_text() == "keep me"
 
 
@@ -487,3 +488,62 @@ def test_a_local_path_left_in_a_file_refuses_the_push(capsys, tiny_model_dir, tm
     assert code == 1 and err.startswith(f"push_to_hub.py: error: the staged model/{name} (from {model_dir / name})")
     assert f"holds {what}" in err and "on line 2" in err and "nothing uploaded to the Hub may name a local path" in err
     assert not (tmp_path / "s").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def dry_run(capsys, model_dir, stage) -> tuple[int, str]:
+    return run_main(capsys, "--model-dir", model_dir, "--repo-id", REPO_ID, "--dry-run", stage)
+
+
+def test_a_users_folder_that_holds_model_is_not_taken_for_a_stage(capsys, tiny_model_dir, tmp_path):
+    """Only a directory this script staged (its marker) is replaced: P/model/ of drafts and a thesis is not one."""
+    (tmp_path / "P" / "model" / "drafts").mkdir(parents=True)
+    (tmp_path / "P" / "model" / "thesis.txt").write_text("thesis")
+    code, err = dry_run(capsys, tiny_model_dir, tmp_path / "P")
+    assert code == 2 and "not a directory this project wrote" in err, err
+    assert (tmp_path / "P" / "model" / "thesis.txt").read_text() == "thesis"
+    assert (tmp_path / "P" / "model" / "drafts").is_dir()
+    assert dry_run(capsys, tiny_model_dir, tmp_path / "S")[0] == 0  # a stage it wrote is replaced by the next run
+    assert (tmp_path / "S" / ".toygpt-stage").is_file()
+    assert dry_run(capsys, tiny_model_dir, tmp_path / "S")[0] == 0
+
+
+def test_links_out_of_the_model_dir_are_refused_and_links_inside_are_copied(capsys, tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (tmp_path / "secret.txt").write_text("s3cr3t-7f1")
+    (model_dir / "notes.md").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "outside").mkdir()
+    (model_dir / "extra").symlink_to(tmp_path / "outside")
+    code, err = dry_run(capsys, model_dir, tmp_path / "S")
+    assert code == 2 and "symbolic links that lead out of it" in err and "notes.md ->" in err and "extra ->" in err
+    assert not (tmp_path / "S").exists()
+    (model_dir / "notes.md").unlink()
+    (model_dir / "extra").unlink()
+    (model_dir / "docs").mkdir()
+    (model_dir / "docs" / "usage.md").write_text("how to use")
+    (model_dir / "usage.md").symlink_to(model_dir / "docs" / "usage.md")
+    (model_dir / "docs" / "again").symlink_to(model_dir / "docs")  # a cycle: walked once
+    assert dry_run(capsys, model_dir, tmp_path / "S")[0] == 0
+    staged = tmp_path / "S" / "model" / "usage.md"
+    assert not staged.is_symlink() and staged.read_text() == "how to use"
+    assert "s3cr3t-7f1" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "S").rglob("*") if p.is_file())
+
+
+def test_a_stage_that_holds_the_model_dir_or_cannot_be_written_is_one_line(capsys, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    parent = tmp_path / "P"
+    shutil.copytree(tiny_model_dir, parent / "model")
+    before = tree_bytes(parent)
+    code, err = dry_run(capsys, parent / "model", parent)
+    assert code == 2 and err.startswith("push_to_hub.py: error: --dry-run") and "contains the input" in err, err
+    assert len(err.strip().splitlines()) == 1 and tree_bytes(parent) == before
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # root ignores chmod: refuse the way a read-only directory does
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_dir_module.os, "open", read_only)
+    code, err = dry_run(capsys, tiny_model_dir, tmp_path / "ro" / "S")
+    assert code == 2 and "cannot write in" in err and len(err.strip().splitlines()) == 1, err

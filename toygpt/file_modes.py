@@ -36,3 +36,16 @@ def give_umask(tree: Path) -> None:
     for path in [tree, *tree.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def write_file_atomic(path, data: str | bytes) -> None:
+    """Write the file `path` whole or not at all: `data` goes to a temp file beside it (`.NAME.tmp-PID`, the user's
+    umask), renamed over `path` once complete; on any failure the temp file is removed and `path` is as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as file:  # open() applies the umask to 0o666, as for any file the user creates
+            file.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

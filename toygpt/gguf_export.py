@@ -12,14 +12,12 @@ matrix whose rows do not split into q8_0's 32-value blocks). The tied LM head is
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from toygpt.model_dir import ModelDirError, check_model_dir
-from modeling_toygpt import ToyGPTForCausalLM
+from toygpt.model_dir import ModelDirError, OutputFile, check_fp32_dir, load_fp32_model
 
 MT, QT = gguf.MODEL_TENSOR, gguf.GGMLQuantizationType
 # ToyGPT module -> llama.cpp's GPT-2 tensor; block modules follow "transformer.h.{i}.".
@@ -27,6 +25,8 @@ MODEL_TENSORS = {"transformer.wte": MT.TOKEN_EMBD, "transformer.wpe": MT.POS_EMB
                  "lm_head": MT.OUTPUT}
 BLOCK_TENSORS = {"ln_1": MT.ATTN_NORM, "attn.c_attn": MT.ATTN_QKV, "attn.c_proj": MT.ATTN_OUT, "ln_2": MT.FFN_NORM,
                  "mlp.c_fc": MT.FFN_UP, "mlp.c_proj": MT.FFN_DOWN}
+# The metadata key that marks a GGUF file as written by this project (OutputFile replaces only such files).
+WRITTEN_BY = "toygpt.written_by"
 # --type -> (type of the 2-D weights, the file type recorded in general.file_type)
 GGUF_TYPES = {
     "f32": (QT.F32, gguf.LlamaFileType.ALL_F32),
@@ -90,6 +90,7 @@ def write_gguf(model, src: Path, out: Path, out_type: str = "f32") -> None:
     tokens, token_types, merges = tokenizer_metadata(src, c.vocab_size)
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     writer.add_name(src.resolve().name)
+    writer.add_string(WRITTEN_BY, "ToyGPT toygpt/gguf_export.py")
     writer.add_context_length(c.block_size)
     writer.add_embedding_length(c.n_embd)
     writer.add_feed_forward_length(4 * c.n_embd)
@@ -117,42 +118,25 @@ def write_gguf(model, src: Path, out: Path, out_type: str = "f32") -> None:
     writer.close()
 
 
-def check_fp32_dir(src: Path, refusal: str) -> None:
-    """ModelDirError unless `src` is an fp32 ToyGPT dir; for an int8 one, `refusal` says what to do instead."""
-    config = check_model_dir(src)
-    if config.get("quantization") is not None:
-        raise ModelDirError(f"{src} is an int8-quantized ToyGPT directory; {refusal}")
-
-
-def load_fp32_model(src: Path, **load_kwargs) -> ToyGPTForCausalLM:
-    """The model of the checked fp32 dir `src` (check_fp32_dir), in eval mode; ModelDirError saying which file and what
-    to do if it does not load."""
+def is_project_gguf(path: Path) -> bool:
+    """A GGUF file this project wrote (write_gguf records WRITTEN_BY in its metadata): the only file --overwrite
+    replaces. Anything else (a user's GGUF, a link, a model's safetensors) is not."""
     try:
-        return ToyGPTForCausalLM.from_pretrained(src, **load_kwargs).eval()
-    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
-        raise ModelDirError(
-            f"{src / 'model.safetensors'} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or "
-            f"damaged (an interrupted copy), copy it again; else re-create {src} with train.py. Nothing was written."
-        ) from None
+        return path.is_file() and not path.is_symlink() and WRITTEN_BY in gguf.GGUFReader(path).fields
+    except Exception:  # not a GGUF file at all, or a damaged one: not ours to replace
+        return False
 
 
-def export_gguf(src, out, out_type: str = "f32", overwrite: bool = False) -> Path:
-    """ToyGPT dir `src` -> GGUF file `out`, written beside it under a temporary name and renamed into place."""
-    src, out = Path(src), Path(out)
+def export_gguf(src, out, out_type: str = "f32", overwrite: bool = False, log=print) -> Path:
+    """ToyGPT dir `src` -> GGUF file `out`, under OutputFile's rule: written beside it under a temporary name and
+    renamed into place; an existing `out` only with `overwrite`, and only a GGUF file this project wrote."""
+    src = Path(src)
     if out_type not in GGUF_TYPES:
         raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {out_type!r}.")
-    check_fp32_dir(src, "export the fp32 directory it came from (--type q8_0 gives llama.cpp's own 8-bit format).")
-    if out.is_dir():
-        raise FileExistsError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite.")
-    if not out.parent.is_dir():
-        raise ValueError(f"{out.parent} is not a directory; create it first, or write OUT.gguf elsewhere.")
-    model = load_fp32_model(src, dtype="float32")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        write_gguf(model, src, tmp, out_type)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    refusal = "export the fp32 directory it came from (--type q8_0 gives llama.cpp's own 8-bit format)."
+    check_fp32_dir(src, refusal)
+    with OutputFile(out, inputs=[src], replace=overwrite, flag="DST", owned=is_project_gguf, log=log) as output:
+        model = load_fp32_model(src, refusal, dtype="float32")
+        with output.write() as tmp:
+            write_gguf(model, src, tmp, out_type)
+    return output.path

@@ -6,7 +6,6 @@ matrices as Conv1D, i.e. transposed ([in, out]) relative to nn.Linear ([out, in]
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -14,8 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from configuration_toygpt import ToyGPTConfig
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import bpe
-from toygpt.gguf_export import check_fp32_dir, load_fp32_model
-from toygpt.model_dir import ModelDirError, atomic_dir, save_model_dir
+from toygpt.model_dir import (ModelDirError, OutputDir, check_fp32_dir, load_fp32_model, load_pretrained,
+                              read_model_config, write_model_files)
 
 # GPT-2's Conv1D weights: [in, out], the transpose of nn.Linear's [out, in].
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -106,21 +105,9 @@ def gpt2_to_toygpt(model: GPT2LMHeadModel) -> ToyGPTForCausalLM:
     return _copy_weights(model, ToyGPTForCausalLM(toygpt_config_from_gpt2(model.config)))
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; choose another path or pass --overwrite.")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"SRC and DST are the same directory ({src}); write the conversion elsewhere.")
-
-
 def check_gpt2_dir(directory: Path) -> None:
     """Raise ModelDirError unless `directory` holds a GPT-2 config and weights."""
-    if not directory.is_dir():
-        raise ModelDirError(f"{directory} is not a directory; pass a GPT-2 model directory (save_pretrained output).")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ModelDirError(f"{directory} has no config.json; it is not a transformers model directory.")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = read_model_config(directory).get("model_type")
     if model_type == "toygpt":
         raise ModelDirError(f"{directory} is already a ToyGPT directory; to make a GPT-2 one use `to-gpt2`.")
     if model_type != "gpt2":
@@ -131,35 +118,30 @@ def check_gpt2_dir(directory: Path) -> None:
 
 def convert_from_gpt2(src, dst, overwrite: bool = False) -> Path:
     """GPT-2 directory -> complete ToyGPT model directory (weights, remote code, tokenizer, generation config)."""
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
     check_gpt2_dir(src)
-    _check_destination(src, dst, overwrite)
-    try:
-        gpt2 = GPT2LMHeadModel.from_pretrained(src)
-    except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
+    with OutputDir(dst, inputs=[src], replace=overwrite, flag="DST") as output:  # claimed before the work
         weights = next(src / name for name in GPT2_WEIGHT_FILES if (src / name).is_file())
-        raise ModelDirError(
-            f"{weights} cannot be loaded ({type(err).__name__}: {err}). If it was cut short or damaged (an "
-            f"interrupted copy or download), copy or download it again; else re-save {src} with save_pretrained. "
-            "Nothing was written."
-        ) from None
-    if gpt2.config.vocab_size != bpe.VOCAB_SIZE:
-        raise ValueError(
-            f"{src} has vocab_size={gpt2.config.vocab_size}; ToyGPT directories ship the GPT-2 BPE tokenizer "
-            f"({bpe.VOCAB_SIZE} tokens), so only models with that vocabulary convert."
-        )
-    return save_model_dir(gpt2_to_toygpt(gpt2), dst, overwrite=overwrite, inputs=[src])
+        gpt2 = load_pretrained(GPT2LMHeadModel, src, where=str(weights))
+        if gpt2.config.vocab_size != bpe.VOCAB_SIZE:
+            raise ValueError(
+                f"{src} has vocab_size={gpt2.config.vocab_size}; ToyGPT directories ship the GPT-2 BPE tokenizer "
+                f"({bpe.VOCAB_SIZE} tokens), so only models with that vocabulary convert."
+            )
+        with output.write() as tmp:
+            write_model_files(gpt2_to_toygpt(gpt2), tmp)
+    return Path(dst)
 
 
 def convert_to_gpt2(src, dst, overwrite: bool = False) -> Path:
     """ToyGPT directory -> GPT2LMHeadModel directory with the GPT-2 tokenizer; loads without trust_remote_code."""
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
     check_fp32_dir(src, "convert the fp32 directory it came from.")
-    _check_destination(src, dst, overwrite)
-    toygpt = load_fp32_model(src)
-    gpt2 = toygpt_to_gpt2(toygpt)
-    gpt2.generation_config = toygpt.generation_config  # keep the shipped sampling defaults
-    with atomic_dir(dst, overwrite=overwrite, inputs=[src], flag="DST") as tmp:
-        gpt2.save_pretrained(tmp)
-        bpe.save_tokenizer(tmp, model_max_length=gpt2.config.n_positions)
-    return dst
+    with OutputDir(dst, inputs=[src], replace=overwrite, flag="DST") as output:  # claimed before the work
+        toygpt = load_fp32_model(src, "convert the fp32 directory it came from.")
+        gpt2 = toygpt_to_gpt2(toygpt)
+        gpt2.generation_config = toygpt.generation_config  # keep the shipped sampling defaults
+        with output.write() as tmp:
+            gpt2.save_pretrained(tmp)
+            bpe.save_tokenizer(tmp, model_max_length=gpt2.config.n_positions)
+    return Path(dst)

@@ -17,7 +17,6 @@ keeps the first positions of wpe (nanoGPT's crop_block_size): on windows that fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +26,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from toygpt import bpe
 from configuration_toygpt import ToyGPTConfig
 from toygpt.gpt2_conversion import GPT2_WEIGHT_FILES, gpt2_to_toygpt, toygpt_config_from_gpt2
-from toygpt.model_dir import ModelDirError, check_model_dir
+from toygpt.model_dir import MODEL_TYPES, ModelDirError, check_model_dir, load_pretrained, read_model_config
 from modeling_toygpt import ToyGPTForCausalLM
 
-MODEL_TYPES = ("gpt2", "toygpt")
 EXAMPLE_REPO = "openai-community/gpt2"
 # The ToyGPTConfig fields a run records (InitModel.record): --resume rebuilds the model from them, not from a preset.
 CONFIG_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "layer_norm_epsilon",
@@ -75,29 +73,24 @@ class InitModel:
     def load(self, block_size: int | None = None, dropout: float | None = None) -> ToyGPTForCausalLM:
         """The fp32 ToyGPT model, in train mode; `block_size` (at most the checkpoint's) crops the positions,
         `dropout` replaces the checkpoint's."""
-        source = self.location
         kwargs = {"revision": self.revision} if self.on_hub else {}
         cls = GPT2LMHeadModel if self.model_type == "gpt2" else ToyGPTForCausalLM
+        if self.on_hub:
+            where = f"The weights of {self.location} (commit {self.revision[:12]})"
+            fix = ("If a download was cut short, run again (it resumes); if the cached copy is damaged, delete it "
+                   f"(`hf cache rm model/{self.location}`) and run again.")
+        else:
+            where = f"The weights in {self.location}"
+            fix = ("If they were cut short or damaged (an interrupted copy or download), copy or download them again; "
+                   "else re-save the model with save_pretrained.")
         try:
             # float32 whatever the checkpoint's dtype: these are the master weights (transformers 5 defaults to "auto").
-            model, info = cls.from_pretrained(source, dtype=torch.float32, output_loading_info=True, **kwargs)
-        except Exception as err:  # e.g. SafetensorError on a file cut short: a traceback says neither which nor what now
-            raise InitFromError(self._unloadable(err)) from None
-        if info["missing_keys"]:
-            raise InitFromError(self._unloadable(f"no weights for {', '.join(sorted(info['missing_keys'])[:4])}"))
+            model = load_pretrained(cls, self.location, where=where, fix=fix, dtype=torch.float32, **kwargs)
+        except ModelDirError as err:
+            raise InitFromError(str(err)) from None
         if self.model_type == "gpt2":
             model = gpt2_to_toygpt(model)
         return with_overrides(model, block_size, dropout).train()
-
-    def _unloadable(self, err) -> str:
-        what = f"{type(err).__name__}: {err}" if isinstance(err, Exception) else err
-        if self.on_hub:
-            return (f"The weights of {self.location} (commit {self.revision[:12]}) cannot be loaded ({what}). If a "
-                    "download was cut short, run again (it resumes); if the cached copy is damaged, delete it "
-                    f"(`hf cache rm model/{self.location}`) and run again.")
-        return (f"The weights in {self.location} cannot be loaded ({what}). If they were cut short or damaged (an "
-                "interrupted copy or download), copy or download them again; else re-save the model with "
-                "save_pretrained.")
 
 
 def find_init_model(id_or_dir: str, revision: str | None = None) -> InitModel:
@@ -114,7 +107,11 @@ def find_init_model(id_or_dir: str, revision: str | None = None) -> InitModel:
                             "check the path.")
     config_path = _download_config(given, revision)
     commit = Path(config_path).parent.name  # the cache keeps each commit's files in snapshots/<commit>/
-    return _from_config(given, given, _read_json(Path(config_path)), commit)
+    try:
+        config = read_model_config(Path(config_path).parent)
+    except ModelDirError as err:
+        raise InitFromError(f"{given} (commit {commit[:12]}): {err}") from None
+    return _from_config(given, given, config, commit)
 
 
 def load_init_model(id_or_dir: str, revision: str | None = None, block_size: int | None = None,
@@ -165,16 +162,13 @@ def with_overrides(model: ToyGPTForCausalLM, block_size: int | None = None,
 def _local(given: str, path: Path) -> InitModel:
     if not path.is_dir():
         raise InitFromError(f"{given} is a file; pass a model directory (save_pretrained output) or a Hub repo id.")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise InitFromError(f"{given} has no config.json; it is not a transformers model directory.")
-    config = _read_json(config_path)
-    if config.get("model_type") == "toygpt":
-        try:
+    try:
+        config = read_model_config(path)
+        if config.get("model_type") == "toygpt":
             check_model_dir(path)  # model.safetensors is there
-        except ModelDirError as err:
-            raise InitFromError(str(err)) from None
-    elif config.get("model_type") == "gpt2" and not any((path / name).is_file() for name in GPT2_WEIGHT_FILES):
+    except ModelDirError as err:
+        raise InitFromError(str(err)) from None
+    if config.get("model_type") == "gpt2" and not any((path / name).is_file() for name in GPT2_WEIGHT_FILES):
         raise InitFromError(f"{given} has no weights (none of {', '.join(GPT2_WEIGHT_FILES)}).")
     return _from_config(given, str(path.absolute()), config, None)
 
@@ -200,14 +194,6 @@ def _from_config(given: str, location: str, config: dict, revision: str | None) 
                             f"BPE tokenizer ({bpe.VOCAB_SIZE} tokens), so it starts only from models with that "
                             "vocabulary.")
     return InitModel(given, model_type, location, revision, toygpt)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise InitFromError(f"{path} is not valid JSON ({err}); the model is damaged: copy or download it again.") \
-            from None
 
 
 def _looks_like_repo_id(given: str) -> bool:
