@@ -42,8 +42,9 @@ PROG = "push_to_hub.py"
 SPACE_DIR = Path(__file__).resolve().parent / "space"
 STAGE_MARKER = ".toygpt-stage"  # written into every --dry-run stage: the only directory a later --dry-run replaces
 # Never uploaded: resumable checkpoints, pickled tensors (safetensors only), caches, hidden and temp files, and GGUF
-# files a dir may hold (the staged one is written from the weights being pushed).
-EXCLUDE = ["checkpoint*", "__pycache__", ".*", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.tmp", "*.lock", "runs",
+# files a dir may hold (the staged one is written from the weights being pushed). TensorBoard's runs/ is uploaded:
+# the Hub shows its event files as the repo's training metrics.
+EXCLUDE = ["checkpoint*", "__pycache__", ".*", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.tmp", "*.lock",
            "wandb", "flagged", ".gradio", "*.gguf"]
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 LOGIN_HELP = (

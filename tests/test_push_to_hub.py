@@ -282,6 +282,18 @@ def test_dry_run_needs_no_token(capsys, tiny_model_dir, no_token, tmp_path):
     assert (tmp_path / "stage" / "space" / "model_id.txt").read_text().strip() == REPO_ID
 
 
+def test_tensorboard_runs_are_staged_for_the_hubs_training_metrics(capsys, tiny_model_dir, no_token, tmp_path):
+    """train.py --report-to tensorboard leaves event files in runs/; the Hub shows them as the repo's metrics."""
+    model_dir = tmp_path / "toygpt"
+    shutil.copytree(tiny_model_dir, model_dir)
+    events = model_dir / "runs" / "events.out.tfevents.1.host.1.0"
+    events.parent.mkdir()
+    events.write_bytes(b"event bytes")
+    assert push_to_hub.main(["--model-dir", str(model_dir), "--repo-id", REPO_ID, "--dry-run",
+                             str(tmp_path / "stage")]) == 0
+    assert tree_bytes(tmp_path / "stage" / "model")["runs/events.out.tfevents.1.host.1.0"] == b"event bytes"
+
+
 def test_dry_run_stages_a_q8_0_gguf_beside_the_weights_and_the_card_says_how_to_run_it(
         capsys, tiny_model_dir, no_token, tmp_path):
     import gguf
