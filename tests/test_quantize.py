@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 
 import int8_toygpt
 import quantize
+from toygpt import quantization
 from conftest import run_python, small_config
 from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize_rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
-from quantize import quantize_int8, quantize_rows
+from toygpt.quantization import quantize_int8, quantize_rows
 
 INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -23,7 +24,7 @@ INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 @pytest.fixture(scope="module")
 def int8_dir(tiny_model_dir, shakespeare_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "tiny-int8"
-    figures = quantize.quantize_dir(tiny_model_dir, out, eval_input=shakespeare_path, eval_batches=1, batch_size=2,
+    figures = quantization.quantize_dir(tiny_model_dir, out, eval_input=shakespeare_path, eval_batches=1, batch_size=2,
                                     speed_tokens=8, log=lambda *a: None)
     return out, figures
 
@@ -352,13 +353,13 @@ def test_val_loss_defaults_to_the_text_train_py_recorded(tiny_model_dir, shakesp
     src = tmp_path / "src"
     shutil.copytree(tiny_model_dir, src)
     (src / "training_args.json").write_text(json.dumps({"input_path": str(shakespeare_path)}))
-    figures = quantize.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
+    figures = quantization.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
                                     log=lambda *a: None)
     assert figures["before"]["val_loss"] > 0 and figures["after"]["val_loss"] > 0
     assert shakespeare_path.name in (tmp_path / "out" / "README.md").read_text()
     # A recorded path that is gone: no evaluation, and the card says how to get one.
     (src / "training_args.json").write_text(json.dumps({"input_path": str(tmp_path / "moved.txt")}))
-    figures = quantize.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
+    figures = quantization.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
     assert figures["before"]["val_loss"] is None
     assert "--eval-input" in (tmp_path / "out2" / "README.md").read_text()
 
@@ -370,7 +371,7 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, 
     out = tmp_path / "out"
     assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(quantize, "check_written", broken)
+    monkeypatch.setattr(quantization, "check_written", broken)
     shutil.rmtree(out)
     assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 1  # a message, no traceback
     assert "simulated failure" in capsys.readouterr().err.splitlines()[-1]
