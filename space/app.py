@@ -425,6 +425,7 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
     variant = variant or os.environ.get("TOYGPT_VARIANT", "auto")
     revision = revision or os.environ.get("TOYGPT_REVISION") or None
     loaded = load_model(model_id or default_model_id(variant), variant, revision)
+    print(f"{PROG}: serving {loaded.describe()}", flush=True)  # which model and variant, also for API users' logs
 
     default_new_tokens = min(100, loaded.context // 2)  # leaves half the context for the prompt
 
