@@ -1,4 +1,5 @@
 # `make demo`: install, train the tiny preset on input.txt (or the default corpus), quantize, serve the app.
+# `make serve`: serve the int8 model `make demo` wrote last, without training again.
 # `make test`: install and run the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 MINUTES ?= 3
 
-.PHONY: install install-llama-cpp test demo clean
+.PHONY: install install-llama-cpp test demo serve clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +39,12 @@ demo: install
 	$(PY) quantize.py $(OUT)/toygpt $(OUT)/toygpt-int8 --overwrite
 	@echo "demo: serving $(OUT)/toygpt-int8. Publishing is a separate step: $(PY) push_to_hub.py --model-dir" \
 		"$(OUT)/toygpt --quantized-dir $(OUT)/toygpt-int8 --repo-id USER/toygpt --space-id USER/toygpt-demo"
+	TOYGPT_MODEL=$(OUT)/toygpt-int8 $(PY) space/app.py
+
+# Serves $(OUT)/toygpt-int8 as it is (no training, no quantizing); the app prints its local URL (Ctrl+C stops it).
+serve: install
+	@test -f $(OUT)/toygpt-int8/config.json || { echo "serve: no model in $(OUT)/toygpt-int8; run \`make demo\` first" \
+		"(it trains and quantizes one), or serve another with TOYGPT_MODEL=DIR $(PY) space/app.py" >&2; exit 2; }
 	TOYGPT_MODEL=$(OUT)/toygpt-int8 $(PY) space/app.py
 
 clean:

@@ -32,6 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from toygpt import bpe
 from toygpt import model_card
+from toygpt import quantization
 from toygpt.dataset_source import file_sha256
 from toygpt.gguf_export import write_gguf
 from toygpt.train_config import TrainingConfig
@@ -447,6 +448,8 @@ def push(args) -> None:
     model = check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
     if args.quantized_dir:
         check_loadable(Path(args.quantized_dir), "--quantized-dir", quantized=True)
+        if stale := quantization.stale_int8(args.model_dir, args.quantized_dir):
+            raise UsageError(f"--quantized-dir: {stale}")
     if args.revision and args.space_id:
         print(f"note: the Space loads {args.repo_id} from its default branch, not {args.revision}.")
     if args.private and args.space_id:

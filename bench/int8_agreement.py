@@ -27,9 +27,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from toygpt import quantization  # noqa: E402
 from toygpt.stream import val_windows  # noqa: E402
-import quantize  # noqa: E402
-sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
 from generate import greedy_agreement  # noqa: E402  (bench/generate.py, as bench/quantize.py measures it)
 
 TEACHER_FORCED_WINDOWS = 16
@@ -38,7 +37,7 @@ WEIGHT_BITS = (8, 9, 10)
 
 def rounded_weights(model, bits: int):
     """A copy of fp32 `model` whose Linear and embedding weights are rounded per row to 2**(bits-1) - 1 levels each
-    side (at 8 bits, exactly quantize.quantize_rows' values), still fp32."""
+    side (at 8 bits, exactly quantization.quantize_rows' values), still fp32."""
     levels = 2 ** (bits - 1) - 1
     rounded = copy.deepcopy(model)
     with torch.no_grad():
@@ -57,12 +56,12 @@ def teacher_forced_agreement(reference, other, windows) -> float:
 
 
 def measure(model_dir: Path, text: str | None, prompts: int, continuation: int) -> dict:
-    fp32 = quantize.load_fp32_model(model_dir).eval()
-    text = text or quantize.training_input(model_dir)
+    fp32 = quantization.load_fp32_model(model_dir).eval()
+    text = text or quantization.training_input(model_dir)
     if text is None:
         raise ValueError(f"{model_dir} records no training text that still exists; pass --input FILE.")
     windows = val_windows(text, fp32.config.block_size).windows
-    int8 = quantize.quantize_int8(fp32)
+    int8 = quantization.quantize_int8(fp32)
     figures = {
         "greedy": greedy_agreement(fp32, int8, windows, prompts, continuation),
         "teacher-forced": teacher_forced_agreement(fp32, int8, windows),
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
     for model_dir in args.model_dirs:
         try:
             figures = measure(model_dir, args.input, args.prompts, args.continuation_tokens)
-        except (ValueError, OSError) as err:  # quantize.QuantizeError, InputError, a missing file
+        except (ValueError, OSError) as err:  # quantization.QuantizeError, InputError, a missing file
             print(f"int8_agreement.py: error: {err}", file=sys.stderr)
             return 2
         print(f"{model_dir}:  " + "   ".join(f"{name} {value:.1%}" for name, value in figures.items()), flush=True)

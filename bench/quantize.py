@@ -6,7 +6,7 @@
 
 Without --trained-dir it first trains that model itself (3 minutes). Every figure is a ratio against fp32
 measured in the same run, with its target:
-- 124M `gpt2` preset, random weights (seeded), written by save_model_dir and quantized by quantize.py's CLI path:
+- 124M `gpt2` preset, random weights (seeded), written by save_model_dir, quantized by quantization.quantize_dir:
   * size of model.safetensors, int8 / fp32                                       (target <= 0.27x)
   * greedy tokens/s, batch 1, 16-token prompt, 256 new tokens, KV cache, both loaded with from_pretrained; fp32 and
     int8 take turns, repeat after repeat, so contention hits both alike; medians  (target >= 2.0x)
@@ -38,13 +38,12 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from toygpt import quantization  # noqa: E402
 from toygpt.stream import val_windows  # noqa: E402
-import quantize  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from int8_toygpt import int8_kernel  # noqa: E402
 from toygpt.model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
-sys.path.insert(1, str(Path(__file__).resolve().parent))  # after REPO: bench/quantize.py must not shadow quantize
 from generate import generate_tokens, greedy_agreement  # noqa: E402  (bench/generate.py: exact-length greedy)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -94,8 +93,8 @@ def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int) -> dict:
     fp32_dir = save_model_dir(ToyGPTForCausalLM(ToyGPTConfig.from_preset("gpt2")), work / "gpt2-fp32")
     int8_dir = work / "gpt2-int8"
     start = time.perf_counter()
-    assert quantize.main([str(fp32_dir), str(int8_dir), "--speed-tokens", "0"]) == 0
-    print(f"124M: quantize.py took {time.perf_counter() - start:.1f} s (no measurements)")
+    quantization.quantize_dir(fp32_dir, int8_dir, speed_tokens=0, log=lambda *a: None)
+    print(f"124M: quantizing took {time.perf_counter() - start:.1f} s (no measurements)")
     dirs = {"fp32": fp32_dir, "int8": int8_dir}
     sizes = {k: (d / "model.safetensors").stat().st_size for k, d in dirs.items()}
 
@@ -129,7 +128,7 @@ def train_tiny(work: Path, corpus: Path) -> Path:
 def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continuation: int, batch_size: int):
     int8_dir = work / "trained-int8"
     # quantize.py's own val loss measurement (the one its model card reports), over every held-out window
-    figures = quantize.quantize_dir(trained, int8_dir, eval_input=corpus, eval_batches=None, batch_size=batch_size,
+    figures = quantization.quantize_dir(trained, int8_dir, eval_input=corpus, eval_batches=None, batch_size=batch_size,
                                     speed_tokens=0)
     loss = {"fp32": figures["before"]["val_loss"], "int8": figures["after"]["val_loss"]}
     models = {"fp32": load(trained), "int8": load(int8_dir)}

@@ -2,14 +2,20 @@
 
 Which model: TOYGPT_MODEL (Hub repo id or local directory), else `model_id.txt` beside this file (the push step
 writes it), else ../out/toygpt-int8 or ../out/toygpt. On CPU the int8 variant is preferred: subfolder `int8` of
-the model repo/dir when present. TOYGPT_VARIANT=fp32|int8|auto (default auto) overrides; TOYGPT_REVISION picks
-a Hub branch. Self-contained on purpose: a Space is deployed alone, so this imports pip packages only.
+the model repo/dir when present (in a local dir, only if it was quantized from the weights beside it).
+TOYGPT_VARIANT=fp32|int8|auto (default auto) overrides; TOYGPT_REVISION picks a Hub branch. Self-contained on
+purpose: a Space is deployed alone, so this imports pip packages only.
 
     TOYGPT_MODEL=out/toygpt-int8 python space/app.py        # http://127.0.0.1:7860 (GRADIO_SERVER_PORT to change)
+
+API (gradio_client): `/generate` takes the prompt and optional sampling settings and returns the list of generated
+texts (prompt + continuation each); the UI streams through its own, private handler.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -54,6 +60,7 @@ class LoadedModel:
     model_id: str
     precision: str  # "int8" or "fp32"
     device: str
+    note: str = ""  # why the precision is not the one asked for, if it is not
 
     @property
     def context(self) -> int:
@@ -64,7 +71,8 @@ class LoadedModel:
         return max(1, min(MAX_NEW_TOKENS, self.context - 1))  # at least one prompt token must fit
 
     def describe(self) -> str:
-        return f"`{self.model_id}` · {self.precision} · {self.device} · {self.context}-token context"
+        note = f" ({self.note})" if self.note else ""
+        return f"`{self.model_id}` · {self.precision}{note} · {self.device} · {self.context}-token context"
 
 
 class StartupError(SystemExit):
@@ -191,6 +199,43 @@ def has_int8_subfolder(model_id: str, revision: str | None = None) -> bool:
                            f"{err}); check the network and re-run, or set TOYGPT_VARIANT=fp32.", status=1) from None
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stale_int8_subfolder(model_dir: str) -> str | None:
+    """Why the int8 copy in local `model_dir`/int8 is not one of the fp32 weights beside it, or None.
+
+    quantize.py records the sha256 of the fp32 model.safetensors it read (quantization_report.json, source_sha256);
+    int8 dirs from before that record are taken as they are. (On the Hub, push_to_hub.py refuses a stale pair.)"""
+    try:
+        report = json.loads((Path(model_dir) / INT8_SUBFOLDER / "quantization_report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = report.get("source_sha256") if isinstance(report, dict) else None
+    if not recorded or recorded == sha256_of(Path(model_dir) / "model.safetensors"):
+        return None
+    return (f"{Path(model_dir) / INT8_SUBFOLDER} was quantized from other weights than {model_dir}/model.safetensors "
+            f"holds now; re-create it with `python quantize.py {model_dir} {Path(model_dir) / INT8_SUBFOLDER} "
+            "--overwrite`")
+
+
+def check_tokenizer(tokenizer, model, where: str) -> None:
+    """StartupError if the tokenizer cannot serve the model: without tokenizer.json, AutoTokenizer still loads, a
+    1-token tokenizer that encodes every prompt to no tokens at all, and every request would then fail."""
+    vocab, sample = model.config.vocab_size, EXAMPLES[2]
+    ids = tokenizer(sample, verbose=False)["input_ids"]
+    if ids and max(ids) < vocab and tokenizer.decode(ids, clean_up_tokenization_spaces=False) == sample:
+        return
+    raise StartupError(f"the tokenizer in {where!r} has {len(tokenizer)} token(s), the model {vocab}: its "
+                       "tokenizer.json is missing or broken. Re-create the model directory with train.py / "
+                       "quantize.py (they write the GPT-2 tokenizer files), or push it again with push_to_hub.py.")
+
+
 def load_model(model_id: str, variant: str = "auto", revision: str | None = None) -> LoadedModel:
     """Load model + tokenizer with the auto classes, from subfolder `int8` when that variant is chosen.
 
@@ -205,6 +250,11 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
     # int8 kernels are a CPU speed-up; on a GPU the fp32 weights are the fast choice.
     want_int8 = variant == "int8" or (variant == "auto" and not cuda)
     subfolder = INT8_SUBFOLDER if want_int8 and has_int8_subfolder(model_id, revision) else ""
+    note = ""
+    if subfolder and local and (stale := stale_int8_subfolder(model_id)):
+        if variant == "auto":  # the int8 copy of older weights is no copy of this model: serve the fp32 weights
+            subfolder, note = "", "its int8 copy is stale"
+        print(f"warning: {stale}" + ("; serving the fp32 weights." if variant == "auto" else "."), file=sys.stderr)
     # trust_remote_code for the tokenizer too: AutoTokenizer reads config.json, whose auto_map names the remote code.
     kwargs = dict(subfolder=subfolder, revision=revision, trust_remote_code=True)
     try:
@@ -217,6 +267,7 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
                "push_to_hub.py")
         raise StartupError(f"could not load the model from {where!r} ({type(err).__name__}: {err}); {fix}.",
                            status=2 if local else 1) from None
+    check_tokenizer(tokenizer, model, f"{model_id}/{subfolder}" if subfolder else model_id)
     precision = "int8" if getattr(model.config, "quantization", None) else "fp32"
     if variant != "auto" and precision != variant:
         raise StartupError(
@@ -224,7 +275,7 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
             "point TOYGPT_MODEL at the other model dir, or leave TOYGPT_VARIANT unset (auto)."
         )
     device = "cuda" if cuda and precision == "fp32" else "cpu"
-    return LoadedModel(model.to(device).eval(), tokenizer, model_id, precision, device)
+    return LoadedModel(model.to(device).eval(), tokenizer, model_id, precision, device, note)
 
 
 class BatchTextStreamer(TextIteratorStreamer):
@@ -359,19 +410,47 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     yield [prompt + text for text in texts], "\n\n".join([status, *notes])
 
 
+def api_problem(loaded: LoadedModel, max_new_tokens, temperature, top_k, top_p, num_sequences) -> str | None:
+    """Why the API's sampling settings are out of range (the UI's sliders enforce the same ranges), or None."""
+    limits = [("max_new_tokens", max_new_tokens, 1, loaded.max_new_tokens), ("temperature", temperature, 0.0, 2.0),
+              ("top_k", top_k, 0, 200), ("top_p", top_p, 0.05, 1.0), ("num_sequences", num_sequences, 1, MAX_SEQUENCES)]
+    for name, value, low, high in limits:
+        if not low <= value <= high:
+            return f"{name} must be from {low} to {high} (this model's limits), got {value}."
+    return None
+
+
 def build_demo(model_id: str | None = None, variant: str | None = None, revision: str | None = None) -> gr.Blocks:
     """The Gradio app around one loaded model; `model_id=None` picks it as `python app.py` does."""
     variant = variant or os.environ.get("TOYGPT_VARIANT", "auto")
     revision = revision or os.environ.get("TOYGPT_REVISION") or None
     loaded = load_model(model_id or default_model_id(variant), variant, revision)
+    print(f"{PROG}: serving {loaded.describe()}", flush=True)  # which model and variant, also for API users' logs
 
-    def generate(prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed):
+    default_new_tokens = min(100, loaded.context // 2)  # leaves half the context for the prompt
+
+    def stream_to_ui(prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed):
         for texts, status in generate_stream(
             loaded, prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed
         ):
             if not texts:  # the input was refused: say why in a toast too
                 gr.Warning(status)
             yield *texts, *[""] * (MAX_SEQUENCES - len(texts)), status
+
+    def generate(prompt: str, max_new_tokens: int = default_new_tokens, temperature: float = 0.8, top_k: int = 50,
+                 top_p: float = 1.0, num_sequences: int = 1, seed: int | None = None) -> list[str]:
+        """Sample `num_sequences` continuations of `prompt`; returns the texts, each the prompt + its continuation.
+
+        temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off; seed None picks a random one. A prompt
+        longer than the model's context allows is cut from the left."""
+        if problem := api_problem(loaded, max_new_tokens, temperature, top_k, top_p, num_sequences):
+            raise gr.Error(problem)
+        seed = "" if seed is None else str(seed)
+        for texts, status in generate_stream(loaded, prompt, max_new_tokens, temperature, top_k, top_p,
+                                             num_sequences, seed):
+            if not texts:  # refused: empty prompt, bad seed
+                raise gr.Error(status)
+        return texts
 
     with gr.Blocks(title="ToyGPT", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -380,14 +459,15 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
         )
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="ROMEO:", autofocus=True, elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", lines=4, autofocus=True, elem_id="prompt",
+                                    placeholder="Type the start of a text here, or pick an example below")
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 gr.Examples(EXAMPLES, inputs=prompt, cache_examples=False)
             with gr.Column(scale=2):
-                max_new_tokens = gr.Slider(  # the default leaves half the context for the prompt
-                    1, loaded.max_new_tokens, value=min(100, loaded.context // 2), step=1, label="Max new tokens",
+                max_new_tokens = gr.Slider(
+                    1, loaded.max_new_tokens, value=default_new_tokens, step=1, label="Max new tokens",
                     elem_id="max-new-tokens",
                 )
                 temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", info="0 = greedy",
@@ -396,8 +476,7 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off", elem_id="top-p")
                 num_sequences = gr.Slider(1, MAX_SEQUENCES, value=1, step=1, label="Number of sequences",
                                           elem_id="num-sequences")
-                # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty. value="": the API
-                # takes a component's value as its default, so API calls may leave the seed out, as the UI does.
+                # A Textbox, not a Number: gradio's Number shows (and sends) 0 when left empty.
                 seed = gr.Textbox(value="", label="Seed", placeholder="blank = random", max_lines=1, elem_id="seed")
         with gr.Row():
             outputs = [
@@ -414,16 +493,22 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
             outputs=outputs,
             api_visibility="private",
         )
-        event = gr.on(
+        event = gr.on(  # the UI's streaming handler; API users get /generate below
             [generate_button.click, prompt.submit],
-            generate,
+            stream_to_ui,
             inputs=[prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed],
             outputs=[*outputs, status],
-            api_name="generate",
+            api_visibility="private",
             concurrency_limit=CONCURRENCY_LIMIT,
+            concurrency_id="generation",
             show_progress="minimal",
         )
         stop_button.click(None, cancels=[event])
+        # One generation at a time, UI and API together: the same concurrency group.
+        endpoint = gr.api(generate, api_name="generate", concurrency_limit=CONCURRENCY_LIMIT,
+                          concurrency_id="generation")
+    for block_id in endpoint["outputs"]:  # gr.api labels its result "1st"; view_api() shows this name instead
+        demo.blocks[block_id].label = "texts"
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE)
     return demo
 

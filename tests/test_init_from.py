@@ -24,7 +24,7 @@ from toygpt.evaluation import evaluate
 from hub_server import FakeHub
 from toygpt.init_from import InitFromError, architecture_conflicts, find_init_model, load_init_model
 from toygpt.model_dir import save_model_dir
-from quantize import quantize_int8
+from toygpt.quantization import quantize_int8
 from toygpt.training_loss import CausalLMLoss
 
 N_POSITIONS = 64

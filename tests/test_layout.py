@@ -22,7 +22,7 @@ FLOW = {
     "toygpt.training": 5,  # the training loop: a checkpoint becomes a model dir
     "toygpt.gguf_export": 5, "toygpt.init_from": 5, "toygpt.gpt2_conversion": 5,
     "train": 5, "convert_gpt2": 5,
-    "quantize": 6,  # int8 dir
+    "toygpt.quantization": 6, "quantize": 6,  # int8 dir
     "push_to_hub": 7,  # Hub
 }
 COMMANDS = {"train", "quantize", "push_to_hub", "convert_gpt2"}

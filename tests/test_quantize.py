@@ -1,6 +1,8 @@
 """quantize.py and the int8 runtime (int8_toygpt.py): round trip, file formats, error bounds, fallback, bad input."""
 
+import hashlib
 import json
+import os
 import shutil
 import sys
 
@@ -12,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 import int8_toygpt
 import quantize
+from toygpt import quantization
 from conftest import run_python, small_config
 from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize_rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
-from quantize import quantize_int8, quantize_rows
+from toygpt.quantization import quantize_int8, quantize_rows
 
 INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -23,7 +26,7 @@ INT8_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 @pytest.fixture(scope="module")
 def int8_dir(tiny_model_dir, shakespeare_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "tiny-int8"
-    figures = quantize.quantize_dir(tiny_model_dir, out, eval_input=shakespeare_path, eval_batches=1, batch_size=2,
+    figures = quantization.quantize_dir(tiny_model_dir, out, eval_input=shakespeare_path, eval_batches=1, batch_size=2,
                                     speed_tokens=8, log=lambda *a: None)
     return out, figures
 
@@ -352,13 +355,13 @@ def test_val_loss_defaults_to_the_text_train_py_recorded(tiny_model_dir, shakesp
     src = tmp_path / "src"
     shutil.copytree(tiny_model_dir, src)
     (src / "training_args.json").write_text(json.dumps({"input_path": str(shakespeare_path)}))
-    figures = quantize.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
+    figures = quantization.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
                                     log=lambda *a: None)
     assert figures["before"]["val_loss"] > 0 and figures["after"]["val_loss"] > 0
     assert shakespeare_path.name in (tmp_path / "out" / "README.md").read_text()
     # A recorded path that is gone: no evaluation, and the card says how to get one.
     (src / "training_args.json").write_text(json.dumps({"input_path": str(tmp_path / "moved.txt")}))
-    figures = quantize.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
+    figures = quantization.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
     assert figures["before"]["val_loss"] is None
     assert "--eval-input" in (tmp_path / "out2" / "README.md").read_text()
 
@@ -370,7 +373,7 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, 
     out = tmp_path / "out"
     assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(quantize, "check_written", broken)
+    monkeypatch.setattr(quantization, "check_written", broken)
     shutil.rmtree(out)
     assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 1  # a message, no traceback
     assert "simulated failure" in capsys.readouterr().err.splitlines()[-1]
@@ -381,3 +384,86 @@ def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, 
     assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"]) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not list(tmp_path.glob(".out.*"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which fp32 weights an int8 dir came from
+
+
+def retrained(src, tmp_path, name="retrained"):
+    """A copy of model dir `src` whose weights were then replaced, as `train.py --overwrite` replaces them."""
+    from toygpt.model_dir import save_model_dir
+
+    copy = tmp_path / name
+    shutil.copytree(src, copy)
+    save_model_dir(random_model(seed=7), copy, overwrite=True)
+    return copy
+
+
+def test_int8_dir_records_the_sha256_of_its_source_weights(int8_dir, tiny_model_dir):
+    out, figures = int8_dir
+    sha256 = hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert json.loads((out / "quantization_report.json").read_text())["source_sha256"] == sha256
+    assert figures["source_sha256"] == sha256
+    assert f"sha256 `{sha256}`" in (out / "README.md").read_text()
+    assert quantization.stale_int8(tiny_model_dir, out) is None
+
+
+def test_int8_of_weights_since_replaced_is_stale_and_push_refuses_it(int8_dir, tiny_model_dir, tmp_path, capsys):
+    import push_to_hub
+
+    src = retrained(tiny_model_dir, tmp_path)
+    problem = quantization.stale_int8(src, int8_dir[0])
+    assert "quantized from other weights" in problem
+    assert f"python quantize.py {src} {int8_dir[0]} --overwrite" in problem
+    stage = tmp_path / "stage"
+    code = push_to_hub.main(["--model-dir", str(src), "--quantized-dir", str(int8_dir[0]), "--repo-id", "alice/toygpt",
+                             "--dry-run", str(stage)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--quantized-dir:" in err and "--overwrite" in err and not stage.exists()
+
+
+def test_int8_dir_without_a_source_record_still_loads_and_pairs(int8_dir, tiny_model_dir, tmp_path):
+    """int8 dirs written before quantize.py recorded its source keep working (unchecked)."""
+    old = tmp_path / "old-int8"
+    shutil.copytree(int8_dir[0], old)
+    report = json.loads((old / "quantization_report.json").read_text())
+    del report["source_sha256"]
+    (old / "quantization_report.json").write_text(json.dumps(report))
+    assert quantization.recorded_source(old) is None
+    assert quantization.stale_int8(retrained(tiny_model_dir, tmp_path), old) is None
+    from toygpt import model_card
+
+    assert "## int8 quantized variant" in str(model_card.dir_card(model_card.read_records(old)))
+    model = ToyGPTForCausalLM.from_pretrained(old).eval()
+    assert isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+
+
+def test_quantize_refuses_a_src_that_a_run_is_writing(tiny_model_dir, tmp_path, capsys):
+    from toygpt.model_dir import OutputDir
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    out = src / "int8"
+    with OutputDir(src, replace=True, log=lambda *a: None):  # as train.py --overwrite holds it while it runs
+        code, err = run_main([src, out, "--speed-tokens", 0], capsys)
+    assert code == 2 and "is being written by another run (pid" in err and "wait for it to finish" in err
+    assert_nothing_written(out)
+    assert run_main([src, out, "--speed-tokens", 0], capsys)[0] == 0  # free again
+
+
+def test_quantize_refuses_weights_replaced_while_it_read_them(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    load = quantization.load_fp32_model
+
+    def load_then_replace(path):  # a train.py run swaps in its new model dir while quantize reads the old one
+        model = load(path)
+        shutil.copy(src / "model.safetensors", tmp_path / "new.safetensors")
+        os.replace(tmp_path / "new.safetensors", src / "model.safetensors")
+        return model
+
+    monkeypatch.setattr(quantization, "load_fp32_model", load_then_replace)
+    code, err = run_main([src, tmp_path / "out", "--speed-tokens", 0], capsys)
+    assert code == 2 and "was replaced while it was being read" in err
+    assert_nothing_written(tmp_path / "out")

@@ -1,6 +1,7 @@
 """The Space (space/app.py): a real `python app.py` server, driven by gradio_client and by headless Chromium."""
 
 import inspect
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from packaging.requirements import Requirement
 from transformers import TextIteratorStreamer
@@ -78,76 +80,73 @@ def client(app_url):
     return Client(app_url, verbose=False, download_files=False)
 
 
-def generate(client, prompt, max_new_tokens=8, temperature=0.8, top_k=50, top_p=1.0, num_sequences=1, seed=SEED):
-    """The documented API call: (prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed)."""
-    result = client.predict(
-        prompt, max_new_tokens, temperature, top_k, top_p, num_sequences, seed, api_name="/generate"
-    )
-    *texts, status = result
-    assert len(texts) == 5
-    return texts, status
+def generate(client, prompt, **settings):
+    """The documented API call: /generate(prompt, max_new_tokens=, temperature=, top_k=, top_p=, num_sequences=,
+    seed=) returns the list of generated texts, one per sequence."""
+    texts = client.predict(prompt, **{"max_new_tokens": 8, "seed": SEED, **settings}, api_name="/generate")
+    assert isinstance(texts, list) and len(texts) == settings.get("num_sequences", 1)
+    return texts
 
 
 @pytest.mark.slow
-def test_generate_api_streams_prompt_continuations(client, tiny_model_dir):
-    texts, status = generate(client, "ROMEO:", num_sequences=3)
-    for text in texts[:3]:
+def test_generate_api_returns_the_prompt_continuations(client):
+    texts = generate(client, "ROMEO:", num_sequences=3)
+    for text in texts:
         assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
-    assert texts[3:] == ["", ""]  # unused output boxes stay empty
-    assert len(set(texts[:3])) == 3  # three independent samples
-    assert str(tiny_model_dir) in status and "fp32" in status and "tokens/s" in status
-    assert f"seed {SEED}" in status
-    assert generate(client, "ROMEO:", num_sequences=3)[0] == texts  # same seed, same texts
-    # Streaming: growing partial outputs arrive before the final one (that of the same call via predict).
-    job = client.submit("ROMEO:", 8, 0.8, 50, 1.0, 1, SEED, api_name="/generate")
-    final = job.result()[0]
-    partial = [update[0] for update in job.outputs()]
-    assert len(partial) >= 2 and partial[-1] == final == generate(client, "ROMEO:")[0][0]
-    assert all(final.startswith(text) for text in partial)
+    assert len(set(texts)) == 3  # three independent samples
+    assert generate(client, "ROMEO:", num_sequences=3) == texts  # same seed, same texts
+    assert generate(client, "ROMEO:", num_sequences=3, seed=SEED + 1) != texts
+    greedy = generate(client, "ROMEO:", temperature=0.0, seed=None)
+    assert generate(client, "ROMEO:", temperature=0.0, seed=None) == greedy  # greedy ignores the seed
 
 
 @pytest.mark.slow
-def test_empty_prompt_gets_a_friendly_message(client):
-    texts, status = generate(client, "   ")
-    assert texts == [""] * 5
-    assert "Please type a prompt" in status and "Traceback" not in status
+def test_api_refuses_an_empty_prompt_with_a_friendly_message(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="Please type a prompt"):
+        generate(client, "   ")
 
 
 @pytest.mark.slow
-def test_too_long_prompt_is_cut_from_the_left_with_a_note(client, tiny_model_dir):
+def test_too_long_prompt_is_cut_from_the_left(client, tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = "".join(f" line {i}" for i in range(100))  # ~300 tokens > the 64-token context
     max_new_tokens = 10
-    texts, status = generate(client, prompt, max_new_tokens=max_new_tokens)
+    text = generate(client, prompt, max_new_tokens=max_new_tokens)[0]
     kept = tokenizer.decode(tokenizer(prompt)["input_ids"][-(CONTEXT - max_new_tokens):])
-    assert kept.endswith(" line 99") and texts[0].startswith(kept) and len(texts[0]) > len(kept)
-    assert f"cut to its last {CONTEXT - max_new_tokens} tokens" in status
+    assert kept.endswith(" line 99") and text.startswith(kept) and len(text) > len(kept)
 
 
 @pytest.mark.slow
 def test_out_of_range_inputs_are_rejected_clearly(client):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match="greater than maximum value 63"):  # context 64 - 1 prompt token
+    with pytest.raises(AppError, match="max_new_tokens must be from 1 to 63"):  # context 64 - 1 prompt token
         generate(client, "ROMEO:", max_new_tokens=10**6)
-    with pytest.raises(AppError, match="less than minimum value 0"):
+    with pytest.raises(AppError, match="temperature must be from 0.0 to 2.0.*got -1.0"):
         generate(client, "ROMEO:", temperature=-1.0)
-    with pytest.raises(AppError, match="greater than maximum value 5"):
+    with pytest.raises(AppError, match="num_sequences must be from 1 to 5"):
         generate(client, "ROMEO:", num_sequences=50)
+    with pytest.raises(AppError, match="seed must be a whole number"):
+        generate(client, "ROMEO:", seed=-3)
 
 
 @pytest.mark.slow
-def test_api_needs_only_the_prompt_and_takes_the_uis_defaults(client):
-    *texts, status = client.predict("ROMEO:", api_name="/generate")
-    assert texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:") and texts[1:] == [""] * 4
-    assert re.search(r"last answer: \d+ tokens × 1 in .* · seed \d+", status), status  # one sequence, random seed
-    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+def test_api_needs_only_the_prompt_and_names_its_parameters_and_result(client):
+    texts = client.predict("ROMEO:", api_name="/generate")
+    assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) > len("ROMEO:")
+    api = client.view_api(print_info=False, return_format="dict")
+    assert list(api["named_endpoints"]) == ["/generate"] and not api["unnamed_endpoints"]  # the UI's handler is private
+    endpoint = api["named_endpoints"]["/generate"]
+    info = endpoint["parameters"]
     assert [p["parameter_name"] for p in info if not p["parameter_has_default"]] == ["prompt"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in info if p["parameter_has_default"]}
     assert defaults == {"max_new_tokens": CONTEXT // 2, "temperature": 0.8, "top_k": 50, "top_p": 1.0,
-                        "num_sequences": 1, "seed": ""}
+                        "num_sequences": 1, "seed": None}
+    assert [r["label"] for r in endpoint["returns"]] == ["texts"]
 
 
 @pytest.mark.slow
@@ -157,8 +156,8 @@ def test_twenty_concurrent_api_clients_get_answers_or_queue_full_and_the_app_kee
     def ask(i):
         try:
             job = Client(app_url, verbose=False, download_files=False).submit(
-                f"ROMEO {i}:", max_new_tokens=8, seed=str(i), api_name="/generate")
-            return "answer", job.result(timeout=240)[0]
+                f"ROMEO {i}:", max_new_tokens=8, seed=i, api_name="/generate")
+            return "answer", job.result(timeout=240)[0]  # the first (only) text
         except Exception as err:  # gradio_client raises the app's refusal, e.g. "Queue is full"
             return "refused", f"{type(err).__name__}: {err}"
 
@@ -167,8 +166,7 @@ def test_twenty_concurrent_api_clients_get_answers_or_queue_full_and_the_app_kee
     for i, (kind, text) in enumerate(results):
         assert (kind == "answer" and text.startswith(f"ROMEO {i}:")) or re.search("queue.*full", text, re.I), text
     assert sum(kind == "answer" for kind, _ in results) >= 1
-    texts, status = generate(client, "ROMEO:")  # still serving
-    assert texts[0].startswith("ROMEO:") and "tokens/s" in status
+    assert generate(client, "ROMEO:")[0].startswith("ROMEO:")  # still serving
 
 
 def test_generate_stream_clamps_out_of_range_values(tiny_model_dir):
@@ -214,14 +212,20 @@ def test_app_wiring_queue_limit_named_api_examples(tiny_model_dir):
     """What a Space needs beyond the UI: one generation at a time, a bounded queue, `/generate` for gradio_client."""
     app = import_app()
     demo = app.build_demo(str(tiny_model_dir))
-    fns = {fn.api_name: fn for fn in demo.fns.values()}
-    generate_fn = fns["generate"]
-    assert generate_fn.concurrency_limit == 1 and generate_fn.api_visibility == "public"
+    public = {fn.api_name: fn for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert list(public) == ["generate"]
+    ui = [fn for fn in demo.fns.values() if fn.fn is not None and fn.fn.__name__ == "stream_to_ui"]
+    assert len(ui) == 1 and ui[0].api_visibility == "private"
+    for fn in (public["generate"], ui[0]):  # one generation at a time, UI and API together
+        assert fn.concurrency_limit == 1 and fn.concurrency_id == "generation"
     assert demo._queue.max_size == app.QUEUE_SIZE
     assert {"Hello, my name is", "ROMEO:"} <= set(app.EXAMPLES)
-    # Streaming: the handler is a generator, fed by a TextIteratorStreamer.
-    assert generate_fn.fn.__code__.co_flags & inspect.CO_GENERATOR
+    # The UI streams: its handler is a generator, fed by a TextIteratorStreamer.
+    assert ui[0].fn.__code__.co_flags & inspect.CO_GENERATOR
     assert issubclass(app.BatchTextStreamer, TextIteratorStreamer)
+    # The prompt box's hint does not look like a prompt already typed.
+    prompt = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "prompt")
+    assert not prompt.value and prompt.placeholder.startswith("Type ")
 
 
 def test_space_card_and_requirements_match_installed_gradio():
@@ -361,3 +365,41 @@ def test_load_model_says_what_is_wrong_with_a_local_path(tmp_path, monkeypatch, 
         app.default_model_id()
     (tmp_path / "home" / "models" / "toygpt").mkdir(parents=True)
     assert app.default_model_id() == str(tmp_path / "home" / "models" / "toygpt")  # ~ expanded for from_pretrained
+
+
+def test_app_refuses_a_model_dir_without_tokenizer_json(tiny_model_dir, tmp_path):
+    """Without tokenizer.json, AutoTokenizer loads a 1-token tokenizer and every request would fail: refuse at start."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "tokenizer.json").unlink()
+    proc = run_app(tmp_path, {"TOYGPT_MODEL": str(model), "HF_HUB_OFFLINE": "1"})
+    assert_refused(proc, 2, f"the tokenizer in '{model}' has 1 token(s), the model 50257", "tokenizer.json",
+                   "Re-create the model directory")
+
+
+def test_auto_serves_fp32_when_the_int8_subfolder_is_of_older_weights(tiny_model_dir, tmp_path, capsys):
+    from modeling_toygpt import ToyGPTForCausalLM
+    from toygpt.model_dir import save_model_dir
+    from toygpt.quantization import quantize_dir
+
+    from conftest import small_config
+
+    app = import_app()
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    quantize_dir(model, model / "int8", speed_tokens=0, log=lambda *a: None)
+    assert app.load_model(str(model)).precision == "int8" and "warning" not in capsys.readouterr().err
+
+    torch.manual_seed(1)  # retrained: `train.py --overwrite` keeps int8/ (not its own), now a copy of older weights
+    save_model_dir(ToyGPTForCausalLM(small_config()), model, overwrite=True)
+    loaded = app.load_model(str(model))
+    assert loaded.precision == "fp32" and "int8 copy is stale" in loaded.describe()
+    err = capsys.readouterr().err
+    assert "quantized from other weights" in err and f"python quantize.py {model} {model / 'int8'} --overwrite" in err
+    assert app.load_model(str(model), variant="int8").precision == "int8"  # asked for by name: served, with the warning
+    assert "quantized from other weights" in capsys.readouterr().err
+
+    report = json.loads((model / "int8" / "quantization_report.json").read_text())
+    del report["source_sha256"]  # int8 dirs from before the record: taken as they are
+    (model / "int8" / "quantization_report.json").write_text(json.dumps(report))
+    assert app.load_model(str(model)).precision == "int8"

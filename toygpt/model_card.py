@@ -345,6 +345,8 @@ def int8_sections(records: Records) -> list[str]:
                       "by quantize.py on the machine that ran it.")
     else:
         speed_note = "Tokens/s not measured (--speed-tokens 0)."
+    sha256 = report.get("source_sha256")  # absent in dirs quantized before it was recorded
+    source_note = f"\n\nQuantized from the fp32 `model.safetensors` with sha256 `{sha256}`." if sha256 else ""
     return [f"""## int8 quantized variant
 
 Produced by `python quantize.py {report['source']} <out>` from the fp32 model: the weights of every Linear layer and
@@ -352,7 +354,7 @@ of the token embedding (shared with the tied LM head, stored once) are int8 with
 (symmetric); LayerNorms, biases and position embeddings stay fp32. Activations are quantized per call at run time
 (dynamic, no calibration data). The int8 matrix products use PyTorch's fbgemm/x86 kernels on CPU (int8 kernel used
 here: `{report['kernel']}`); without them the weights are dequantized to fp32 at load, with a warning. Weights are in
-`model.safetensors` (int8 tensors + fp32 scales; no pickle), the scheme in `config.json` under `quantization`.
+`model.safetensors` (int8 tensors + fp32 scales; no pickle), the scheme in `config.json` under `quantization`.{source_note}
 
 {table}
 

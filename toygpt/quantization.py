@@ -1,0 +1,292 @@
+"""fp32 ToyGPT model dir -> int8 model dir: quantizing, measuring before/after, the report, and the record of which
+fp32 weights an int8 dir came from.
+
+Weights of every Linear and of the tied token embedding / lm_head become int8 with one fp32 scale per output row;
+activations are quantized at run time (no calibration data). The int8 dir is a complete model directory (safetensors
+only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) and the sha256 of the source
+model.safetensors go to quantization_report.json, beside the source's training records; toygpt/model_card.py renders
+README.md from them. The int8 modules and kernels a loaded model runs on live in int8_toygpt.py (remote code).
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
+from modeling_toygpt import ToyGPTForCausalLM
+from toygpt import model_card
+from toygpt.dataset_source import file_sha256
+from toygpt.evaluation import evaluate
+from toygpt.model_dir import ModelDirError, OutputDir, check_model_dir, write_model_files
+from toygpt.training_loss import CausalLMLoss
+
+SPEED_PROMPT = "ROMEO:\nIs the day so young?"
+SOURCE_SHA256 = "source_sha256"  # quantization_report.json: sha256 of the fp32 model.safetensors it was made from
+
+
+class QuantizeError(ValueError):
+    """Bad input to quantizing: the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantizing
+
+
+def quantize_rows(weight):
+    """Symmetric per-row int8: (q (R, K) int8, scale (R,) fp32) with weight ~= q * scale[:, None]."""
+    scale = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row takes any scale
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int8(model):
+    """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32."""
+    config = copy.deepcopy(model.config)
+    config.quantization = copy.deepcopy(INT8_SCHEME)
+    with torch.device("meta"):  # no throwaway fp32 init: every tensor is assigned below
+        qmodel = ToyGPTForCausalLM(config)
+    int8_modules = {name for name, module in qmodel.named_modules() if isinstance(module, Int8Rows)}
+    wanted = set(qmodel.state_dict())
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in int8_modules and leaf == "weight":
+            state[name], state[module_name + ".weight_scale"] = quantize_rows(tensor)
+        elif name in wanted:  # lm_head.weight is not: the int8 head reads wte's rows
+            state[name] = tensor.detach().float().clone()
+    qmodel.load_state_dict(state, strict=True, assign=True)
+    qmodel.generation_config = copy.deepcopy(model.generation_config)
+    return qmodel.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The source: its weights, who is writing it, which weights an int8 dir came from
+
+
+def load_fp32_model(src: Path) -> ToyGPTForCausalLM:
+    """The fp32 model in SRC, checked: a ToyGPT dir, not already int8, every weight loaded from model.safetensors."""
+    try:
+        config = check_model_dir(src)
+    except ModelDirError as err:
+        raise QuantizeError(str(err)) from err
+    if config.get("quantization"):
+        raise QuantizeError(
+            f"{src} is already quantized ({config['quantization'].get('method')}); pass the fp32 model dir it "
+            "came from (the output of train.py or convert_gpt2.py)."
+        )
+    try:
+        model, info = ToyGPTForCausalLM.from_pretrained(str(src), output_loading_info=True)
+    except Exception as err:  # truncated/corrupt safetensors, bad shapes, ...: all mean "these weights are unusable"
+        raise QuantizeError(
+            f"could not load the weights in {src / 'model.safetensors'} ({type(err).__name__}: {err}); "
+            "the file is corrupt or incomplete: re-run train.py / convert_gpt2.py to write it again."
+        ) from err
+    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v} or info.get("error_msgs")
+    if bad:
+        raise QuantizeError(f"{src / 'model.safetensors'} does not match config.json ({bad}); re-create the model dir.")
+    return model.eval()
+
+
+def check_not_being_written(src: Path) -> None:
+    """QuantizeError if a command holds SRC's OutputDir lock (`.SRC.lock`, toygpt/model_dir.py): a train.py run
+    writing SRC would replace the weights right after we read them, leaving an int8 copy of the old ones."""
+    src = Path(src).absolute()
+    try:
+        fd = os.open(src.with_name(f".{src.name}.lock"), os.O_RDONLY)
+    except OSError:  # no lock file: nobody is writing SRC
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)  # free: a lock file a killed run left behind
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        raise QuantizeError(f"{src} is being written by another run ({holder}); wait for it to finish, then "
+                            "quantize the model it wrote.") from None
+    finally:
+        os.close(fd)
+
+
+def _stamp(path: Path):
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def load_source(src: Path) -> tuple[ToyGPTForCausalLM, str]:
+    """The fp32 model in SRC and the sha256 of the model.safetensors it was loaded from.
+
+    QuantizeError if SRC is being written, or if model.safetensors was replaced while we read it (model dirs are
+    replaced by an atomic swap, which gives the path a new inode)."""
+    check_not_being_written(src)
+    weights = Path(src) / "model.safetensors"
+    stamp = _stamp(weights) if weights.is_file() else None
+    model = load_fp32_model(Path(src))
+    sha256 = file_sha256(weights)
+    if _stamp(weights) != stamp:
+        raise QuantizeError(f"{weights} was replaced while it was being read (a train.py run saving into {src}?); "
+                            "re-run quantize.py once that run has finished.")
+    return model, sha256
+
+
+def recorded_source(int8_dir) -> str | None:
+    """The sha256 of the fp32 model.safetensors that `int8_dir` was made from; None where it is not recorded (dirs
+    written before quantize.py recorded it)."""
+    report = model_card.read_json(Path(int8_dir) / model_card.INT8_REPORT)
+    return report.get(SOURCE_SHA256) if isinstance(report, dict) else None
+
+
+def stale_int8(model_dir, int8_dir) -> str | None:
+    """Why `int8_dir` is not an int8 copy of the weights in `model_dir` now (one sentence with the fix), or None:
+    it is one, or it does not record its source (dirs from before the record still pair, unchecked)."""
+    recorded = recorded_source(int8_dir)
+    if recorded is None:
+        return None
+    current = file_sha256(Path(model_dir) / "model.safetensors")
+    if current == recorded:
+        return None
+    return (f"{int8_dir} was quantized from other weights than {Path(model_dir) / 'model.safetensors'} holds now "
+            f"(sha256 {recorded[:12]}… then, {current[:12]}… now: the model was retrained or replaced since). "
+            f"Quantize it again: `python quantize.py {model_dir} {int8_dir} --overwrite`.")
+
+
+def training_input(src: Path) -> str | None:
+    """The text file train.py recorded for SRC (training_args.json), if it still exists."""
+    try:
+        recorded = json.loads((Path(src) / "training_args.json").read_text()).get("input_path")
+    except (OSError, ValueError):
+        return None
+    return recorded if recorded and Path(recorded).is_file() else None
+
+
+def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int):
+    """The first eval_batches x batch_size validation windows of eval_input (all if eval_batches is None), or None."""
+    if eval_input is None:
+        return None
+    from toygpt.stream import val_windows
+
+    try:
+        max_windows = None if eval_batches is None else eval_batches * batch_size
+        return val_windows(eval_input, block_size, max_windows=max_windows)
+    except (OSError, ValueError) as err:
+        raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring and the report
+
+
+@torch.no_grad()
+def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT) -> float:
+    """Batch-1 greedy generation with the KV cache; EOS is not allowed to stop it early."""
+    from toygpt import bpe
+
+    ids = torch.tensor([bpe.encode(prompt)])
+    new_tokens = min(new_tokens, model.config.block_size - ids.shape[1])
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=bpe.EOT_ID)
+    model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up: int8 packing, allocator
+    start = time.perf_counter()
+    out = model.generate(ids, **kwargs)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def measure(model, val, batch_size: int, speed_tokens: int) -> dict:
+    figures = {"tokens_per_s": greedy_tokens_per_second(model, speed_tokens) if speed_tokens else None}
+    figures["val_loss"] = None if val is None else evaluate(CausalLMLoss(model), val, batch_size)["val_loss"]
+    return figures
+
+
+def quantization_report(src: Path, source_sha256: str, sizes: dict, before: dict, after: dict, eval_input, val,
+                        speed_tokens: int) -> dict:
+    """The measured figures as quantization_report.json records them; toygpt/model_card.py renders the card from it."""
+    evaluated = None if val is None else {  # None: no corpus, val loss not measured
+        "text": Path(eval_input).name, "windows": len(val.windows), "window_tokens": val.windows.shape[1] - 1}
+    return {
+        "source": src.name, SOURCE_SHA256: source_sha256,
+        "n_params": model_card.parameter_count(src / "model.safetensors"),
+        "size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after, "eval": evaluated,
+        "kernel": int8_kernel().name, "threads": torch.get_num_threads(), "speed_tokens": speed_tokens,
+    }
+
+
+def write_card(src: Path, out: Path, report: dict) -> None:
+    """The report, SRC's training records and plots (OUT's card stands alone), and README.md rendered from them."""
+    (out / model_card.INT8_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    for path in [*(src / name for name in model_card.TRAINING_RECORDS), *src.glob("*.png")]:
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    model_card.dir_card(model_card.read_records(out)).save(str(out / "README.md"))
+
+
+@torch.no_grad()
+def check_written(directory: Path, int8) -> None:
+    """Reload the written dir and compare logits with the in-memory int8 model: never ship a dir that loads wrong."""
+    reloaded, info = ToyGPTForCausalLM.from_pretrained(str(directory), output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    ids = torch.arange(min(16, int8.config.block_size))[None] * 997 % int8.config.vocab_size
+    if problems or not torch.equal(reloaded(ids).logits, int8(ids).logits):
+        raise RuntimeError(f"the written int8 model does not reload identically ({problems or 'logits differ'}).")
+
+
+def summary(out: Path, figures: dict) -> str:
+    """The one line quantize.py prints: sizes, val loss and tokens/s before -> after ("not measured" where skipped)."""
+    before, after = figures["before"], figures["after"]
+
+    def pair(key, spec):
+        if before[key] is None or after[key] is None:
+            return "not measured"
+        return f"{before[key]:{spec}} -> {after[key]:{spec}}"
+
+    return (f"quantize: wrote {out}: model.safetensors {figures['size_fp32'] / 1e6:.1f} MB -> "
+            f"{figures['size_int8'] / 1e6:.1f} MB; val loss {pair('val_loss', '.4f')}; "
+            f"tokens/s {pair('tokens_per_s', '.1f')}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole step
+
+
+def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, batch_size=8, speed_tokens=128,
+                 log=print) -> dict:
+    """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures.
+
+    `out` is claimed first (model_dir.OutputDir: never an input, replaced only with overwrite and only if this project
+    wrote it, locked). Val loss is measured on eval_batches x batch_size held-out windows of eval_input (every window
+    if eval_batches is None); eval_input None means the text train.py recorded for `src`, where it still exists."""
+    src, out = Path(src), Path(out)
+    if out.exists() and out.resolve() == src.resolve():
+        raise QuantizeError(f"OUT_DIR {out} is SRC_DIR itself; write the int8 model to a new directory.")
+    with OutputDir(out, inputs=[src, eval_input], replace=overwrite, flag="OUT_DIR", log=log) as output:
+        fp32, source_sha256 = load_source(src)
+        if eval_input is None:
+            eval_input = training_input(src)
+            if eval_input is not None:
+                log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
+                output.refuse_inputs([eval_input])
+        val = held_out_windows(eval_input, fp32.config.block_size, eval_batches, batch_size)
+
+        log(f"quantize: measuring fp32 {src}")
+        before = measure(fp32, val, batch_size, speed_tokens)
+        int8 = quantize_int8(fp32)
+        del fp32  # the int8 copy owns everything it needs
+        log("quantize: measuring int8")
+        after = measure(int8, val, batch_size, speed_tokens)
+
+        with output.write() as tmp:
+            write_model_files(int8, tmp)
+            sizes = {"fp32": (src / "model.safetensors").stat().st_size,
+                     "int8": (tmp / "model.safetensors").stat().st_size}
+            report = quantization_report(src, source_sha256, sizes, before, after, eval_input, val, speed_tokens)
+            write_card(src, tmp, report)
+            check_written(tmp, int8)
+    figures = {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after,
+               SOURCE_SHA256: source_sha256}
+    log(summary(out, figures))
+    return figures
