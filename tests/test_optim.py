@@ -1,6 +1,5 @@
 """toygpt/optim.py: the warmup + cosine schedule, its resume, and the fit of the step count to a time budget."""
 
-import argparse
 import math
 
 import pytest
@@ -10,9 +9,9 @@ from toygpt import optim
 
 
 def scheduled_lrs(total_steps, **overrides):
-    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine", **overrides})
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=args.lr)
-    scheduler = optim.build_scheduler(optimizer, args, total_steps)
+    hparams = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine", **overrides}
+    optimizer = optim.Optimizers(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=hparams["lr"]))
+    scheduler = optim.build_scheduler(optimizer, total_steps, **hparams)
     lrs = []
     for _ in range(total_steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -33,19 +32,21 @@ def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
     assert after == pytest.approx(1e-4)
     assert min(lrs[10:]) > 1e-4
     # Resuming the schedule mid-way (step=k) continues the same curve.
-    args = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
-    optim.build_scheduler(optimizer, argparse.Namespace(**args), 110)  # sets initial_lr, as a real run does
-    optim.build_scheduler(optimizer, argparse.Namespace(**args), 110, step=57)
+    hparams = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="cosine")
+    optimizer = optim.Optimizers(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3))
+    optim.build_scheduler(optimizer, 110, **hparams)  # sets initial_lr, as a real run does
+    optim.build_scheduler(optimizer, 110, step=57, **hparams)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[57], rel=1e-12)
 
 
 def test_fit_total_steps():
-    fit = optim.fit_total_steps
-    # 10 steps in 5 s, 60 s left: 120 more steps.
-    assert fit(10, 10, 5.0, 60.0, 10_000) == 130
-    assert fit(10, 10, 5.0, 60.0, 50) == 50  # capped by --max-steps
-    assert fit(10, 10, 5.0, -3.0, 10_000) == 11  # budget already spent: end the schedule now
+    def fit(seconds_left, max_steps):  # 10 steps timed in 5 s
+        return optim.fit_total_steps(step=10, steps_timed=10, seconds_timed=5.0, seconds_left=seconds_left,
+                                     max_steps=max_steps)
+
+    assert fit(60.0, 10_000) == 130  # 60 s left: 120 more steps
+    assert fit(60.0, 50) == 50  # capped by --max-steps
+    assert fit(-3.0, 10_000) == 11  # budget already spent: end the schedule now
 
 
 
@@ -63,8 +64,8 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     from modeling_toygpt import ToyGPTForCausalLM
 
     model = ToyGPTForCausalLM(small_config())
-    args = argparse.Namespace(lr=1e-3, embedding_lr=5e-3, weight_decay=0.1, optimizer="muon")
-    muon, adamw = optim.build_optimizer(model, args, torch.device("cpu")).optimizers
+    muon, adamw = optim.build_optimizer(model, torch.device("cpu"), optimizer="muon", lr=1e-3, embedding_lr=5e-3,
+                                        weight_decay=0.1).optimizers
     names = {id(p): name for name, p in model.named_parameters()}
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
