@@ -101,3 +101,28 @@ def test_a_checkpoint_written_before_optimizers_had_a_state_dict_still_loads_exa
     new = checkpoint.save_checkpoint(tmp_path, model, optimizer, scheduler, trainer, state["ranks"], [state["rank_rng"]])
     assert (new / "optimizer.json").read_text() == (old / "optimizer.json").read_text()
     assert load_file(new / "optimizer.safetensors").keys() == load_file(old / "optimizer.safetensors").keys()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_checkpoint_gets_the_users_umask(umask, tmp_path):
+    """Not only the last one, which the final model dir's write used to fix: safetensors writes 0600 files."""
+    import os
+    import stat
+
+    from conftest import small_config
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    model = ToyGPTForCausalLM(small_config(block_size=16, vocab_size=64))
+    optimizer = optim.build_optimizer(model, torch.device("cpu"), **OPTIMIZER)
+    scheduler = optim.build_scheduler(optimizer, 10, **SCHEDULE)
+    rank_states = [{"stream": {"epoch": 0}, "python_random": [3, [1, 2], None]}]
+    previous = os.umask(umask)
+    try:
+        written = checkpoint.save_checkpoint(tmp_path, model, optimizer, scheduler, trainer_state(1), rank_states,
+                                             [checkpoint.rng_state()])
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "checkpoint", written]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~umask, path
+    for path in written.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

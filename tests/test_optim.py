@@ -76,3 +76,40 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     assert all(p.dim() == 1 for p in gains_biases["params"]) and gains_biases["weight_decay"] == 0.0
     every = [id(p) for group in muon.param_groups + adamw.param_groups for p in group["params"]]
     assert sorted(every) == sorted({id(p) for p in model.parameters()})  # each parameter once (wte tied)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_optimizers_state_survives_a_json_round_trip_exactly(name):
+    """What a checkpoint does: tensors kept, hyperparameters through JSON (tuples come back as lists)."""
+    import copy
+    import json
+
+    from conftest import small_config
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    def stepped(model, optimizer, steps):
+        for seed in range(steps):
+            ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model
+
+    hparams = dict(optimizer=name, lr=1e-2, weight_decay=0.1, embedding_lr=2e-2)
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(block_size=16, vocab_size=100)).eval()  # no dropout: same steps
+    optimizer = optim.build_optimizer(model, torch.device("cpu"), **hparams)
+    stepped(model, optimizer, 2)
+    copy_model = copy.deepcopy(model)
+    copy_optimizer = optim.build_optimizer(copy_model, torch.device("cpu"), **hparams)
+    state = optimizer.state_dict()
+    for one in state["optimizers"]:  # the tensors copied (as from a file), the rest through JSON
+        one["state"] = {idx: {key: value.clone() for key, value in per.items()} for idx, per in one["state"].items()}
+        one["param_groups"] = json.loads(json.dumps(one["param_groups"]))
+    copy_optimizer.load_state_dict(state)
+    assert [type(group.get("betas")) for group in copy_optimizer.param_groups] == [
+        type(group.get("betas")) for group in optimizer.param_groups]
+    for p, q in zip(stepped(model, optimizer, 2).parameters(), stepped(copy_model, copy_optimizer, 2).parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="optimizer"):
+        copy_optimizer.load_state_dict({"optimizers": state["optimizers"][:0]})
