@@ -98,7 +98,8 @@ def test_a_checkpoint_written_before_optimizers_had_a_state_dict_still_loads_exa
     scheduler = optim.build_scheduler(optimizer, 10, 3, schedule="cosine", lr=saved_args["lr"],
                                       min_lr=saved_args["min_lr"], warmup_steps=2)
     trainer = {key: value for key, value in state.items() if key not in ("rank_state", "rank_rng")}
-    new = checkpoint.save_checkpoint(tmp_path, model, optimizer, scheduler, trainer, state["ranks"], [state["rank_rng"]])
+    new = checkpoint.save_checkpoint(tmp_path, model, optimizer, scheduler, trainer, state["ranks"],
+                                     [state["rank_rng"]])
     assert (new / "optimizer.json").read_text() == (old / "optimizer.json").read_text()
     assert load_file(new / "optimizer.safetensors").keys() == load_file(old / "optimizer.safetensors").keys()
 

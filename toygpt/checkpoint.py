@@ -239,5 +239,6 @@ def load_checkpoint(directory: Path, model, optimizer: Optimizers, rank: int, wo
     with reading(directory, "rng.safetensors") as path:
         rngs = load_file(path)
     state["rank_state"] = state["ranks"][rank]
-    state["rank_rng"] = {key.split(".", 1)[1]: value for key, value in rngs.items() if key.split(".", 1)[0] == str(rank)}
+    state["rank_rng"] = {key.split(".", 1)[1]: value for key, value in rngs.items()
+                         if key.split(".", 1)[0] == str(rank)}
     return state
