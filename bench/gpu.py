@@ -148,7 +148,7 @@ def run_variant(name, loss_module, params_model, device, args, amp_dtype, batch_
         torch.cuda.reset_peak_memory_stats(device)
     result = {"name": name}
     try:
-        optimizer = build_optimizer(params_model, argparse.Namespace(lr=1e-4, weight_decay=0.1), device)
+        optimizer = build_optimizer(params_model, device, optimizer="adamw", lr=1e-4, weight_decay=0.1)
         step_model = torch.compile(loss_module) if args.compile else loss_module
         result.update(time_steps(step_model, optimizer, itertools.cycle(batch_pool), device, amp_dtype,
                                  args.warmup, args.steps))

@@ -67,14 +67,14 @@ def build_steps(config: ToyGPTConfig, vocab: CorpusVocab, optimizer: str) -> dic
     vocab.init_compact(compact)
     cpu = torch.device("cpu")
 
-    def hparams(name):  # what optim.build_optimizer reads
-        return argparse.Namespace(lr=1e-4, weight_decay=0.1, optimizer=name)
+    def optimizer_of(model, name):
+        return build_optimizer(model, cpu, optimizer=name, lr=1e-4, weight_decay=0.1)
 
     return {
         f"ToyGPT, corpus vocabulary, {optimizer}": TrainStep(
-            CausalLMLoss(compact, vocab=vocab), build_optimizer(compact, hparams(optimizer), cpu)),
-        "ToyGPT, full vocabulary, adamw": TrainStep(CausalLMLoss(full), build_optimizer(full, hparams("adamw"), cpu)),
-        "GPT2LMHeadModel, adamw": TrainStep(LogitsLoss(gpt2), build_optimizer(gpt2, hparams("adamw"), cpu)),
+            CausalLMLoss(compact, vocab=vocab), optimizer_of(compact, optimizer)),
+        "ToyGPT, full vocabulary, adamw": TrainStep(CausalLMLoss(full), optimizer_of(full, "adamw")),
+        "GPT2LMHeadModel, adamw": TrainStep(LogitsLoss(gpt2), optimizer_of(gpt2, "adamw")),
     }
 
 

@@ -1,6 +1,5 @@
 """toygpt/optim.py: the warmup + cosine schedule, its resume, and the fit of the step count to a time budget."""
 
-import argparse
 import math
 
 import pytest
@@ -10,9 +9,9 @@ from toygpt import optim
 
 
 def scheduled_lrs(total_steps, **overrides):
-    args = argparse.Namespace(**{"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine", **overrides})
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=args.lr)
-    scheduler = optim.build_scheduler(optimizer, args, total_steps)
+    hparams = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine", **overrides}
+    optimizer = optim.Optimizers(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=hparams["lr"]))
+    scheduler = optim.build_scheduler(optimizer, total_steps, **hparams)
     lrs = []
     for _ in range(total_steps):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -33,19 +32,21 @@ def test_schedule_is_linear_warmup_then_cosine_to_min_lr():
     assert after == pytest.approx(1e-4)
     assert min(lrs[10:]) > 1e-4
     # Resuming the schedule mid-way (step=k) continues the same curve.
-    args = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
-    optim.build_scheduler(optimizer, argparse.Namespace(**args), 110)  # sets initial_lr, as a real run does
-    optim.build_scheduler(optimizer, argparse.Namespace(**args), 110, step=57)
+    hparams = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="cosine")
+    optimizer = optim.Optimizers(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3))
+    optim.build_scheduler(optimizer, 110, **hparams)  # sets initial_lr, as a real run does
+    optim.build_scheduler(optimizer, 110, step=57, **hparams)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lrs[57], rel=1e-12)
 
 
 def test_fit_total_steps():
-    fit = optim.fit_total_steps
-    # 10 steps in 5 s, 60 s left: 120 more steps.
-    assert fit(10, 10, 5.0, 60.0, 10_000) == 130
-    assert fit(10, 10, 5.0, 60.0, 50) == 50  # capped by --max-steps
-    assert fit(10, 10, 5.0, -3.0, 10_000) == 11  # budget already spent: end the schedule now
+    def fit(seconds_left, max_steps):  # 10 steps timed in 5 s
+        return optim.fit_total_steps(step=10, steps_timed=10, seconds_timed=5.0, seconds_left=seconds_left,
+                                     max_steps=max_steps)
+
+    assert fit(60.0, 10_000) == 130  # 60 s left: 120 more steps
+    assert fit(60.0, 50) == 50  # capped by --max-steps
+    assert fit(-3.0, 10_000) == 11  # budget already spent: end the schedule now
 
 
 
@@ -63,8 +64,8 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     from modeling_toygpt import ToyGPTForCausalLM
 
     model = ToyGPTForCausalLM(small_config())
-    args = argparse.Namespace(lr=1e-3, embedding_lr=5e-3, weight_decay=0.1, optimizer="muon")
-    muon, adamw = optim.build_optimizer(model, args, torch.device("cpu")).optimizers
+    muon, adamw = optim.build_optimizer(model, torch.device("cpu"), optimizer="muon", lr=1e-3, embedding_lr=5e-3,
+                                        weight_decay=0.1).optimizers
     names = {id(p): name for name, p in model.named_parameters()}
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
@@ -75,3 +76,40 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     assert all(p.dim() == 1 for p in gains_biases["params"]) and gains_biases["weight_decay"] == 0.0
     every = [id(p) for group in muon.param_groups + adamw.param_groups for p in group["params"]]
     assert sorted(every) == sorted({id(p) for p in model.parameters()})  # each parameter once (wte tied)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_optimizers_state_survives_a_json_round_trip_exactly(name):
+    """What a checkpoint does: tensors kept, hyperparameters through JSON (tuples come back as lists)."""
+    import copy
+    import json
+
+    from conftest import small_config
+    from modeling_toygpt import ToyGPTForCausalLM
+
+    def stepped(model, optimizer, steps):
+        for seed in range(steps):
+            ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model
+
+    hparams = dict(optimizer=name, lr=1e-2, weight_decay=0.1, embedding_lr=2e-2)
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(block_size=16, vocab_size=100)).eval()  # no dropout: same steps
+    optimizer = optim.build_optimizer(model, torch.device("cpu"), **hparams)
+    stepped(model, optimizer, 2)
+    copy_model = copy.deepcopy(model)
+    copy_optimizer = optim.build_optimizer(copy_model, torch.device("cpu"), **hparams)
+    state = optimizer.state_dict()
+    for one in state["optimizers"]:  # the tensors copied (as from a file), the rest through JSON
+        one["state"] = {idx: {key: value.clone() for key, value in per.items()} for idx, per in one["state"].items()}
+        one["param_groups"] = json.loads(json.dumps(one["param_groups"]))
+    copy_optimizer.load_state_dict(state)
+    assert [type(group.get("betas")) for group in copy_optimizer.param_groups] == [
+        type(group.get("betas")) for group in optimizer.param_groups]
+    for p, q in zip(stepped(model, optimizer, 2).parameters(), stepped(copy_model, copy_optimizer, 2).parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="optimizer"):
+        copy_optimizer.load_state_dict({"optimizers": state["optimizers"][:0]})

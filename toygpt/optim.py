@@ -38,6 +38,25 @@ class Optimizers:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict:
+        """{"optimizers": [each optimizer's torch state dict]}, in order: per-parameter tensors under "state",
+        hyperparameters under "param_groups"."""
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned, also after a round trip through JSON: a hyperparameter that this
+        optimizer holds as a tuple (AdamW's betas, Muon's ns_coefficients) is given back as one."""
+        saved = state["optimizers"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"the state holds {len(saved)} optimizer(s), this run has {len(self.optimizers)}")
+        for optimizer, one in zip(self.optimizers, saved):
+            if len(one["param_groups"]) != len(optimizer.param_groups):
+                raise ValueError(f"the state holds {len(one['param_groups'])} parameter group(s) for "
+                                 f"{type(optimizer).__name__}, this run has {len(optimizer.param_groups)}")
+            groups = [{key: tuple(value) if isinstance(live.get(key), tuple) else value for key, value in group.items()}
+                      for live, group in zip(optimizer.param_groups, one["param_groups"])]
+            optimizer.load_state_dict({"state": one["state"], "param_groups": groups})
+
 
 def parameter_groups(model) -> dict[str, list]:
     """The model's trainable parameters by role: block weight matrices, embeddings (the tied wte/lm_head appears
@@ -53,25 +72,25 @@ def parameter_groups(model) -> dict[str, list]:
     return roles
 
 
-def build_optimizer(model, args, device) -> Optimizers:
-    """--optimizer's optimizers over the model's parameters (see the module docstring); fused AdamW kernels where the
-    device has them."""
+def build_optimizer(model, device: torch.device, *, optimizer: str, lr: float, weight_decay: float,
+                    embedding_lr: float | None = None) -> Optimizers:
+    """`optimizer`'s optimizers (one of OPTIMIZERS) over the model's parameters (see the module docstring); the tied
+    embedding at embedding_lr (None: lr); fused AdamW kernels where the device has them."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     roles = parameter_groups(model)
-    embedding_lr = getattr(args, "embedding_lr", None) or args.lr
     adamw_groups = [
-        {"params": roles["embeddings"], "lr": embedding_lr, "weight_decay": args.weight_decay},
-        {"params": roles["gains_biases"], "lr": args.lr, "weight_decay": 0.0},
+        {"params": roles["embeddings"], "lr": embedding_lr or lr, "weight_decay": weight_decay},
+        {"params": roles["gains_biases"], "lr": lr, "weight_decay": 0.0},
     ]
     fused = device.type in _get_fused_kernels_supported_devices()
-    if getattr(args, "optimizer", "adamw") == "muon":
-        muon = torch.optim.Muon(roles["matrices"], lr=args.lr, weight_decay=args.weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
-        return Optimizers(muon, torch.optim.AdamW(adamw_groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
-    matrices = {"params": roles["matrices"], "lr": args.lr, "weight_decay": args.weight_decay}
-    return Optimizers(torch.optim.AdamW([matrices, *adamw_groups], lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                        fused=fused))
+    if optimizer == "muon":
+        muon = torch.optim.Muon(roles["matrices"], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        return Optimizers(muon, torch.optim.AdamW(adamw_groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
+    matrices = {"params": roles["matrices"], "lr": lr, "weight_decay": weight_decay}
+    return Optimizers(torch.optim.AdamW([matrices, *adamw_groups], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
 
 
 class Schedule:
@@ -92,26 +111,29 @@ class Schedule:
             scheduler.load_state_dict(state)
 
 
-def build_scheduler(optimizer, args, total_steps: int, step: int = 0) -> Schedule:
-    """--schedule's curve (each group relative to its own peak lr, ending at min_lr / lr of it) over total_steps,
-    positioned at `step` (for refits and resume)."""
-    total = max(total_steps, args.warmup_steps + 1)
-    min_ratio = args.min_lr / args.lr if args.lr else 0.0
+def build_scheduler(optimizer: Optimizers, total_steps: int, step: int = 0, *, schedule: str, lr: float,
+                    min_lr: float, warmup_steps: int) -> Schedule:
+    """`schedule`'s curve (one of SCHEDULES; each group relative to its own peak lr, ending at min_lr / lr of it) over
+    total_steps, positioned at `step` (for refits and resume)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    total = max(total_steps, warmup_steps + 1)
+    min_ratio = min_lr / lr if lr else 0.0
     schedulers = []
-    for one in getattr(optimizer, "optimizers", [optimizer]):
-        if getattr(args, "schedule", "cosine") == "wsd":
+    for one in optimizer.optimizers:
+        if schedule == "wsd":
             decay = max(1, int(WSD_DECAY_FRACTION * total))
-            schedulers.append(get_wsd_schedule(one, num_warmup_steps=args.warmup_steps, num_decay_steps=decay,
+            schedulers.append(get_wsd_schedule(one, num_warmup_steps=warmup_steps, num_decay_steps=decay,
                                                num_training_steps=total, min_lr_ratio=min_ratio,
                                                decay_type="cosine", last_epoch=step - 1))
         else:
             schedulers.append(get_cosine_with_min_lr_schedule_with_warmup(
-                one, num_warmup_steps=args.warmup_steps, num_training_steps=total, min_lr_rate=min_ratio,
+                one, num_warmup_steps=warmup_steps, num_training_steps=total, min_lr_rate=min_ratio,
                 last_epoch=step - 1))
     return Schedule(schedulers)
 
 
-def fit_total_steps(step: int, steps_timed: int, seconds_timed: float, seconds_left: float, max_steps: int) -> int:
+def fit_total_steps(*, step: int, steps_timed: int, seconds_timed: float, seconds_left: float, max_steps: int) -> int:
     """Total optimizer steps that end the schedule when the budget runs out, at the average pace timed so far."""
     seconds_per_step = seconds_timed / max(steps_timed, 1)
     return max(step + 1, min(max_steps, step + int(max(seconds_left, 0.0) / seconds_per_step)))

@@ -95,7 +95,7 @@ def restore_run(checkpoint_dir: Path, model, optimizer, stream, config: Training
         stream.load_state_dict(saved["rank_state"]["stream"])
     except ValueError as err:  # the input changed in a way the recorded hash did not catch (older checkpoints)
         raise TrainError(f"--resume: {err}") from None
-    scheduler = build_scheduler(optimizer, config, state.total_steps, state.step)
+    scheduler = build_scheduler(optimizer, state.total_steps, state.step, **schedule_args(config))
     if state.total_steps == saved["total_steps"]:
         scheduler.load_state_dict(saved["scheduler"])
     restore_rng(saved["rank_rng"], saved["rank_state"]["python_random"])
@@ -147,18 +147,24 @@ def refit_due(state: RunState, eval_every: int, budget_s: float | None) -> bool:
     return state.step == FIT_STEPS or (state.budget_fitted and state.step % eval_every == 0)
 
 
+def schedule_args(config: TrainingConfig) -> dict:
+    """optim.build_scheduler's keyword arguments from the config."""
+    return dict(schedule=config.schedule, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps)
+
+
 def refit_schedule(state: RunState, optimizer, scheduler, config: TrainingConfig, budget_s: float,
                    processes: Processes):
     """Set total_steps so that the schedule ends when the budget runs out, at the pace timed so far (rank 0's)."""
     run_s = state.run_seconds()
     seconds_left = budget_s - state.elapsed_before - run_s
-    fitted = fit_total_steps(state.step, state.step - state.start_step, run_s, seconds_left, config.max_steps)
+    fitted = fit_total_steps(step=state.step, steps_timed=state.step - state.start_step, seconds_timed=run_s,
+                             seconds_left=seconds_left, max_steps=config.max_steps)
     fitted = processes.from_main(fitted)
     state.budget_fitted = True
     if fitted == state.total_steps:
         return scheduler
     state.total_steps = fitted
-    return build_scheduler(optimizer, config, fitted, state.step)
+    return build_scheduler(optimizer, fitted, state.step, **schedule_args(config))
 
 
 def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, config: TrainingConfig, stream,
@@ -282,7 +288,8 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
         vocab.init_compact(model)
     model = model.to(processes.device).train()
     loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
-    optimizer = build_optimizer(model, config, processes.device)
+    optimizer = build_optimizer(model, processes.device, optimizer=config.optimizer, lr=config.lr,
+                                weight_decay=config.weight_decay, embedding_lr=config.embedding_lr)
     stream = TrainWindows(source, config.block_size, seed=config.seed, rank=processes.rank,
                           world_size=processes.world_size)
     val = val_windows(source, config.block_size,
@@ -293,7 +300,8 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
             print(f"resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
     else:
         torch.manual_seed(config.seed + processes.rank)  # dropout differs per rank
-        state, scheduler = RunState(total_steps=config.max_steps), build_scheduler(optimizer, config, config.max_steps)
+        state = RunState(total_steps=config.max_steps)
+        scheduler = build_scheduler(optimizer, config.max_steps, **schedule_args(config))
     return Run(loss_model, optimizer, scheduler, stream, val, state)
 
 
