@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-input", default=None,
                    help="text corpus the model was trained on (default: the input recorded in SRC/training_args.json); "
                         "val loss before/after is measured on its last 10%%")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches to evaluate (default 8)")
+    p.add_argument("--eval-batches", type=int, default=None, help="validation batches to evaluate (default: the "
+                   "windows of train.py's validation loss, the whole held-out split unless the run said otherwise)")
     p.add_argument("--batch-size", type=int, default=8, help="validation batch size (default 8)")
     p.add_argument("--speed-tokens", type=int, default=128,
                    help="new tokens for the tokens/s figures (default 128; 0 skips them)")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         for name in ("eval_batches", "batch_size"):
-            if getattr(args, name) <= 0:
+            if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise QuantizeError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
         quantize_dir(args.src_dir, args.out_dir, overwrite=args.overwrite, eval_input=args.eval_input,
                      eval_batches=args.eval_batches, batch_size=args.batch_size, speed_tokens=args.speed_tokens)

@@ -64,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--time-budget-min", type=float, help="wall-clock budget in minutes; the schedule is fitted to it")
     add("--weight-decay", type=float, help="AdamW weight decay on matrices (dim >= 2) only")
     add("--grad-clip", type=float, help="max gradient norm (0 disables clipping)")
-    add("--eval-every", type=int, help="optimizer steps between evals")
-    add("--eval-batches", type=int, help="validation batches per periodic eval")
+    add("--eval-every", type=int, help="optimizer steps between evals (half that in the last 30%% of the steps, "
+        "where the learning rate decays)")
+    add("--eval-batches", type=int, help="validation batches per eval: every eval, the best and the final figures read "
+        "the first eval-batches x batch-size held-out windows (default: the whole held-out split, up to 1M tokens)")
+    add("--keep-best", action=argparse.BooleanOptionalAction, default=None, help="write the weights of the eval with "
+        "the lowest val loss as the model, not the last step's (default: on; kept on the CPU and beside checkpoints)")
     add("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
     add("--seed", type=int, default=None, help="makes CPU runs reproducible (default 1337)")
     add("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")

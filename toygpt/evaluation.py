@@ -1,8 +1,11 @@
 """Evaluation: validation loss, perplexity and bits per character over the same held-out windows, for every caller.
 
-train.py (periodic and final evals), quantize.py (fp32 against int8) and the benches call `evaluate`:
+"The validation loss" has one definition: `evaluate` over `validation_windows`, the held-out split's windows in its
+fixed order, all of them up to VAL_MAX_TOKENS target tokens, or the first eval_batches x batch_size of them where a
+run states that subset (train.py --eval-batches, recorded in training_args.json). train.py's periodic evals, the eval
+that picks the best model, the final figures, the card and quantize.py (fp32 against int8) all read these windows:
 
-    result = evaluate(CausalLMLoss(model), stream.val_windows(path, block_size), batch_size=8)
+    result = evaluate(CausalLMLoss(model), validation_windows(path, block_size), batch_size=8)
     result["val_loss"], result["val_perplexity"], result["val_bits_per_char"], result["val_tokens"]
 
 Bits per character = summed loss (nats) / characters of the target tokens / ln 2, so models with different
@@ -19,6 +22,11 @@ import math
 import torch
 
 from toygpt.distributed import Processes
+from toygpt.stream import ValWindows, val_windows
+
+# The held-out split is read whole up to this many target tokens (tiny Shakespeare's is ~36k; nanoGPT's OpenWebText
+# evals read 2.4M): beyond it, the first windows are the validation set, so an eval stays minutes on a large dataset.
+VAL_MAX_TOKENS = 2**20
 
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -34,6 +42,17 @@ def metrics_from_sums(loss_sum: float, tokens: int, chars: int) -> dict:
         "val_bits_per_char": loss_sum / chars / math.log(2),
         "val_tokens": int(tokens),
     }
+
+
+def validation_windows(source, block_size: int, eval_batches: int | None = None,
+                       batch_size: int | None = None) -> ValWindows:
+    """The validation set: the held-out split's first windows (stream.val_windows), all of them up to VAL_MAX_TOKENS
+    target tokens, or the first eval_batches x batch_size where a run states that subset. `source`: a
+    sources.resolve_source source or a text file's path."""
+    max_windows = max(1, VAL_MAX_TOKENS // block_size)
+    if eval_batches is not None:
+        max_windows = min(max_windows, eval_batches * batch_size)
+    return val_windows(source, block_size, max_windows=max_windows)
 
 
 @torch.no_grad()

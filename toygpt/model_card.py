@@ -306,8 +306,17 @@ def results(final: dict) -> str:
 | validation perplexity | {final['val_perplexity']:.2f} | |
 | validation bits per character | {final['val_bits_per_char']:.4f} | bits/char |
 | final training loss | {final['train_loss']:.4f} | nats/token |
-
+{saved_weights(final)}
 ![loss curve]({LOSS_CURVE})"""
+
+
+def saved_weights(final: dict) -> str:
+    """Which step's weights the model is, where train.py kept the best eval's (--keep-best)."""
+    if "best_step" not in final:
+        return ""
+    return (f"\nThe weights are those of step {final['best_step']}, the eval with the lowest validation loss (the "
+            f"figures above); the last step's weights (step {final['step']}) scored a validation loss of "
+            f"{final['last_val_loss']:.4f}.\n")
 
 
 def int8_sections(records: Records) -> list[str]:

@@ -25,7 +25,7 @@ from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import model_card
 from toygpt.dataset_source import file_sha256
-from toygpt.evaluation import evaluate
+from toygpt.evaluation import evaluate, validation_windows
 from toygpt.model_dir import ModelDirError, OutputDir, check_model_dir, write_model_files
 from toygpt.training_loss import CausalLMLoss
 
@@ -166,15 +166,19 @@ def training_input(src: Path) -> str | None:
     return recorded if recorded and Path(recorded).is_file() else None
 
 
-def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int):
-    """The first eval_batches x batch_size validation windows of eval_input (all if eval_batches is None), or None."""
+def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int, src: Path | None = None):
+    """The validation windows of eval_input (evaluation.validation_windows: train.py's validation loss), or None:
+    eval_batches x batch_size of them if given, else those the run that wrote `src` evaluated on."""
     if eval_input is None:
         return None
-    from toygpt.stream import val_windows
-
+    if eval_batches is None and src is not None:  # the subset the run stated (None: the whole split)
+        try:
+            run = json.loads((Path(src) / "training_args.json").read_text())
+            eval_batches, batch_size = run.get("eval_batches"), run.get("batch_size")
+        except (OSError, ValueError, AttributeError):
+            pass
     try:
-        max_windows = None if eval_batches is None else eval_batches * batch_size
-        return val_windows(eval_input, block_size, max_windows=max_windows)
+        return validation_windows(eval_input, block_size, eval_batches, batch_size)
     except (OSError, ValueError) as err:
         raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
 
@@ -253,13 +257,13 @@ def summary(out: Path, figures: dict) -> str:
 # The whole step
 
 
-def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, batch_size=8, speed_tokens=128,
+def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=None, batch_size=8, speed_tokens=128,
                  log=print) -> dict:
     """Write the int8 version of model dir `src` to `out` (atomically); return the measured figures.
 
     `out` is claimed first (model_dir.OutputDir: never an input, replaced only with overwrite and only if this project
-    wrote it, locked). Val loss is measured on eval_batches x batch_size held-out windows of eval_input (every window
-    if eval_batches is None); eval_input None means the text train.py recorded for `src`, where it still exists."""
+    wrote it, locked). Val loss is measured on eval_batches x batch_size held-out windows of eval_input (if None: the
+    windows train.py's validation loss read, held_out_windows); eval_input None means the text train.py recorded for `src`, where it still exists."""
     src, out = Path(src), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise QuantizeError(f"OUT_DIR {out} is SRC_DIR itself; write the int8 model to a new directory.")
@@ -270,7 +274,7 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=8, bat
             if eval_input is not None:
                 log(f"quantize: evaluating on the held-out split of {eval_input} (from training_args.json)")
                 output.refuse_inputs([eval_input])
-        val = held_out_windows(eval_input, fp32.config.block_size, eval_batches, batch_size)
+        val = held_out_windows(eval_input, fp32.config.block_size, eval_batches, batch_size, src)
 
         log(f"quantize: measuring fp32 {src}")
         before = measure(fp32, val, batch_size, speed_tokens)

@@ -37,6 +37,12 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def validation_curve(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, val loss) of each eval, one point per step: every eval reads the same windows (one definition), and the
+    final record repeats the saved model's figure, which is one of them."""
+    return sorted({r["step"]: r["val_loss"] for r in records if "val_loss" in r and not r.get("final")}.items())
+
+
 def plot_loss_curve(records: list[dict], path: Path) -> None:
     """Training and validation loss against the optimizer step, as a PNG."""
     import matplotlib
@@ -44,13 +50,16 @@ def plot_loss_curve(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r and not r.get("final")]
+    val = validation_curve(records)
+    best = next((r["best_step"] for r in reversed(records) if r.get("final") and "best_step" in r), None)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    if best is not None and best in dict(val):
+        ax.plot([best], [dict(val)[best]], "*", markersize=12, label=f"saved: the best eval (step {best})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("ToyGPT training")

@@ -37,17 +37,17 @@ TRAINING_ARGS = "training_args.json"
 TRAINING_DEFAULTS = {
     # tiny: tuned for minutes on 2 CPU cores (bench/quality.py probes, README), where the run is step-bound: small
     # batches (1024 tokens) give more optimizer steps; Muon for the matrices with warmup-stable-decay, and the tied
-    # embedding at twice their learning rate, learned most per minute. The final eval (4 x eval_batches x batch_size
-    # windows) covers the whole tiny Shakespeare validation split while each periodic eval stays a few seconds;
-    # max_steps only bounds a --time-budget-min run.
+    # embedding at twice their learning rate, learned most per minute. Every eval reads the whole validation split
+    # (eval_batches None: evaluation.validation_windows), 140 windows of tiny Shakespeare; max_steps only bounds a
+    # --time-budget-min run.
     "tiny": dict(
         batch_size=4, grad_accum=1, optimizer="muon", schedule="wsd", lr=4e-3, embedding_lr=8e-3, min_lr=4e-4,
-        warmup_steps=20, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=100, eval_batches=9,
+        warmup_steps=20, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=100, eval_batches=None,
         checkpoint_every=200,
     ),
     "gpt2": dict(
         batch_size=16, grad_accum=32, optimizer="adamw", schedule="cosine", lr=6e-4, embedding_lr=None, min_lr=6e-5,
-        warmup_steps=700, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=500, eval_batches=40,
+        warmup_steps=700, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=500, eval_batches=None,
         checkpoint_every=1000,
     ),
 }
@@ -55,7 +55,7 @@ TRAINING_DEFAULTS = {
 # AdamW for every weight (Muon's learning rates above are for training from scratch).
 FINE_TUNING_DEFAULTS = dict(optimizer="adamw", schedule="cosine", lr=6e-5, embedding_lr=None, min_lr=6e-6)
 RUN_DEFAULTS = dict(seed=1337, device="auto", dtype="auto", compile=False, split="train", text_column="text",
-                    vocab="auto")
+                    vocab="auto", keep_best=True)
 # Records written before a run recorded these (optim.py's defaults then): what those runs used.
 LEGACY_DEFAULTS = dict(optimizer="adamw", schedule="cosine")
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
@@ -141,7 +141,8 @@ class TrainingConfig:
     weight_decay: float | None = None
     grad_clip: float | None = None  # max gradient norm, 0 = none
     eval_every: int | None = None
-    eval_batches: int | None = None
+    eval_batches: int | None = None  # None: every eval reads the whole validation split (up to VAL_MAX_TOKENS)
+    keep_best: bool | None = None  # the model dir holds the best eval's weights (else the last step's)
     checkpoint_every: int | None = None
     seed: int | None = None
     device: str | None = None  # auto, cpu, cuda, cuda:N, mps
@@ -216,7 +217,7 @@ class TrainingConfig:
             if value is not None and not math.isfinite(value):
                 raise TrainError(f"{flag(name)} must be a finite number, got {value}.")
         for name in POSITIVE_FIELDS:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise TrainError(f"{flag(name)} must be positive, got {getattr(self, name)}.")
         for name in ("lr", "embedding_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) < 0:

@@ -43,16 +43,16 @@ from toygpt.checkpoint import (CHECKPOINT_DIR, latest_checkpoint, load_checkpoin
                                rng_state, save_checkpoint)
 from toygpt.corpus_vocab import CorpusVocab, choose
 from toygpt.distributed import Processes
-from toygpt.evaluation import autocast, evaluate
+from toygpt.best_model import BestModel, best_path, eval_due, prune
+from toygpt.evaluation import autocast, evaluate, validation_windows
 from toygpt.model_dir import OutputDir, write_model_files
 from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
-from toygpt.stream import TrainWindows, ValWindows, val_windows
+from toygpt.stream import TrainWindows, ValWindows
 from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
 from toygpt.train_config import TrainError, TrainingConfig, autocast_dtype, prepare, start_output_dir
 from toygpt.training_loss import CausalLMLoss, clip_gradients
 
 FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
-FINAL_EVAL_BATCHES = 4  # the final eval reads this many times --eval-batches (the whole split if it is shorter)
 BATCH_HASH_ENV = "TOYGPT_LOG_BATCH_HASH"  # debug: each rank prints a hash of its first batch (DDP test)
 
 
@@ -168,7 +168,7 @@ def refit_schedule(state: RunState, optimizer, scheduler, config: TrainingConfig
 
 
 def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, config: TrainingConfig, stream,
-               processes: Processes):
+               processes: Processes, best: BestModel | None = None):
     """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N (the model being
     trained: the compact one with the corpus vocabulary, whose ids the checkpoint records)."""
     vocab = None if loss_model.vocab is None else loss_model.vocab.state_dict()
@@ -179,18 +179,26 @@ def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState,
     rank_state = {"stream": stream.state_dict(), "python_random": list(random.getstate())}
     rank_states, rank_rngs = processes.gather_objects(rank_state), processes.gather_objects(rng_state())
     if processes.is_main:
+        if best is not None:  # before the checkpoint, which makes it the one --resume reads (best_model.py)
+            best.save(out_dir, state.step)
         save_checkpoint(out_dir, model, optimizer, scheduler, trainer_state, rank_states, rank_rngs)
+        prune(out_dir, state.step)
     processes.barrier()
     state.last_checkpoint_step = state.step
 
 
-def evaluate_and_log(loss_model, val, batch_size, max_batches, amp_dtype, processes, metrics, state: RunState) -> dict:
-    result = evaluate(loss_model, val, batch_size, max_batches, amp_dtype, processes)
+def evaluate_and_log(loss_model, val, batch_size, amp_dtype, processes, metrics, state: RunState,
+                     best: BestModel | None = None) -> dict:
+    """The validation loss (every window of `val`: evaluation.validation_windows) at this step, logged; offered to
+    `best` (rank 0's, None with --no-keep-best), which keeps a CPU copy of the weights if it is the best so far."""
+    result = evaluate(loss_model, val, batch_size, None, amp_dtype, processes)
     metrics.log({"step": state.step, **result, "elapsed_s": state.elapsed()})
     step = state.step
     if processes.is_main:
+        is_best = best is not None and best.offer(step, result, loss_model.model)
         tqdm.write(f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_perplexity']:.1f}, "
-                   f"bits/char {result['val_bits_per_char']:.4f}", file=sys.stderr)
+                   f"bits/char {result['val_bits_per_char']:.4f}" + (" (best so far)" if is_best else ""),
+                   file=sys.stderr)
     return result
 
 
@@ -270,6 +278,7 @@ class Run:
     stream: TrainWindows
     val: ValWindows
     state: RunState
+    best: BestModel | None  # --keep-best, rank 0: the best eval so far
 
 
 def build_run(config: TrainingConfig, source, resume_from, init_model, processes: Processes) -> Run:
@@ -292,8 +301,7 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
                                 weight_decay=config.weight_decay, embedding_lr=config.embedding_lr)
     stream = TrainWindows(source, config.block_size, seed=config.seed, rank=processes.rank,
                           world_size=processes.world_size)
-    val = val_windows(source, config.block_size,
-                      max_windows=FINAL_EVAL_BATCHES * config.eval_batches * config.batch_size)
+    val = validation_windows(source, config.block_size, config.eval_batches, config.batch_size)
     if resume_from is not None:
         state, scheduler = restore_run(resume_from, model, optimizer, stream, config, processes)
         if processes.is_main:
@@ -302,7 +310,10 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
         torch.manual_seed(config.seed + processes.rank)  # dropout differs per rank
         state = RunState(total_steps=config.max_steps)
         scheduler = build_scheduler(optimizer, config.max_steps, **schedule_args(config))
-    return Run(loss_model, optimizer, scheduler, stream, val, state)
+    best = None
+    if config.keep_best and processes.is_main:  # the best as the checkpoint left it (best_model.py)
+        best = BestModel.load(resume_from.parents[1], state.step) if resume_from is not None else BestModel()
+    return Run(loss_model, optimizer, scheduler, stream, val, state, best)
 
 
 def train(config: TrainingConfig) -> dict:
@@ -342,6 +353,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
 
     bar = tqdm(total=state.total_steps, initial=state.step, disable=not processes.is_main, desc="train",
                dynamic_ncols=True)
+    last_eval = None  # (step, result) of the latest eval
     with ctrl_c_requests_a_stop() as stop, bar:
         while state.step < state.total_steps:
             if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
@@ -357,27 +369,42 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
             bar.update(1)
             bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if state.step % config.eval_every == 0 and state.step < state.total_steps:
-                evaluate_and_log(loss_model, r.val, config.batch_size, config.eval_batches, amp_dtype, processes,
-                                 metrics, state)
+            if eval_due(state.step, state.total_steps, config.eval_every) and state.step < state.total_steps:
+                last_eval = state.step, evaluate_and_log(loss_model, r.val, config.batch_size, amp_dtype, processes,
+                                                         metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
                 bar.total = state.total_steps
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
-                checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes)
+                checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
     r.stream.close()
 
     elapsed = state.elapsed()
     if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
-        checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes)
+        checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
     if stop.is_set():
         raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
                           f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(config.output_dir)}")
-    result = evaluate_and_log(loss_model, r.val, config.batch_size, FINAL_EVAL_BATCHES * config.eval_batches, amp_dtype,
-                              processes, metrics, state)
+    if last_eval is None or last_eval[0] != state.step:  # the last weights' eval (once: a budget may stop at an eval)
+        last_eval = state.step, evaluate_and_log(loss_model, r.val, config.batch_size, amp_dtype, processes, metrics,
+                                                 state, r.best)
+    result = keep_the_best(r.best, loss_model, last_eval[1], out_dir, state.step)
     final = finish(output, loss_model, config, state, result, elapsed, processes, metrics)
     processes.barrier()
     return final
+
+
+def keep_the_best(best: BestModel | None, loss_model, last: dict, out_dir: Path, step: int) -> dict:
+    """The eval of the model to save: the best's, whose weights go back into the model (the last eval's with
+    --no-keep-best, and on ranks other than 0, which write nothing). Its step and the last weights' val loss are
+    recorded beside it. The final eval's weights can be the best: the last checkpoint's best file is rewritten."""
+    if best is None:
+        return last
+    best.save(out_dir, step)  # what --resume with a larger --max-steps continues from
+    if best.step != step:
+        best.load_into(loss_model.model)
+    return {**best.result, "best_step": best.step, "last_val_loss": last["val_loss"],
+            "last_val_bits_per_char": last["val_bits_per_char"]}
 
 
 def finish(output: OutputDir, loss_model, config: TrainingConfig, state: RunState, result: dict, elapsed: float,
@@ -396,8 +423,11 @@ def finish(output: OutputDir, loss_model, config: TrainingConfig, state: RunStat
     if processes.is_main:
         metrics.log(final)
         write_output_dir(output, model, config, final)
+        saved = (f"the best eval's weights, step {final['best_step']} (the last step's val loss "
+                 f"{final['last_val_loss']:.4f})" if "best_step" in final else "the last step's weights")
         print(f"final: step {state.step}, val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
-              f"bits/char {final['val_bits_per_char']:.4f}; wrote {config.output_dir}", file=sys.stderr, flush=True)
+              f"bits/char {final['val_bits_per_char']:.4f}; wrote {config.output_dir}: {saved}", file=sys.stderr,
+              flush=True)
     return final
 
 
@@ -419,6 +449,9 @@ def write_output_dir(output: OutputDir, model, config: TrainingConfig, final: di
         model_card.training_card(model.config.to_dict(), config, final).save(str(tmp / "README.md"))
         if checkpoint_dir is not None:  # kept for --resume with a larger --max-steps; hard links cost no space
             shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR / checkpoint_dir.name, copy_function=_link_or_copy)
+            best = best_path(output.path, int(checkpoint_dir.name.split("-")[1]))
+            if best.is_file():
+                _link_or_copy(best, tmp / CHECKPOINT_DIR / best.name)
 
 
 def _link_or_copy(src, dst):
