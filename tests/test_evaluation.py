@@ -35,3 +35,18 @@ def test_evaluate_is_the_mean_cross_entropy_and_bits_per_character(tmp_path):
     # max_batches: a prefix of the same windows
     first = evaluate(CausalLMLoss(model), val, batch_size=2, max_batches=1)
     assert first["val_tokens"] == 2 * 16
+
+
+def test_validation_windows_are_the_whole_held_out_split_or_the_stated_subset(tmp_path, monkeypatch):
+    """The one definition of the validation loss (issue 21.1): every window of the held-out split, capped at
+    VAL_MAX_TOKENS target tokens, or the first eval_batches x batch_size where a run states that subset."""
+    from toygpt import evaluation
+
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"Line {i}: to be, or not to be.\n" for i in range(2000)), encoding="utf-8")
+    whole = val_windows(path, 16)
+    assert torch.equal(evaluation.validation_windows(path, 16).windows, whole.windows)
+    assert torch.equal(evaluation.validation_windows(path, 16, eval_batches=2, batch_size=3).windows, whole.windows[:6])
+    assert len(evaluation.validation_windows(path, 16, eval_batches=10**6, batch_size=4).windows) == len(whole.windows)
+    monkeypatch.setattr(evaluation, "VAL_MAX_TOKENS", 16 * 5)
+    assert torch.equal(evaluation.validation_windows(path, 16).windows, whole.windows[:5])

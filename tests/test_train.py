@@ -231,7 +231,8 @@ def test_output_dir_is_complete(run_a):
 
     records = metrics(run_a)
     assert [r["step"] for r in records if "train_loss" in r and "final" not in r] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in records if "val_loss" in r and "final" not in r] == [8, 16, 24]  # + final eval
+    # Every --eval-every steps, twice as often in the last 30% (best_model.eval_due); step 24's is the final eval.
+    assert [r["step"] for r in records if "val_loss" in r and "final" not in r] == [8, 16, 20, 24]
     final = records[-1]
     assert final["final"] and final["step"] == STEPS and final["tokens_seen"] == STEPS * 4 * 32
     assert final["val_perplexity"] == pytest.approx(math.exp(final["val_loss"]))
@@ -505,12 +506,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_goo
 
 def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file, train_module, training,
                                                               monkeypatch):
-    def out_of_memory_in_the_final_eval(*args, **kwargs):
-        if args[3] > 1:  # the final eval reads FINAL_EVAL_BATCHES x --eval-batches
-            raise MemoryError("simulated")
-        return real(*args, **kwargs)
+    def out_of_memory_in_the_final_eval(*args, **kwargs):  # 5 steps, --eval-every 100: the only eval is the final one
+        raise MemoryError("simulated")
 
-    real = training.evaluate_and_log
     monkeypatch.setattr(training, "evaluate_and_log", out_of_memory_in_the_final_eval)
     out = tmp_path / "model"
     with pytest.raises(MemoryError):
@@ -562,7 +560,7 @@ def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
     model = ToyGPTForCausalLM.from_pretrained(run_a)
     assert model.config.vocab_size == 50257 and model.transformer.wte.weight.shape == (50257, 32)
     final = metrics(run_a)[-1]
-    val = val_windows(text_file, 32, max_windows=4 * 2 * 4)  # FINAL_EVAL_BATCHES x --eval-batches x batch
+    val = val_windows(text_file, 32, max_windows=2 * 4)  # --eval-batches x --batch-size
     result = evaluate(CausalLMLoss(model), val, batch_size=4)
     assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
     assert result["val_bits_per_char"] == pytest.approx(final["val_bits_per_char"], rel=1e-5)
