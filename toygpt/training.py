@@ -5,13 +5,14 @@ evals, the final model directory.
 
 The run streams the text through toygpt/stream.py, trains the corpus vocabulary where that is exact and saves time
 (toygpt/corpus_vocab.py), with the config's optimizer and schedule (toygpt/optim.py), evaluates periodically (val
-loss, perplexity, bits per character), writes resumable checkpoints to OUTPUT/checkpoint/ and finally swaps in OUTPUT
-atomically: the save_pretrained model directory, tokenizer, metrics.jsonl, training_args.json, loss_curve.png and a
-README.md card.
+loss, perplexity, bits per character over evaluation.validation_windows, denser where the schedule decays) and keeps
+the best eval's weights (toygpt/best_model.py), writes resumable checkpoints to OUTPUT/checkpoint/ and finally swaps in
+OUTPUT atomically: the save_pretrained model directory (the best eval's weights, --no-keep-best: the last), tokenizer,
+metrics.jsonl, training_args.json, loss_curve.png and a README.md card.
 
 --time-budget-min: the schedule is fitted to the wall clock. After the first FIT_STEPS optimizer steps (inside the
 warmup for the presets, so the learning rate does not jump) the total step count is set to
-`steps so far + remaining budget / seconds per step so far`, and refitted the same way after every periodic eval
+`steps so far + remaining budget / seconds per step so far`, and refitted the same way every --eval-every steps
 (the average then includes eval time and any change in CPU contention). Training stops when the budget is spent
 even if the estimate was optimistic; the final checkpoint, eval and save come after the budget.
 """
