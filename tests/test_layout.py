@@ -12,6 +12,7 @@ from conftest import REPO
 FLOW = {
     "toygpt.corpus": 0, "toygpt.text_files": 0, "toygpt.dataset_source": 0,  # text (a file, files, a dataset's rows)
     "toygpt.file_modes": 0,  # the user's umask for what any step writes
+    "toygpt.errors": 0, "toygpt.defaults": 0,  # the error base class; train.py's defaults, torch-free
     "toygpt.bpe": 1, "toygpt.sources": 1,  # tokens (a source's text, checked, as tokens)
     "toygpt.stream": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
@@ -20,10 +21,10 @@ FLOW = {
     "toygpt.checkpoint": 4, "toygpt.best_model": 4,  # checkpoint (and the best weights beside it)
     "toygpt.model_dir": 5, "toygpt.model_card": 5, "toygpt.train_config": 5,  # model dir
     "toygpt.training": 5,  # the training loop: a checkpoint becomes a model dir
-    "toygpt.gguf_export": 5, "toygpt.init_from": 5, "toygpt.gpt2_conversion": 5,
+    "toygpt.gguf_export": 5, "toygpt.init_from": 5, "toygpt.gpt2_conversion": 5, "toygpt.hub_errors": 5,
     "train": 5, "convert_gpt2": 5,
     "toygpt.quantization": 6, "quantize": 6,  # int8 dir
-    "push_to_hub": 7,  # Hub
+    "push_to_hub": 7, "toygpt.hub_push": 7,  # Hub
 }
 COMMANDS = {"train", "quantize", "push_to_hub", "convert_gpt2"}
 REMOTE_CODE = {"configuration_toygpt", "int8_toygpt", "modeling_toygpt"}

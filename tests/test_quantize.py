@@ -299,7 +299,7 @@ def test_bad_src_dirs(tmp_path, capsys):
 def test_already_quantized_src(int8_dir, tmp_path, capsys):
     out = tmp_path / "again"
     code, err = run_main([int8_dir[0], out], capsys)
-    assert code == 2 and "already quantized" in err and "fp32" in err
+    assert code == 2 and "is an int8-quantized ToyGPT directory" in err and "fp32" in err
     assert_nothing_written(out)
 
 
@@ -330,7 +330,7 @@ def test_corrupt_weights(tiny_model_dir, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "out"
     code, err = run_main([truncated, out], capsys)
-    assert code == 2 and "could not load the weights" in err and "corrupt" in err
+    assert code == 2 and "model.safetensors cannot be loaded" in err and "Nothing was written" in err
     assert_nothing_written(out)
 
     incomplete = tmp_path / "incomplete"
@@ -457,8 +457,8 @@ def test_quantize_refuses_weights_replaced_while_it_read_them(tiny_model_dir, tm
     shutil.copytree(tiny_model_dir, src)
     load = quantization.load_fp32_model
 
-    def load_then_replace(path):  # a train.py run swaps in its new model dir while quantize reads the old one
-        model = load(path)
+    def load_then_replace(path, *args):  # a train.py run swaps in its new model dir while quantize reads the old one
+        model = load(path, *args)
         shutil.copy(src / "model.safetensors", tmp_path / "new.safetensors")
         os.replace(tmp_path / "new.safetensors", src / "model.safetensors")
         return model

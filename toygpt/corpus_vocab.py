@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from toygpt import sources
+from toygpt.defaults import VOCAB_MODES  # noqa: F401 (re-exported)
 
-VOCAB_MODES = ("auto", "corpus", "full")
 AUTO_MAX_SEEN_FRACTION = 0.5  # --vocab auto: compact only when the corpus uses less than half of the vocabulary
 
 

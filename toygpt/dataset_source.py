@@ -30,6 +30,8 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+from toygpt.text_files import InputError
+
 # Extensions of the files `load_dataset(directory)` reads (its packaged builders); a directory holding any is a
 # dataset directory, any other directory is read as text files (toygpt/sources.py).
 DATA_EXTENSIONS = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".tsv")
@@ -39,7 +41,7 @@ MAX_PARTS = 64
 ROW_BATCH = 64  # rows per hold-out filter call
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """The dataset cannot be used; the message names the problem and the fix (sources.py reports it as InputError)."""
 
 

@@ -132,7 +132,7 @@ def export_gguf(src, out, out_type: str = "f32", overwrite: bool = False, log=pr
     renamed into place; an existing `out` only with `overwrite`, and only a GGUF file this project wrote."""
     src = Path(src)
     if out_type not in GGUF_TYPES:
-        raise ValueError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {out_type!r}.")
+        raise ModelDirError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {out_type!r}.")
     refusal = "export the fp32 directory it came from (--type q8_0 gives llama.cpp's own 8-bit format)."
     check_fp32_dir(src, refusal)
     with OutputFile(out, inputs=[src], replace=overwrite, flag="DST", owned=is_project_gguf, log=log) as output:

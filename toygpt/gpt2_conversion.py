@@ -25,7 +25,7 @@ GPT2_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytor
 
 def gpt2_config_from_toygpt(config: ToyGPTConfig) -> GPT2Config:
     if config.quantization is not None:
-        raise ValueError(
+        raise ModelDirError(
             "This ToyGPT model is int8-quantized; GPT-2 has no int8 format. Convert the fp32 model instead."
         )
     return GPT2Config(
@@ -64,7 +64,7 @@ def toygpt_config_from_gpt2(config: GPT2Config) -> ToyGPTConfig:
     if len(set(dropouts.values())) > 1:
         unsupported.append(f"different dropouts {dropouts} (ToyGPT has a single `dropout`)")
     if unsupported:
-        raise ValueError("This GPT-2 config cannot be represented as ToyGPT: " + "; ".join(unsupported) + ".")
+        raise ModelDirError("This GPT-2 config cannot be represented as ToyGPT: " + "; ".join(unsupported) + ".")
     return ToyGPTConfig(
         vocab_size=config.vocab_size,
         block_size=config.n_positions,
@@ -124,7 +124,7 @@ def convert_from_gpt2(src, dst, overwrite: bool = False) -> Path:
         weights = next(src / name for name in GPT2_WEIGHT_FILES if (src / name).is_file())
         gpt2 = load_pretrained(GPT2LMHeadModel, src, where=str(weights))
         if gpt2.config.vocab_size != bpe.VOCAB_SIZE:
-            raise ValueError(
+            raise ModelDirError(
                 f"{src} has vocab_size={gpt2.config.vocab_size}; ToyGPT directories ship the GPT-2 BPE tokenizer "
                 f"({bpe.VOCAB_SIZE} tokens), so only models with that vocabulary convert."
             )

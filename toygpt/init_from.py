@@ -25,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from toygpt import bpe
 from configuration_toygpt import ToyGPTConfig
+from toygpt.hub_errors import describe_hub_error
 from toygpt.gpt2_conversion import GPT2_WEIGHT_FILES, gpt2_to_toygpt, toygpt_config_from_gpt2
 from toygpt.model_dir import MODEL_TYPES, ModelDirError, check_model_dir, load_pretrained, read_model_config
 from modeling_toygpt import ToyGPTForCausalLM
@@ -83,11 +84,8 @@ class InitModel:
             where = f"The weights in {self.location}"
             fix = ("If they were cut short or damaged (an interrupted copy or download), copy or download them again; "
                    "else re-save the model with save_pretrained.")
-        try:
-            # float32 whatever the checkpoint's dtype: these are the master weights (transformers 5 defaults to "auto").
-            model = load_pretrained(cls, self.location, where=where, fix=fix, dtype=torch.float32, **kwargs)
-        except ModelDirError as err:
-            raise InitFromError(str(err)) from None
+        # float32 whatever the checkpoint's dtype: these are the master weights (transformers 5 defaults to "auto").
+        model = load_pretrained(cls, self.location, where=where, fix=fix, dtype=torch.float32, **kwargs)
         if self.model_type == "gpt2":
             model = gpt2_to_toygpt(model)
         return with_overrides(model, block_size, dropout).train()
@@ -162,12 +160,9 @@ def with_overrides(model: ToyGPTForCausalLM, block_size: int | None = None,
 def _local(given: str, path: Path) -> InitModel:
     if not path.is_dir():
         raise InitFromError(f"{given} is a file; pass a model directory (save_pretrained output) or a Hub repo id.")
-    try:
-        config = read_model_config(path)
-        if config.get("model_type") == "toygpt":
-            check_model_dir(path)  # model.safetensors is there
-    except ModelDirError as err:
-        raise InitFromError(str(err)) from None
+    config = read_model_config(path)
+    if config.get("model_type") == "toygpt":
+        check_model_dir(path)  # model.safetensors is there
     if config.get("model_type") == "gpt2" and not any((path / name).is_file() for name in GPT2_WEIGHT_FILES):
         raise InitFromError(f"{given} has no weights (none of {', '.join(GPT2_WEIGHT_FILES)}).")
     return _from_config(given, str(path.absolute()), config, None)
@@ -216,29 +211,13 @@ def _download_config(repo_id: str, revision: str | None) -> str:
     where = f"{repo_id} on the Hub ({constants.ENDPOINT})"
     try:
         return hf_hub_download(repo_id, "config.json", revision=revision)
-    except errors.GatedRepoError:
-        raise InitFromError(f"{where} is gated: accept its terms on the Hub and set HF_TOKEN (or `hf auth login`).") \
-            from None
-    except errors.RepositoryNotFoundError:
-        raise InitFromError(
-            f"{repo_id} is not a local directory, and {where} does not exist (or is private: set HF_TOKEN). Check "
-            f"the path or the repo id, e.g. {EXAMPLE_REPO}."
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise InitFromError(f"{where} has no revision {revision!r}: pass a branch, tag or commit it has.") from None
     except errors.RemoteEntryNotFoundError:
         raise InitFromError(f"{where} has no config.json: it is not a transformers model repo.") from None
-    except errors.HfHubHTTPError as err:
-        raise InitFromError(f"{where} refused the request ({err}); check HF_TOKEN.") from None
-    except errors.LocalEntryNotFoundError as err:  # nothing in the cache, and the Hub not asked or not answering
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError) as err:
         cache = f"in the Hub cache ({constants.HF_HUB_CACHE})"
-        if constants.is_offline_mode():
-            raise InitFromError(
-                f"HF_HUB_OFFLINE is set and {repo_id} is not {cache}: unset HF_HUB_OFFLINE to download it, or pass a "
-                "local model directory."
-            ) from None
-        cause = err.__cause__ or err
-        raise InitFromError(
-            f"Cannot reach {where} ({type(cause).__name__}: {cause}) and {repo_id} is not {cache}: check the network "
-            "and HF_ENDPOINT, or pass a local model directory."
-        ) from None
+        if isinstance(err, errors.LocalEntryNotFoundError) and constants.is_offline_mode():
+            raise InitFromError(f"HF_HUB_OFFLINE is set and {repo_id} is not {cache}: unset HF_HUB_OFFLINE to "
+                                "download it, or pass a local model directory.") from None
+        uncached = f" {repo_id} is not {cache}." if isinstance(err, errors.LocalEntryNotFoundError) else ""
+        raise InitFromError(f"{repo_id} is not a local directory, and {describe_hub_error(err, where, revision)}"
+                            f"{uncached} Check the path or the repo id (e.g. {EXAMPLE_REPO}), or pass a local model directory.") from None

@@ -45,20 +45,21 @@ from transformers import GenerationConfig
 
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import bpe
+from toygpt.errors import ToyGPTError, UsageError
 from toygpt.file_modes import give_umask, make_temp_dir, user_umask, write_file_atomic
 
 MODEL_TYPES = ("toygpt", "gpt2")  # what this project writes: ToyGPT dirs, and GPT-2 dirs (convert_gpt2.py to-gpt2)
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UsageError):
     """A model directory that is missing, incomplete or not a ToyGPT directory."""
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UsageError):
     """An output path this command may not write (or not now); the message says why and what to do instead."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(ToyGPTError, OSError):
     """The disk filled up while an output was written; the old output is as it was (the message says where)."""
 
 

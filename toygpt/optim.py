@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
+from toygpt.defaults import OPTIMIZERS, SCHEDULES  # noqa: F401 (re-exported)
+
 WSD_DECAY_FRACTION = 0.3  # the decay phase of --schedule wsd: this share of the (fitted) total steps, at the end
 
 

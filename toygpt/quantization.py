@@ -25,15 +25,16 @@ from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import model_card
 from toygpt.dataset_source import file_sha256
+from toygpt.errors import UsageError
 from toygpt.evaluation import evaluate, validation_windows
-from toygpt.model_dir import ModelDirError, OutputDir, check_model_dir, write_model_files
+from toygpt.model_dir import OutputDir, check_model_dir, load_fp32_model, write_model_files
 from toygpt.training_loss import CausalLMLoss
 
 SPEED_PROMPT = "ROMEO:\nIs the day so young?"
 SOURCE_SHA256 = "source_sha256"  # quantization_report.json: sha256 of the fp32 model.safetensors it was made from
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UsageError):
     """Bad input to quantizing: the message names the problem and the fix."""
 
 
@@ -72,30 +73,6 @@ def quantize_int8(model):
 # The source: its weights, who is writing it, which weights an int8 dir came from
 
 
-def load_fp32_model(src: Path) -> ToyGPTForCausalLM:
-    """The fp32 model in SRC, checked: a ToyGPT dir, not already int8, every weight loaded from model.safetensors."""
-    try:
-        config = check_model_dir(src)
-    except ModelDirError as err:
-        raise QuantizeError(str(err)) from err
-    if config.get("quantization"):
-        raise QuantizeError(
-            f"{src} is already quantized ({config['quantization'].get('method')}); pass the fp32 model dir it "
-            "came from (the output of train.py or convert_gpt2.py)."
-        )
-    try:
-        model, info = ToyGPTForCausalLM.from_pretrained(str(src), output_loading_info=True)
-    except Exception as err:  # truncated/corrupt safetensors, bad shapes, ...: all mean "these weights are unusable"
-        raise QuantizeError(
-            f"could not load the weights in {src / 'model.safetensors'} ({type(err).__name__}: {err}); "
-            "the file is corrupt or incomplete: re-run train.py / convert_gpt2.py to write it again."
-        ) from err
-    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v} or info.get("error_msgs")
-    if bad:
-        raise QuantizeError(f"{src / 'model.safetensors'} does not match config.json ({bad}); re-create the model dir.")
-    return model.eval()
-
-
 def check_not_being_written(src: Path) -> None:
     """QuantizeError if a command holds SRC's OutputDir lock (`.SRC.lock`, toygpt/model_dir.py): a train.py run
     writing SRC would replace the weights right after we read them, leaving an int8 copy of the old ones."""
@@ -128,7 +105,7 @@ def load_source(src: Path) -> tuple[ToyGPTForCausalLM, str]:
     check_not_being_written(src)
     weights = Path(src) / "model.safetensors"
     stamp = _stamp(weights) if weights.is_file() else None
-    model = load_fp32_model(Path(src))
+    model = load_fp32_model(Path(src), "pass the fp32 model dir it came from (the output of train.py or convert_gpt2.py).")
     sha256 = file_sha256(weights)
     if _stamp(weights) != stamp:
         raise QuantizeError(f"{weights} was replaced while it was being read (a train.py run saving into {src}?); "

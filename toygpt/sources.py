@@ -30,11 +30,11 @@ import numpy as np
 
 from toygpt import bpe
 from toygpt import corpus
+from toygpt.defaults import DEFAULT_INPUT
 from toygpt.dataset_source import DatasetError, DatasetSource, is_dataset_dir, visible_files
 from toygpt.text_files import (InputError, TextSplit, generate_file_pieces, generate_pieces, pieces, shard_ranges,
                                split_text, text_file_shards, with_last)
 
-DEFAULT_INPUT = Path("input.txt")
 TOKENIZE_BATCH = 8  # text pieces per batched map call
 ROWS_PER_PIECE = 64  # dataset rows (documents) tokenized into one piece
 GLOB_CHARS = re.compile(r"[*?[]")
@@ -319,10 +319,7 @@ def as_source(source: Source | str | Path) -> Source:
     """A source as it is; a path (a file, a directory, a glob) as the source resolve_source makes of it, unchecked."""
     if not isinstance(source, (str, Path)):
         return source
-    try:
-        return _local_source(source)
-    except DatasetError as err:
-        raise InputError(str(err)) from err
+    return _local_source(source)
 
 
 def resolve_source(input: str | Path | None = None, dataset: str | None = None, dataset_config: str | None = None,
@@ -343,8 +340,6 @@ def resolve_source(input: str | Path | None = None, dataset: str | None = None, 
             validate_input(source.path, block_size)
         else:
             _check_long_enough(source, block_size)  # streams until it has enough: reads every text file's split
-    except DatasetError as err:
-        raise InputError(str(err)) from err
     except OSError as err:  # a file we may not read, a dataset the network dropped while checking it
         raise InputError(f"Cannot read the training data: {err}") from err
     return source, source.description

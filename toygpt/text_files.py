@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from toygpt.errors import UsageError
+
 VAL_FRACTION = 0.1
 
 SCAN_CHUNK = 1 << 20  # bytes read at a time when scanning the file
@@ -35,7 +37,7 @@ CLEAN_CUT = re.compile(rb"\n(?=\S)")
 SPACE_BYTES = b" \t\n\r\f\v"
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """The training text is unusable; the message names the problem and the fix."""
 
 

@@ -18,12 +18,14 @@ import importlib.util
 from pathlib import Path
 from typing import Protocol
 
+from toygpt.errors import UsageError
+
 REPORT_TO = ("none", "all", "tensorboard", "trackio", "wandb")
 TRACKERS = ("tensorboard", "trackio", "wandb")
 PROJECT = "toygpt"  # trackio's and wandb's project name
 
 
-class TrackingError(ValueError):
+class TrackingError(UsageError):
     """A tracker was asked for that cannot run here; the message says how to install or configure it."""
 
 

@@ -30,33 +30,11 @@ from toygpt import sources
 from toygpt import init_from
 from toygpt.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from configuration_toygpt import PRESETS, ToyGPTConfig
-from toygpt.model_dir import OutputDir
+from toygpt.errors import UsageError
+from toygpt.defaults import FINE_TUNING_DEFAULTS, RUN_DEFAULTS, TRAINING_DEFAULTS  # noqa: F401 (re-exported)
+from toygpt.model_dir import ModelDirError, OutputDir
 
 TRAINING_ARGS = "training_args.json"
-# Training defaults per preset (the architecture lives in configuration_toygpt.PRESETS); every one has a flag.
-TRAINING_DEFAULTS = {
-    # tiny: tuned for minutes on 2 CPU cores (bench/quality.py probes, README), where the run is step-bound: small
-    # batches (1024 tokens) give more optimizer steps; Muon for the matrices with warmup-stable-decay, and the tied
-    # embedding at twice their learning rate, learned most per minute. Every eval reads the whole validation split
-    # (eval_batches None: evaluation.validation_windows), 140 windows of tiny Shakespeare, ~2.7 s or 16 steps on 2
-    # cores: every 200 steps (100 in the decay) that is ~9% of a 10-minute run; max_steps only bounds a
-    # --time-budget-min run.
-    "tiny": dict(
-        batch_size=4, grad_accum=1, optimizer="muon", schedule="wsd", lr=4e-3, embedding_lr=8e-3, min_lr=4e-4,
-        warmup_steps=20, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=None,
-        checkpoint_every=200,
-    ),
-    "gpt2": dict(
-        batch_size=16, grad_accum=32, optimizer="adamw", schedule="cosine", lr=6e-4, embedding_lr=None, min_lr=6e-5,
-        warmup_steps=700, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=500, eval_batches=None,
-        checkpoint_every=1000,
-    ),
-}
-# --init-from: a pretrained model is fine-tuned gently (nanoGPT's finetune_shakespeare: a small, decaying lr), with
-# AdamW for every weight (Muon's learning rates above are for training from scratch).
-FINE_TUNING_DEFAULTS = dict(optimizer="adamw", schedule="cosine", lr=6e-5, embedding_lr=None, min_lr=6e-6)
-RUN_DEFAULTS = dict(seed=1337, device="auto", dtype="auto", compile=False, split="train", text_column="text",
-                    vocab="auto", keep_best=True)
 # Records written before a run recorded these (optim.py's defaults then): what those runs used.
 LEGACY_DEFAULTS = dict(optimizer="adamw", schedule="cosine")
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
@@ -72,7 +50,7 @@ MAX_SEED = 2**32 - 1  # numpy's and the data stream's seeds are 32-bit
 MAX_STEP_TOKENS = 2**24
 
 
-class TrainError(ValueError):
+class TrainError(UsageError):
     """A bad command line or output directory, reported before any work starts."""
 
 
@@ -303,7 +281,7 @@ def find_start(config: TrainingConfig) -> tuple[TrainingConfig, init_from.InitMo
                          "--init-from drop --vocab (or pass --vocab full).")
     try:
         start = init_from.find_init_model(config.init_from, config.init_revision)
-    except init_from.InitFromError as err:
+    except ModelDirError as err:  # InitFromError, or the dir's own
         raise TrainError(f"--init-from: {err}") from None
     conflicts = init_from.architecture_conflicts(start.config, config.n_layer, config.n_head, config.n_embd,
                                                  config.block_size)
@@ -370,7 +348,7 @@ def prepare(config: TrainingConfig):
         if start is not None:
             try:
                 init_model = start.load(config.block_size, config.dropout)
-            except init_from.InitFromError as err:
+            except ModelDirError as err:  # InitFromError, or the dir's own
                 raise TrainError(f"--init-from: {err}") from None
     except BaseException:
         output.close()

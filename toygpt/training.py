@@ -49,6 +49,7 @@ from toygpt.evaluation import autocast, evaluate, validation_windows
 from toygpt.model_dir import OutputDir, write_model_files
 from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
 from toygpt.stream import TrainWindows, ValWindows
+from toygpt.errors import ToyGPTError
 from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
 from toygpt.train_config import TrainError, TrainingConfig, autocast_dtype, prepare, start_output_dir
 from toygpt.training_loss import CausalLMLoss, clip_gradients
@@ -216,7 +217,7 @@ def log_first_batch(batches, rank: int):
 # Training
 
 
-class TrainFailed(RuntimeError):
+class TrainFailed(ToyGPTError):
     """A run that stopped at run time (diverged, interrupted); the message says what was kept and what to do."""
 
 
