@@ -15,6 +15,7 @@ from pathlib import Path
 from toygpt.defaults import (DEFAULT_INPUT, FINE_TUNING_DEFAULTS, OPTIMIZERS, PRESETS, RUN_DEFAULTS, SCHEDULES,
                              TRAINING_DEFAULTS, VOCAB_MODES)
 from toygpt.errors import ToyGPTError
+from toygpt.tracking import REPORT_TO
 
 DESCRIPTION = "Train a ToyGPT language model from scratch (or from a GPT-2 checkpoint) and write a model directory."
 EPILOG = """examples:
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
         help=f"autocast dtype; auto = bfloat16 on CUDA, float32 elsewhere (default: {RUN_DEFAULTS['dtype']})")
     add("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: no)")
+    add("--report-to", nargs="+", choices=REPORT_TO, metavar="TRACKER",
+        help="also log metrics.jsonl's records to: tensorboard (event files in OUTPUT/runs, which the Hub shows), "
+        "trackio (local, TRACKIO_DIR), wandb (if installed and logged in), all (every installed one), or none "
+        f"(default: {' '.join(RUN_DEFAULTS['report_to'])})")
+    add("--run-name", help="the trackers' name for this run (default: the output dir's name and the start time; "
+        "--resume keeps the run's)")
     add("--overwrite", action="store_true", help="replace an existing --output-dir")
     add("--resume", action="store_true", help="continue from --output-dir/checkpoint (flags given override; default: "
         "start a new run)")

@@ -33,8 +33,10 @@ TRAINING_DEFAULTS = {
 # --init-from: a pretrained model is fine-tuned gently (nanoGPT's finetune_shakespeare: a small, decaying lr), with
 # AdamW for every weight (Muon's learning rates above are for training from scratch).
 FINE_TUNING_DEFAULTS = dict(optimizer="adamw", schedule="cosine", lr=6e-5, embedding_lr=None, min_lr=6e-6)
+# report_to: TensorBoard, a dependency already: offline, no account, and its event files travel in the model dir's runs/,
+# which the Hub shows as the model repo's training metrics.
 RUN_DEFAULTS = dict(seed=1337, device="auto", dtype="auto", compile=False, split="train", text_column="text",
-                    vocab="auto", keep_best=True)
+                    vocab="auto", keep_best=True, report_to=["tensorboard"])
 
 
 def _literal(node: ast.expr):

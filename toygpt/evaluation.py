@@ -57,8 +57,9 @@ def validation_windows(source, block_size: int, eval_batches: int | None = None,
 
 @torch.no_grad()
 def evaluate(loss_model, val, batch_size: int, max_batches: int | None = None, amp_dtype=None,
-             processes: Processes | None = None) -> dict:
+             processes: Processes | None = None, progress=None) -> dict:
     """Mean loss over the first max_batches * batch_size windows of `val` (all if None): a stream.ValWindows.
+    `progress` (a tqdm bar, or None) is updated by one after each of this rank's batches.
 
     `loss_model` is a training_loss.CausalLMLoss (or anything with its forward(x, y, reduction="sum")); it is put
     in eval mode for the pass and back in its previous mode after.
@@ -75,6 +76,8 @@ def evaluate(loss_model, val, batch_size: int, max_batches: int | None = None, a
             sums[0] += loss_model(batch[:, :-1], batch[:, 1:], reduction="sum").double()
         sums[1] += batch[:, 1:].numel()
         sums[2] += int(chars[start:start + len(batch)].sum())
+        if progress is not None:
+            progress.update()
     loss_model.train(was_training)
     loss_sum, tokens, n_chars = processes.all_reduce_sum(sums).tolist()
     return metrics_from_sums(loss_sum, tokens, n_chars)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from toygpt.tracking import scalars_of
+
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl; a line cut short by a killed run is skipped."""
@@ -20,10 +22,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl; does nothing on ranks other than 0 (`enabled=False`)."""
+    """Appends records to metrics.jsonl and feeds each one to the run's trackers (toygpt/tracking.py: TensorBoard,
+    trackio, wandb), so every sink holds the same records; does nothing on ranks other than 0 (`enabled=False`)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool = True, trackers=()):
+        self.path, self.enabled, self.trackers = path, enabled, list(trackers) if enabled else []
 
     def keep_until(self, step: int) -> None:
         """Drop the records a killed run wrote after its last checkpoint (and any final record): resume continues."""
@@ -35,6 +38,15 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            scalars = scalars_of(record)
+            for tracker in self.trackers:
+                tracker.log(scalars, record["step"])
+
+    def close(self) -> None:
+        """Close the trackers (their files complete, their runs finished)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def validation_curve(records: list[dict]) -> list[tuple[int, float]]:

@@ -23,6 +23,7 @@ from toygpt.errors import UsageError
 REPORT_TO = ("none", "all", "tensorboard", "trackio", "wandb")
 TRACKERS = ("tensorboard", "trackio", "wandb")
 PROJECT = "toygpt"  # trackio's and wandb's project name
+RUNS_DIR = "runs"  # TensorBoard's event files, in the output dir (the Hub reads a model repo's runs/)
 
 
 class TrackingError(UsageError):
@@ -129,7 +130,7 @@ def open_trackers(names: list[str], out_dir: Path, run_name: str, config: dict,
     trackers = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(out_dir / "runs", resume_step))
+            trackers.append(TensorBoardTracker(out_dir / RUNS_DIR, resume_step))
         elif name == "trackio":
             trackers.append(TrackioTracker(run_name, config))
         elif name == "wandb":

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from toygpt import sources
 from toygpt import init_from
+from toygpt import tracking
 from toygpt.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_state
 from configuration_toygpt import PRESETS, ToyGPTConfig
 from toygpt.errors import UsageError
@@ -127,6 +129,8 @@ class TrainingConfig:
     device: str | None = None  # auto, cpu, cuda, cuda:N, mps
     dtype: str | None = None  # autocast: auto, float32, bfloat16
     compile: bool | None = None
+    report_to: list[str] | None = None  # trackers besides metrics.jsonl (tracking.REPORT_TO; Trainer's names)
+    run_name: str | None = None  # the trackers' run; kept by --resume, so a resumed run continues the same one
     overwrite: bool = False
     resume: bool = False
     # Derived before the run starts (prepare), never given as flags.
@@ -205,6 +209,10 @@ class TrainingConfig:
             raise TrainError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr}).")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
             raise TrainError(f"--time-budget-min must be positive, got {self.time_budget_min}.")
+        try:
+            tracking.check_report_to(self.report_to)
+        except tracking.TrackingError as err:
+            raise TrainError(str(err)) from None
         if not 0 <= self.seed <= MAX_SEED:
             raise TrainError(f"--seed must be between 0 and {MAX_SEED} (2**32 - 1), got {self.seed}.")
         step_tokens = self.batch_size * self.block_size * self.grad_accum
@@ -340,6 +348,8 @@ def prepare(config: TrainingConfig):
         elif config.init_from is not None:  # its architecture before the preset fills the rest
             config, start = find_start(config)
         config = config.resolved(saved)
+        if config.run_name is None:  # a new run (or one resumed from a checkpoint written before run names)
+            config = replace(config, run_name=f"{Path(config.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}")
         config.model_config()
         check_device(config.device)
         source, config = check_data(config, saved, output)
@@ -364,5 +374,6 @@ def start_output_dir(output: OutputDir, resuming: bool) -> None:
         print(f"--overwrite: replacing the run in {out_dir}: its checkpoint and metrics now; its model files when the "
               "new ones are complete.", file=sys.stderr, flush=True)
         shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(out_dir / tracking.RUNS_DIR, ignore_errors=True)  # the old run's TensorBoard events
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,10 @@ from toygpt.model_dir import OutputDir, write_model_files
 from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
 from toygpt.stream import TrainWindows, ValWindows
 from toygpt.errors import ToyGPTError
+from toygpt import progress
 from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
 from toygpt.train_config import TrainError, TrainingConfig, autocast_dtype, prepare, start_output_dir
+from toygpt.tracking import RUNS_DIR, check_report_to, open_trackers
 from toygpt.training_loss import CausalLMLoss, clip_gradients
 
 FIT_STEPS = 10  # optimizer steps timed before the schedule is first fitted to --time-budget-min
@@ -193,7 +195,10 @@ def evaluate_and_log(loss_model, val, batch_size, amp_dtype, processes, metrics,
                      best: BestModel | None = None) -> dict:
     """The validation loss (every window of `val`: evaluation.validation_windows) at this step, logged; offered to
     `best` (rank 0's, None with --no-keep-best), which keeps a CPU copy of the weights if it is the best so far."""
-    result = evaluate(loss_model, val, batch_size, None, amp_dtype, processes)
+    batches = math.ceil(len(val.windows) / (batch_size * processes.world_size))  # rank 0's share
+    with progress.bar(total=batches, desc=f"eval step {state.step}", unit="batch", leave=False,
+                      disable=not processes.is_main) as eval_bar:
+        result = evaluate(loss_model, val, batch_size, None, amp_dtype, processes, progress=eval_bar)
     metrics.log({"step": state.step, **result, "elapsed_s": state.elapsed()})
     step = state.step
     if processes.is_main:
@@ -322,12 +327,14 @@ def train(config: TrainingConfig) -> dict:
     """Run training as `config` says (prepare resolves and checks it first); return the final metrics (rank 0's)."""
     config, source, resume_from, init_model, output = prepare(config)
     try:
-        return run(config, source, resume_from, init_model, output)
+        with contextlib.ExitStack() as closing:  # the trackers, however the run ends
+            return run(config, source, resume_from, init_model, output, closing)
     finally:
         output.close()
 
 
-def run(config: TrainingConfig, source, resume_from: Path | None, init_model, output: OutputDir) -> dict:
+def run(config: TrainingConfig, source, resume_from: Path | None, init_model, output: OutputDir,
+        closing: contextlib.ExitStack) -> dict:
     """The training loop, from the checked config to the written model directory."""
     processes = Processes.launch(config.device)
     device, amp_dtype, out_dir = processes.device, autocast_dtype(config.dtype, processes.device), output.path
@@ -342,6 +349,10 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     loss_model, optimizer, scheduler, state = r.loss_model, r.optimizer, r.scheduler, r.state
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
     metrics.keep_until(state.step)
+    if processes.is_main:  # a resumed run continues its trackers' run from the checkpoint's step
+        metrics.trackers = open_trackers(check_report_to(config.report_to), out_dir, config.run_name,
+                                         config.to_record(), resume_step=None if resume_from is None else state.step)
+    closing.callback(metrics.close)
 
     # Evals use loss_model as is: their batches differ per rank, no gradient sync.
     step_model = torch.compile(loss_model) if config.compile else loss_model
@@ -353,10 +364,10 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     tokens_per_step = config.step_tokens * processes.world_size
 
-    bar = tqdm(total=state.total_steps, initial=state.step, disable=not processes.is_main, desc="train",
-               dynamic_ncols=True)
+    bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
+                                 enabled=processes.is_main)
     last_eval = None  # (step, result) of the latest eval
-    with ctrl_c_requests_a_stop() as stop, bar:
+    with ctrl_c_requests_a_stop() as stop, contextlib.closing(bar):
         while state.step < state.total_steps:
             if processes.from_main(stop.is_set() or (budget_s is not None and state.elapsed() >= budget_s)):
                 break  # Ctrl-C, or the budget is spent: final checkpoint (and eval and save) below
@@ -369,16 +380,17 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             state.tokens_seen += tokens_per_step
             tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
             metrics.log({"step": state.step, "train_loss": state.train_loss, "lr": lr, "tokens_per_s": tokens_per_s})
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(state.step, state.total_steps, state.budget_fitted or budget_s is None, state.elapsed(),
+                       loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if eval_due(state.step, state.total_steps, config.eval_every) and state.step < state.total_steps:
                 last_eval = state.step, evaluate_and_log(loss_model, r.val, config.batch_size, amp_dtype, processes,
                                                          metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
-                bar.total = state.total_steps
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
+        if not stop.is_set():
+            bar.finish()
     r.stream.close()
 
     elapsed = state.elapsed()
@@ -424,6 +436,7 @@ def finish(output: OutputDir, loss_model, config: TrainingConfig, state: RunStat
     }
     if processes.is_main:
         metrics.log(final)
+        metrics.close()  # the trackers' files complete before they are carried into the model dir
         write_output_dir(output, model, config, final)
         saved = (f"the best eval's weights, step {final['best_step']} (the last step's val loss "
                  f"{final['last_val_loss']:.4f})" if "best_step" in final else "the last step's weights")
@@ -442,13 +455,20 @@ def write_output_dir(output: OutputDir, model, config: TrainingConfig, final: di
     what else the user keeps in it stays."""
     records = read_metrics(output.path / "metrics.jsonl")
     checkpoint_dir = latest_checkpoint(output.path)
-    with output.write() as tmp:
-        write_model_files(model, tmp)
+    with output.write() as tmp, progress.bar(total=4, desc="save", unit="part") as save_bar:
+        with progress.quiet_library_bars():  # "Writing model shards": the save bar is ours
+            write_model_files(model, tmp)
+        save_bar.update()
         with open(tmp / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         config.save(tmp)
+        if (output.path / RUNS_DIR).is_dir():  # TensorBoard's event files: push_to_hub.py uploads them
+            shutil.copytree(output.path / RUNS_DIR, tmp / RUNS_DIR, copy_function=_link_or_copy)
+        save_bar.update()
         plot_loss_curve(records, tmp / "loss_curve.png")
+        save_bar.update()
         model_card.training_card(model.config.to_dict(), config, final).save(str(tmp / "README.md"))
+        save_bar.update()
         if checkpoint_dir is not None:  # kept for --resume with a larger --max-steps; hard links cost no space
             shutil.copytree(checkpoint_dir, tmp / CHECKPOINT_DIR / checkpoint_dir.name, copy_function=_link_or_copy)
             best = best_path(output.path, int(checkpoint_dir.name.split("-")[1]))
