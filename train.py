@@ -9,6 +9,7 @@ transformers (toygpt/defaults.py holds what it shows), so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -112,13 +113,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch  # after parsing: --help and usage errors stay instant
 
+    from toygpt import summary
     from toygpt.checkpoint import CHECKPOINT_DIR
     from toygpt.train_config import TrainingConfig
     from toygpt.training import resume_command, train
 
     config = TrainingConfig(**vars(args))
     try:
-        train(config)
+        final = train(config)
     except OSError as err:  # disk full, permissions, ...: what failed, not a traceback
         print(f"train.py: error: {err.strerror or err} ({err.filename or 'while training'}); the last checkpoint, if "
               f"any, is in {Path(config.output_dir) / CHECKPOINT_DIR}: fix the cause and "
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(summary.training_summary(config.output_dir, final), flush=True)
     return 0
 
 

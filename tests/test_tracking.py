@@ -16,12 +16,14 @@ RECORDS = [
 
 
 def tensorboard_scalars(log_dir):
-    """{tag: [(step, value)]} as TensorBoard itself reads the directory (purges applied)."""
+    """{tag: [(step, value)]} as TensorBoard itself reads the directory (purges applied; a tag whose every point was
+    purged has nothing to draw and is left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: points for tag, points in scalars.items() if points}
 
 
 def expected(records):
@@ -55,7 +57,21 @@ def test_a_resumed_run_continues_the_same_tensorboard_run_without_the_killed_ste
     tb.close()
     resumed = [{"step": 3, "train_loss": 7.5, "lr": 0.003, "tokens_per_s": 990.0},
                {"step": 4, "train_loss": 7.0, "lr": 0.004, "tokens_per_s": 995.0}]
-    [tb] = tracking.open_trackers(["tensorboard"], tmp_path, "run", {}, resume_step=2)
+    [tb] = tracking.open_trackers(["tensorboard"], tmp_path, "run", {}, resume_step=2, kept=RECORDS[:3])
+    log_all([tb], resumed)
+    tb.close()
+    assert tensorboard_scalars(tmp_path / "runs") == expected(RECORDS[:3] + resumed)
+
+
+def test_a_finished_run_extended_by_resume_loses_its_final_record_in_tensorboard_too(tmp_path):
+    """metrics.jsonl drops the final record (at the checkpoint's step) on --resume; TensorBoard hides it too, and
+    keeps the records metrics.jsonl keeps at that step."""
+    final = {"step": 2, "val_loss": 9.4, "n_params": 1234, "final": True}
+    [tb] = tracking.open_trackers(["tensorboard"], tmp_path, "run", {}, resume_step=None)
+    log_all([tb], RECORDS[:3] + [final])
+    tb.close()
+    resumed = [{"step": 3, "train_loss": 7.5, "lr": 0.003, "tokens_per_s": 990.0}]
+    [tb] = tracking.open_trackers(["tensorboard"], tmp_path, "run", {}, resume_step=2, kept=RECORDS[:3])
     log_all([tb], resumed)
     tb.close()
     assert tensorboard_scalars(tmp_path / "runs") == expected(RECORDS[:3] + resumed)

@@ -28,11 +28,14 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True, trackers=()):
         self.path, self.enabled, self.trackers = path, enabled, list(trackers) if enabled else []
 
-    def keep_until(self, step: int) -> None:
-        """Drop the records a killed run wrote after its last checkpoint (and any final record): resume continues."""
-        if self.enabled:
-            kept = [r for r in read_metrics(self.path) if r["step"] <= step and not r.get("final")]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def keep_until(self, step: int) -> list[dict]:
+        """Drop the records a killed run wrote after its last checkpoint (and any final record): resume continues.
+        Returns the records kept."""
+        if not self.enabled:
+            return []
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step and not r.get("final")]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def log(self, record: dict) -> None:
         if self.enabled:

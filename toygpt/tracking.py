@@ -9,7 +9,8 @@
 Every tracker gets exactly the records written to metrics.jsonl (run_log.MetricsLog feeds them): each numeric field
 under its metrics.jsonl name, at the record's optimizer step. On `--resume` the run continues: TensorBoard purges
 the steps a killed run logged after its checkpoint (as metrics.jsonl drops them); trackio and wandb reopen the run by
-name, and keep those steps beside the resumed run's (they have no purge).
+name, and keep those steps beside the resumed run's (they have no purge). A run extended after it finished (--resume
+--max-steps more, from its final checkpoint) loses its final record in metrics.jsonl and in TensorBoard alike.
 """
 
 from __future__ import annotations
@@ -47,13 +48,16 @@ def scalars_of(record: dict) -> dict[str, float]:
 class TensorBoardTracker:
     name = "tensorboard"
 
-    def __init__(self, log_dir: Path, resume_step: int | None):
+    def __init__(self, log_dir: Path, resume_step: int | None, kept: list[dict] = ()):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard hides what an earlier writer logged at this step and after, as a resumed
-        # metrics.jsonl drops the records a killed run wrote after its last checkpoint.
-        purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        # metrics.jsonl drops the records a killed run wrote after its last checkpoint, and the final record of a run
+        # that ended at this step. What metrics.jsonl keeps at this step is logged again.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
+        for record in kept:
+            if record["step"] == resume_step:
+                self.log(scalars_of(record), resume_step)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():
@@ -125,12 +129,13 @@ def check_report_to(report_to: list[str]) -> list[str]:
 
 
 def open_trackers(names: list[str], out_dir: Path, run_name: str, config: dict,
-                  resume_step: int | None) -> list[Tracker]:
-    """The trackers of a run writing `out_dir`; `resume_step` is the checkpoint's step on --resume, else None."""
+                  resume_step: int | None, kept: list[dict] = ()) -> list[Tracker]:
+    """The trackers of a run writing `out_dir`; `resume_step` is the checkpoint's step on --resume, else None, and
+    `kept` the records metrics.jsonl keeps then (MetricsLog.keep_until)."""
     trackers = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(out_dir / RUNS_DIR, resume_step))
+            trackers.append(TensorBoardTracker(out_dir / RUNS_DIR, resume_step, kept))
         elif name == "trackio":
             trackers.append(TrackioTracker(run_name, config))
         elif name == "wandb":

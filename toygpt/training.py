@@ -348,10 +348,10 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     config = replace(config, vocab_used="full" if r.loss_model.vocab is None else "corpus")
     loss_model, optimizer, scheduler, state = r.loss_model, r.optimizer, r.scheduler, r.state
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=processes.is_main)
-    metrics.keep_until(state.step)
+    kept = metrics.keep_until(state.step)
     if processes.is_main:  # a resumed run continues its trackers' run from the checkpoint's step
         metrics.trackers = open_trackers(check_report_to(config.report_to), out_dir, config.run_name,
-                                         config.to_record(), resume_step=None if resume_from is None else state.step)
+                                         config.to_record(), None if resume_from is None else state.step, kept)
     closing.callback(metrics.close)
 
     # Evals use loss_model as is: their batches differ per rank, no gradient sync.

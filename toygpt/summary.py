@@ -1,0 +1,80 @@
+"""The closing summary of a command: what it produced and where, and the commands to run next.
+
+    print(summary.render("trained", [summary.Item("model", out_dir, "4.2 MB")], [("quantize", "python quantize.py ...")]))
+
+Every CLI that ends a step of the pipeline (train.py, quantize.py, `make demo`) ends with one, rendered here, so a new
+user always sees where the result went and what comes next, with the exact flags.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Item:
+    """One thing produced: what it is, where, and a short detail (size, figure)."""
+
+    label: str
+    path: Path | str
+    detail: str = ""
+
+
+def size_of(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (links counted once each, as they appear)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human_size(n_bytes: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def render(title: str, items: list[Item], next_commands: list[tuple[str, str]]) -> str:
+    """`title`, the items in aligned columns, then "next:" and each command under its purpose."""
+    width = max((len(item.label) for item in items), default=0)
+    lines = [title]
+    for item in items:
+        detail = f"  ({item.detail})" if item.detail else ""
+        lines.append(f"  {item.label:<{width}}  {item.path}{detail}")
+    if next_commands:
+        lines.append("next:")
+        for purpose, command in next_commands:
+            lines.append(f"  # {purpose}")
+            lines.append(f"  {command}")
+    return "\n".join(lines)
+
+
+def training_summary(out_dir: Path | str, final: dict, python: str = "python") -> str:
+    """train.py's summary of the model dir it wrote, from `final` (metrics.jsonl's final record)."""
+    out = Path(out_dir)
+    q = shlex.quote
+    int8 = out.with_name(out.name + "-int8")
+    weights = out / "model.safetensors"
+    items = [
+        Item("model dir", out, f"{human_size(size_of(out))} in all; {final['n_params']:,} parameters"),
+        Item("weights", weights, human_size(size_of(weights))),
+        Item("bits/char", f"{final['val_bits_per_char']:.4f}", f"val loss {final['val_loss']:.4f}, perplexity "
+             f"{final['val_perplexity']:.2f}, at step {final.get('best_step', final['step'])}"),
+        Item("model card", out / "README.md"),
+        Item("loss curve", out / "loss_curve.png"),
+        Item("metrics", out / "metrics.jsonl"),
+    ]
+    if (out / "runs").is_dir():
+        items.append(Item("TensorBoard", out / "runs", f"tensorboard --logdir {q(str(out / 'runs'))}"))
+    commands = [
+        ("quantize to int8 (smaller, faster on a CPU)", f"{python} quantize.py {q(str(out))} {q(str(int8))}"),
+        ("serve it in the Gradio app", f"TOYGPT_MODEL={q(str(int8))} {python} space/app.py"),
+        ("push both to the Hub (HF_TOKEN or `hf auth login`; --dry-run STAGE_DIR to see what would go)",
+         f"{python} push_to_hub.py --model-dir {q(str(out))} --quantized-dir {q(str(int8))} "
+         f"--repo-id USER/{out.name} --space-id USER/{out.name}-demo"),
+    ]
+    return render(f"trained: {out}", items, commands)
