@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_python
+from test_tracking import expected as expected_scalars, tensorboard_scalars
 from test_optim import scheduled_lrs
 
 TRAIN = REPO / "train.py"
@@ -187,7 +188,7 @@ def test_run_logs_the_schedule(run_a, train_module):
 def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, training):
     budget_s = 6.0
     out = tmp_path / "model"
-    run_train("--input", text_file, "--output-dir", out, *TINY, "--schedule", "cosine", "--time-budget-min", budget_s / 60,
+    proc = run_train("--input", text_file, "--output-dir", out, *TINY, "--schedule", "cosine", "--time-budget-min", budget_s / 60,
               "--max-steps", 100_000, "--warmup-steps", 2, "--lr", "1e-3", "--min-lr", "1e-4", "--eval-every", 10_000,
               "--eval-batches", 1, "--checkpoint-every", 10_000)
     records = metrics(out)
@@ -205,6 +206,11 @@ def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, training):
     fit_step = training.FIT_STEPS
     assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    # Issue 21: the bar's horizon is the budget from the first step (not 100000 steps), and it ends at 100%.
+    bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("train:")]
+    assert bars and all("/6 s of budget" in line for line in bars), bars
+    assert bars[0].startswith("train:   0%") and bars[-1].startswith("train: 100%"), bars
+    assert f"step={final['step']}/{final['step']}" in bars[-1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,6 +332,8 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(run_a, tmp_path, tex
     train_b = [(r["step"], r["train_loss"], r["lr"]) for r in metrics(out) if "lr" in r]
     assert train_b == train_a
     assert metrics(out)[-1]["val_loss"] == metrics(run_a)[-1]["val_loss"]
+    # The TensorBoard run (the default tracker) continues too: the killed steps purged, each step once.
+    assert tensorboard_scalars(out / "runs") == expected_scalars(metrics(out))
 
 
 def test_metrics_line_cut_short_by_a_kill_is_skipped(tmp_path):
@@ -577,3 +585,66 @@ def test_vocab_full_trains_every_row(tmp_path, text_file):
                      "--eval-batches", 1)
     assert re.search(r"vocab: the training split uses [\d,]+ of the 50,257 token ids \(one pass, [\d.]+ s\): "
                      r"training the corpus vocabulary", proc.stderr), proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tracked runs (--report-to, toygpt/tracking.py) and the first hour of a new user (issue 21)
+
+
+def test_the_tensorboard_events_in_the_model_dir_equal_metrics_jsonl(run_a):
+    """The default tracker: every record of metrics.jsonl, values and steps, in the model dir's runs/ (uploaded)."""
+    assert json.loads((run_a / "training_args.json").read_text())["report_to"] == ["tensorboard"]
+    scalars = tensorboard_scalars(run_a / "runs")
+    assert scalars == expected_scalars(metrics(run_a))
+    assert [step for step, _ in scalars["train_loss"]][:STEPS] == list(range(1, STEPS + 1))
+
+
+def test_a_resumed_run_continues_the_same_tracked_run(tmp_path, text_file):
+    """TensorBoard and trackio (its local store in tmp, nothing sent anywhere): one run across --resume."""
+    out, store = tmp_path / "model", tmp_path / "trackio"
+    common = dict(TRACKIO_DIR=str(store))
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-every", 2,
+              "--eval-batches", 1, "--report-to", "tensorboard", "trackio", **common)
+    run_name = json.loads((out / "training_args.json").read_text())["run_name"]
+    run_train("--output-dir", out, "--resume", "--max-steps", 4, **common)
+    assert json.loads((out / "training_args.json").read_text())["run_name"] == run_name
+    assert tensorboard_scalars(out / "runs") == expected_scalars(metrics(out))
+    code = f"""
+import json
+from trackio.sqlite_storage import SQLiteStorage
+print(json.dumps([SQLiteStorage.get_runs("toygpt"), SQLiteStorage.get_logs("toygpt", {run_name!r})]))
+"""
+    runs, logs = json.loads(run_python(code, cwd=tmp_path, env=common).strip().splitlines()[-1])
+    assert runs == [run_name]
+    train_losses = [(log["step"], log["train_loss"]) for log in logs if "lr" in log]
+    assert train_losses == [(r["step"], pytest.approx(r["train_loss"])) for r in metrics(out) if "lr" in r]
+
+
+def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(tmp_path, text_file, train_module, capsys,
+                                                                      monkeypatch):
+    from toygpt import tracking
+
+    monkeypatch.setattr(tracking, "installed", lambda name: name != "wandb")
+    out = tmp_path / "out"
+    assert train_module.main(["--input", str(text_file), *TINY, "--output-dir", str(out), "--report-to", "wandb"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: --report-to wandb: the wandb package is not installed")
+    assert "pip install wandb" in err[0] and not out.exists()
+
+
+def test_train_ends_with_a_summary_and_no_library_bars(tmp_path, text_file):
+    out = tmp_path / "model"
+    proc = run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 3, "--eval-batches", 1,
+                     "--report-to", "none")
+    final = metrics(out)[-1]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"trained: {out}"
+    assert re.search(rf"^  bits/char +{final['val_bits_per_char']:.4f}  \(val loss", proc.stdout, re.M), proc.stdout
+    assert re.search(rf"^  model card +{re.escape(str(out / 'README.md'))}$", proc.stdout, re.M), proc.stdout
+    assert f"  python quantize.py {out} {out}-int8" in lines
+    assert (f"  python push_to_hub.py --model-dir {out} --quantized-dir {out}-int8 --repo-id USER/model "
+            "--space-id USER/model-demo") in lines
+    assert not (out / "runs").exists() and "TensorBoard" not in proc.stdout  # --report-to none
+    # ToyGPT's own bars for the waits (the final eval, the save), none of transformers' under them.
+    assert "eval step 3:" in proc.stderr and "save: 100%" in proc.stderr
+    assert "Writing model shards" not in proc.stderr and "Loading weights" not in proc.stderr
