@@ -13,6 +13,7 @@ FLOW = {
     "toygpt.corpus": 0, "toygpt.text_files": 0, "toygpt.dataset_source": 0,  # text (a file, files, a dataset's rows)
     "toygpt.file_modes": 0,  # the user's umask for what any step writes
     "toygpt.errors": 0, "toygpt.defaults": 0,  # the error base class; train.py's defaults, torch-free
+    "toygpt.progress": 0, "toygpt.summary": 0,  # any step's progress bars and closing summary
     "toygpt.bpe": 1, "toygpt.sources": 1,  # tokens (a source's text, checked, as tokens)
     "toygpt.stream": 2,  # windows
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
