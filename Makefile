@@ -37,8 +37,15 @@ DEMO_TRAIN_FLAGS ?=
 demo: install
 	$(PY) train.py --preset tiny --time-budget-min $(MINUTES) $(DEMO_TRAIN_FLAGS) --output-dir $(OUT)/toygpt --overwrite
 	$(PY) quantize.py $(OUT)/toygpt $(OUT)/toygpt-int8 --overwrite
-	@echo "demo: serving $(OUT)/toygpt-int8. Publishing is a separate step: $(PY) push_to_hub.py --model-dir" \
-		"$(OUT)/toygpt --quantized-dir $(OUT)/toygpt-int8 --repo-id USER/toygpt --space-id USER/toygpt-demo"
+	@printf '%s\n' "demo: done. Produced (details in the two summaries above):" \
+		"  $(OUT)/toygpt        the fp32 model (card README.md, loss_curve.png, metrics.jsonl, runs/)" \
+		"  $(OUT)/toygpt-int8   its int8 copy, served now" \
+		"next:" \
+		"  # reopen the app later without retraining" \
+		"  make serve" \
+		"  # publish both and the Space (HF_TOKEN or \`hf auth login\`)" \
+		"  $(PY) push_to_hub.py --model-dir $(OUT)/toygpt --quantized-dir $(OUT)/toygpt-int8 --repo-id USER/toygpt --space-id USER/toygpt-demo" \
+		"The app starts below; open its URL in a browser. Ctrl+C stops it."
 	TOYGPT_MODEL=$(OUT)/toygpt-int8 $(PY) space/app.py
 
 # Serves $(OUT)/toygpt-int8 as it is (no training, no quantizing); the app prints its local URL (Ctrl+C stops it).

@@ -45,10 +45,12 @@ def main(argv=None) -> int:
         for name in ("eval_batches", "batch_size"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-        from toygpt.quantization import quantize_dir  # after parsing: --help and usage errors stay instant
+        from toygpt import summary  # after parsing: --help and usage errors stay instant
+        from toygpt.quantization import quantize_dir
 
-        quantize_dir(args.src_dir, args.out_dir, overwrite=args.overwrite, eval_input=args.eval_input,
-                     eval_batches=args.eval_batches, batch_size=args.batch_size, speed_tokens=args.speed_tokens)
+        figures = quantize_dir(args.src_dir, args.out_dir, overwrite=args.overwrite, eval_input=args.eval_input,
+                               eval_batches=args.eval_batches, batch_size=args.batch_size,
+                               speed_tokens=args.speed_tokens)
     except ToyGPTError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -56,6 +58,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: quantizing {args.src_dir} failed ({type(err).__name__}: {err}); {args.out_dir} "
               "was left as it was.", file=sys.stderr)
         return 1
+    print(summary.quantization_summary(args.src_dir, args.out_dir, figures), flush=True)
     return 0
 
 

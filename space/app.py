@@ -523,6 +523,7 @@ def main() -> int:
             raise StartupError(f"TOYGPT_VARIANT must be one of {', '.join(VARIANTS)}; got {variant!r} (unset it: "
                                "auto serves int8 on CPU where the model has it).")
         demo = build_demo()
+        print(f"{PROG}: starting on http://{host}:{port} (Ctrl+C stops it)", flush=True)
         try:
             demo.launch(server_name=host, server_port=int(port))
         except OSError as err:  # the port is taken, or the host is not this machine's

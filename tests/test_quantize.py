@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import int8_toygpt
 import quantize
 from toygpt import quantization
-from conftest import run_python, small_config
+from conftest import REPO, run_python, small_config
 from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize_rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt.quantization import quantize_int8, quantize_rows
@@ -467,3 +467,24 @@ def test_quantize_refuses_weights_replaced_while_it_read_them(tiny_model_dir, tm
     code, err = run_main([src, tmp_path / "out", "--speed-tokens", 0], capsys)
     assert code == 2 and "was replaced while it was being read" in err
     assert_nothing_written(tmp_path / "out")
+
+
+def test_quantize_shows_each_measuring_phase_and_ends_with_a_summary(tiny_model_dir, tmp_path, shakespeare_path):
+    """Every wait shows progress (issue 21.3: each 'measuring' phase was silent), on stderr even when it is a log
+    file; stdout ends with what was written and where, and the next commands with the exact paths."""
+    import subprocess
+
+    out = tmp_path / "my int8"  # a path that needs quoting in the suggested commands
+    proc = subprocess.run([sys.executable, "quantize.py", str(tiny_model_dir), str(out), "--speed-tokens", "8",
+                           "--eval-input", str(shakespeare_path), "--eval-batches", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for phase in ("fp32 tokens/s", "fp32 val loss", "int8 tokens/s", "int8 val loss"):
+        assert f"{phase}: 100%" in proc.stderr, phase
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr
+    summary = proc.stdout[proc.stdout.index("quantized: "):]
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert f"{report['before']['val_loss']:.4f} -> {report['after']['val_loss']:.4f}" in summary
+    assert f"{report['size_int8'] / report['size_fp32']:.3f}x" in summary
+    assert f"TOYGPT_MODEL='{out}' python space/app.py" in summary
+    assert f"--model-dir {tiny_model_dir} --quantized-dir '{out}'" in summary

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from int8_toygpt import INT8_SCHEME, Int8Rows, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
-from toygpt import model_card
+from toygpt import model_card, progress
 from toygpt.dataset_source import file_sha256
 from toygpt.errors import UsageError
 from toygpt.evaluation import evaluate, validation_windows
@@ -165,7 +166,7 @@ def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int,
 
 
 @torch.no_grad()
-def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT) -> float:
+def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT, label: str = "") -> float:
     """Batch-1 greedy generation with the KV cache; EOS is not allowed to stop it early."""
     from toygpt import bpe
 
@@ -173,14 +174,35 @@ def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT)
     new_tokens = min(new_tokens, model.config.block_size - ids.shape[1])
     kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=bpe.EOT_ID)
     model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up: int8 packing, allocator
-    start = time.perf_counter()
-    out = model.generate(ids, **kwargs)
-    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+    with progress.bar(total=new_tokens, desc=f"{label} tokens/s", unit="token") as bar:
+        start = time.perf_counter()
+        out = model.generate(ids, streamer=TokenCounter(bar), **kwargs)
+        return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
-def measure(model, val, batch_size: int, speed_tokens: int) -> dict:
-    figures = {"tokens_per_s": greedy_tokens_per_second(model, speed_tokens) if speed_tokens else None}
-    figures["val_loss"] = None if val is None else evaluate(CausalLMLoss(model), val, batch_size)["val_loss"]
+class TokenCounter(BaseStreamer):
+    """generate()'s streamer hook as a progress bar: one tick per new token (the prompt comes first, uncounted)."""
+
+    def __init__(self, bar):
+        self.bar, self.prompt_seen = bar, False
+
+    def put(self, value):
+        if self.prompt_seen:
+            self.bar.update(value.numel())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def measure(model, val, batch_size: int, speed_tokens: int, label: str) -> dict:
+    """tokens/s and the validation figures (loss, perplexity, bits/char; None without a corpus), with progress bars."""
+    speed = greedy_tokens_per_second(model, speed_tokens, label=label) if speed_tokens else None
+    figures = {"tokens_per_s": speed, "val_loss": None, "val_perplexity": None, "val_bits_per_char": None}
+    if val is not None:
+        batches = -(-len(val.windows) // batch_size)
+        with progress.bar(total=batches, desc=f"{label} val loss", unit="batch") as bar:
+            figures.update(evaluate(CausalLMLoss(model), val, batch_size, progress=bar))
     return figures
 
 
@@ -216,20 +238,6 @@ def check_written(directory: Path, int8) -> None:
         raise RuntimeError(f"the written int8 model does not reload identically ({problems or 'logits differ'}).")
 
 
-def summary(out: Path, figures: dict) -> str:
-    """The one line quantize.py prints: sizes, val loss and tokens/s before -> after ("not measured" where skipped)."""
-    before, after = figures["before"], figures["after"]
-
-    def pair(key, spec):
-        if before[key] is None or after[key] is None:
-            return "not measured"
-        return f"{before[key]:{spec}} -> {after[key]:{spec}}"
-
-    return (f"quantize: wrote {out}: model.safetensors {figures['size_fp32'] / 1e6:.1f} MB -> "
-            f"{figures['size_int8'] / 1e6:.1f} MB; val loss {pair('val_loss', '.4f')}; "
-            f"tokens/s {pair('tokens_per_s', '.1f')}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The whole step
 
@@ -244,7 +252,9 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=None, 
     src, out = Path(src), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise QuantizeError(f"OUT_DIR {out} is SRC_DIR itself; write the int8 model to a new directory.")
-    with OutputDir(out, inputs=[src, eval_input], replace=overwrite, flag="OUT_DIR", log=log) as output:
+    # transformers' own "Loading weights"/"Writing model shards" bars off: quantize.py reports each phase itself
+    with progress.quiet_library_bars(), \
+            OutputDir(out, inputs=[src, eval_input], replace=overwrite, flag="OUT_DIR", log=log) as output:
         fp32, source_sha256 = load_source(src)
         if eval_input is None:
             eval_input = training_input(src)
@@ -253,12 +263,10 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=None, 
                 output.refuse_inputs([eval_input])
         val = held_out_windows(eval_input, fp32.config.block_size, eval_batches, batch_size, src)
 
-        log(f"quantize: measuring fp32 {src}")
-        before = measure(fp32, val, batch_size, speed_tokens)
+        before = measure(fp32, val, batch_size, speed_tokens, label="fp32")
         int8 = quantize_int8(fp32)
         del fp32  # the int8 copy owns everything it needs
-        log("quantize: measuring int8")
-        after = measure(int8, val, batch_size, speed_tokens)
+        after = measure(int8, val, batch_size, speed_tokens, label="int8")
 
         with output.write() as tmp:
             write_model_files(int8, tmp)
@@ -267,7 +275,5 @@ def quantize_dir(src, out, overwrite=False, eval_input=None, eval_batches=None, 
             report = quantization_report(src, source_sha256, sizes, before, after, eval_input, val, speed_tokens)
             write_card(src, tmp, report)
             check_written(tmp, int8)
-    figures = {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after,
-               SOURCE_SHA256: source_sha256}
-    log(summary(out, figures))
-    return figures
+    return {"size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after,
+            SOURCE_SHA256: source_sha256}

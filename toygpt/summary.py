@@ -78,3 +78,31 @@ def training_summary(out_dir: Path | str, final: dict, python: str = "python") -
          f"--repo-id USER/{out.name} --space-id USER/{out.name}-demo"),
     ]
     return render(f"trained: {out}", items, commands)
+
+
+def _before_after(figures: dict, key: str, spec: str) -> str:
+    before, after = figures["before"][key], figures["after"][key]
+    return "not measured" if before is None or after is None else f"{before:{spec}} -> {after:{spec}}"
+
+
+def quantization_summary(src: Path | str, out: Path | str, figures: dict, python: str = "python") -> str:
+    """quantize.py's summary of the int8 dir it wrote, from quantization.quantize_dir's figures."""
+    src, out = Path(src), Path(out)
+    q = shlex.quote
+    ratio = figures["size_int8"] / figures["size_fp32"]
+    items = [
+        Item("int8 dir", out, f"{human_size(size_of(out))} in all"),
+        Item("weights", out / "model.safetensors", f"{human_size(figures['size_fp32'])} fp32 -> "
+             f"{human_size(figures['size_int8'])} int8, {ratio:.3f}x"),
+        Item("val loss", _before_after(figures, "val_loss", ".4f"), "fp32 -> int8, same held-out windows"),
+        Item("bits/char", _before_after(figures, "val_bits_per_char", ".4f"), "fp32 -> int8"),
+        Item("tokens/s", _before_after(figures, "tokens_per_s", ".1f"), "greedy, batch 1, fp32 -> int8"),
+        Item("model card", out / "README.md"),
+    ]
+    commands = [
+        ("serve it in the Gradio app (Ctrl+C stops it)", f"TOYGPT_MODEL={q(str(out))} {python} space/app.py"),
+        ("push both to the Hub (HF_TOKEN or `hf auth login`; --dry-run STAGE_DIR to see what would go)",
+         f"{python} push_to_hub.py --model-dir {q(str(src))} --quantized-dir {q(str(out))} "
+         f"--repo-id USER/{src.name} --space-id USER/{src.name}-demo"),
+    ]
+    return render(f"quantized: {out}", items, commands)
