@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from toygpt.hub_push import push  # after parsing: --help and usage errors stay instant
+        from toygpt.hub_push import PushRequest, push  # after parsing: --help and usage errors stay instant
 
-        push(args)
+        push(PushRequest(**vars(args)))
     except ToyGPTError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code

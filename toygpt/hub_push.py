@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, SpaceCard, constants, get_token
@@ -255,12 +256,25 @@ def is_stage_dir(path: Path) -> bool:
     return (path / STAGE_MARKER).is_file() and {p.name for p in path.iterdir()} <= {STAGE_MARKER, "model", "space"}
 
 
-def stage(args, out: Path, model) -> None:
-    quantized_dir = Path(args.quantized_dir) if args.quantized_dir else None
-    stage_model(Path(args.model_dir), args.repo_id, out / "model", quantized_dir, args.space_id, model)
-    if args.space_id:
-        stage_space(args.repo_id, args.space_id, out / "space")
-    check_no_local_paths(out, args)
+@dataclass(frozen=True)
+class PushRequest:
+    """What to push and where: push_to_hub.py's flags, typed."""
+
+    model_dir: str  # fp32 model dir written by train.py
+    repo_id: str  # the model repo, USER/NAME
+    quantized_dir: str | None = None  # int8 model dir written by quantize.py: the repo's int8/ subfolder
+    space_id: str | None = None  # also push the Gradio Space (space/) to this USER/NAME
+    private: bool = False
+    revision: str | None = None  # the model repo's branch (created if missing); None: main
+    dry_run: str | None = None  # write STAGE_DIR/model and STAGE_DIR/space instead of uploading
+
+
+def stage(request: PushRequest, out: Path, model) -> None:
+    quantized_dir = Path(request.quantized_dir) if request.quantized_dir else None
+    stage_model(Path(request.model_dir), request.repo_id, out / "model", quantized_dir, request.space_id, model)
+    if request.space_id:
+        stage_space(request.repo_id, request.space_id, out / "space")
+    check_no_local_paths(out, request)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,7 +319,7 @@ def without_local_paths(value):
     return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
 
 
-def local_paths(args) -> dict[str, str]:
+def local_paths(request: PushRequest) -> dict[str, str]:
     """{absolute local path: what it is}: the model dirs, the training texts they record, the home directory."""
     found: dict[str, str] = {}
 
@@ -316,7 +330,7 @@ def local_paths(args) -> dict[str, str]:
                 found.setdefault(str(form), what)
                 found.setdefault(json.dumps(str(form))[1:-1], what)  # as JSON writes it (\u escapes)
 
-    dirs = {"--model-dir": args.model_dir, "--quantized-dir": args.quantized_dir}
+    dirs = {"--model-dir": request.model_dir, "--quantized-dir": request.quantized_dir}
     for flag, directory in dirs.items():
         if directory:
             add(directory, f"the {flag} path")
@@ -336,16 +350,16 @@ def local_paths(args) -> dict[str, str]:
 TEXT_SUFFIXES = (".json", ".jsonl", ".md", ".txt", ".py", ".yaml", ".yml")
 
 
-def check_no_local_paths(out: Path, args) -> None:
+def check_no_local_paths(out: Path, request: PushRequest) -> None:
     """Refuse the push if any staged text file still holds an absolute local path (say which, where, and why)."""
-    paths = local_paths(args)
+    paths = local_paths(request)
     if not paths:
         return
     # Whole paths only: /home/al matches in "/home/al/x", "file:///home/al" and "in /home/al.", but not in
     # "/home/alice", "/home/al.bak" or a web URL's "/home/al".
     alternatives = "|".join(map(re.escape, sorted(paths, key=len, reverse=True)))
     pattern = re.compile(rf"(?:(?<![\w.\-/])|(?<=file://))({alternatives})(?![\w\-]|\.[\w\-])")
-    sources = {"model": Path(args.model_dir), f"model/{INT8_SUBFOLDER}": args.quantized_dir, "space": SPACE_DIR}
+    sources = {"model": Path(request.model_dir), f"model/{INT8_SUBFOLDER}": request.quantized_dir, "space": SPACE_DIR}
     for path in files_in(out):
         if path.suffix not in TEXT_SUFFIXES:
             continue
@@ -363,58 +377,58 @@ def check_no_local_paths(out: Path, args) -> None:
                 )
 
 
-def describe_stage(out: Path, args) -> None:
+def describe_stage(out: Path, request: PushRequest) -> None:
     model = out / "model"
-    print(f"model repo {args.repo_id}: {len(files_in(model))} files, {human_size(tree_size(model))}")
+    print(f"model repo {request.repo_id}: {len(files_in(model))} files, {human_size(tree_size(model))}")
     if (model / INT8_SUBFOLDER).is_dir():
         print(f"  of which the int8 variant in {INT8_SUBFOLDER}/: {len(files_in(model / INT8_SUBFOLDER))} files, "
               f"{human_size(tree_size(model / INT8_SUBFOLDER))}")
     for gguf in model.glob("*.gguf"):
         print(f"  of which the GGUF file for llama.cpp: {gguf.name}, {human_size(file_size(gguf))}")
-    if args.space_id:
+    if request.space_id:
         space = out / "space"
-        print(f"Space {args.space_id}: {len(files_in(space))} files, {human_size(tree_size(space))} "
-              f"(serves {args.repo_id}: model_id.txt, README models:)")
+        print(f"Space {request.space_id}: {len(files_in(space))} files, {human_size(tree_size(space))} "
+              f"(serves {request.repo_id}: model_id.txt, README models:)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Upload
 
 
-def upload(api: HfApi, args, out: Path) -> None:
+def upload(api: HfApi, request: PushRequest, out: Path) -> None:
     """One commit per repo; on failure say what reached the Hub and what did not."""
     done = []
-    step = f"creating model repo {args.repo_id}"
+    step = f"creating model repo {request.repo_id}"
     try:
-        url = api.create_repo(args.repo_id, private=args.private or None, exist_ok=True)
-        if args.revision:
-            step = f"creating branch {args.revision} of {args.repo_id}"
-            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        step = f"uploading to model repo {args.repo_id}"
+        url = api.create_repo(request.repo_id, private=request.private or None, exist_ok=True)
+        if request.revision:
+            step = f"creating branch {request.revision} of {request.repo_id}"
+            api.create_branch(request.repo_id, branch=request.revision, exist_ok=True)
+        step = f"uploading to model repo {request.repo_id}"
         model = out / "model"
         variants = "fp32 + int8" if (model / INT8_SUBFOLDER).is_dir() else "fp32"
         commit = api.upload_folder(
-            repo_id=args.repo_id, folder_path=model, revision=args.revision,
+            repo_id=request.repo_id, folder_path=model, revision=request.revision,
             commit_message=f"Upload ToyGPT {variants} ({len(files_in(model))} files, {human_size(tree_size(model))})",
             commit_description="Pushed with ToyGPT's push_to_hub.py: fp32 weights at the root, int8 in `int8/`, "
-                               f"and {gguf_filename(args.repo_id)} for llama.cpp.",
+                               f"and {gguf_filename(request.repo_id)} for llama.cpp.",
         )
-        done.append(f"model repo {args.repo_id} pushed at commit {commit.oid}")
+        done.append(f"model repo {request.repo_id} pushed at commit {commit.oid}")
         print(f"model repo: {url}\n  commit: {commit.commit_url}")
-        if args.space_id:
-            step = f"creating Space {args.space_id}"
-            url = api.create_repo(args.space_id, repo_type="space", space_sdk="gradio",
-                                  private=args.private or None, exist_ok=True)
-            step = f"uploading to Space {args.space_id}"
+        if request.space_id:
+            step = f"creating Space {request.space_id}"
+            url = api.create_repo(request.space_id, repo_type="space", space_sdk="gradio",
+                                  private=request.private or None, exist_ok=True)
+            step = f"uploading to Space {request.space_id}"
             commit = api.upload_folder(
-                repo_id=args.space_id, repo_type="space", folder_path=out / "space",
-                commit_message=f"Upload ToyGPT Space serving {args.repo_id}",
+                repo_id=request.space_id, repo_type="space", folder_path=out / "space",
+                commit_message=f"Upload ToyGPT Space serving {request.repo_id}",
             )
-            done.append(f"Space {args.space_id} pushed at commit {commit.oid}")
+            done.append(f"Space {request.space_id} pushed at commit {commit.oid}")
             print(f"Space: {url}\n  commit: {commit.commit_url}")
     except hub_errors() as err:
         pending = ["model repo"] if not done else []
-        if args.space_id and len(done) < 2:
+        if request.space_id and len(done) < 2:
             pending.append("Space")
         reached = "; ".join(done) if done else "nothing was pushed"
         raise PushError(
@@ -424,47 +438,47 @@ def upload(api: HfApi, args, out: Path) -> None:
         ) from None
 
 
-def push(args) -> None:
+def push(request: PushRequest) -> None:
     """Check everything, stage (into --dry-run's dir, or a temp dir), then upload unless it is a dry run."""
-    check_repo_id(args.repo_id, "--repo-id")
-    if args.space_id:
-        check_repo_id(args.space_id, "--space-id")
-    token = None if args.dry_run else require_token()
-    model = check_loadable(Path(args.model_dir), "--model-dir", quantized=False)
-    if args.quantized_dir:
-        check_loadable(Path(args.quantized_dir), "--quantized-dir", quantized=True)
-        if stale := quantization.stale_int8(args.model_dir, args.quantized_dir):
+    check_repo_id(request.repo_id, "--repo-id")
+    if request.space_id:
+        check_repo_id(request.space_id, "--space-id")
+    token = None if request.dry_run else require_token()
+    model = check_loadable(Path(request.model_dir), "--model-dir", quantized=False)
+    if request.quantized_dir:
+        check_loadable(Path(request.quantized_dir), "--quantized-dir", quantized=True)
+        if stale := quantization.stale_int8(request.model_dir, request.quantized_dir):
             raise UsageError(f"--quantized-dir: {stale}")
-    if args.revision and args.space_id:
-        print(f"note: the Space loads {args.repo_id} from its default branch, not {args.revision}.")
-    if args.private and args.space_id:
-        print(f"note: to load the private {args.repo_id}, the Space needs a read token: add it as the Space "
+    if request.revision and request.space_id:
+        print(f"note: the Space loads {request.repo_id} from its default branch, not {request.revision}.")
+    if request.private and request.space_id:
+        print(f"note: to load the private {request.repo_id}, the Space needs a read token: add it as the Space "
               "secret HF_TOKEN (Space settings -> Variables and secrets).")
 
-    if args.dry_run:
-        dry_run(args, Path(args.dry_run), model)
+    if request.dry_run:
+        dry_run(request, Path(request.dry_run), model)
         return
     with tempfile.TemporaryDirectory(prefix="toygpt-push-") as tmp:
-        stage(args, Path(tmp), model)
-        describe_stage(Path(tmp), args)
-        upload(HfApi(token=token), args, Path(tmp))
-    revision = f", revision={args.revision!r}" if args.revision else ""
-    print(f'done: AutoModelForCausalLM.from_pretrained("{args.repo_id}"{revision}, trust_remote_code=True) loads it'
-          + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if args.quantized_dir else ""))
+        stage(request, Path(tmp), model)
+        describe_stage(Path(tmp), request)
+        upload(HfApi(token=token), request, Path(tmp))
+    revision = f", revision={request.revision!r}" if request.revision else ""
+    print(f'done: AutoModelForCausalLM.from_pretrained("{request.repo_id}"{revision}, trust_remote_code=True) loads it'
+          + (f' (int8: subfolder="{INT8_SUBFOLDER}")' if request.quantized_dir else ""))
 
 
-def dry_run(args, out: Path, model) -> None:
+def dry_run(request: PushRequest, out: Path, model) -> None:
     """Stage into `out` under OutputDir's rule: never an input's dir or anything holding one, only a stage this
     script wrote (its marker), swapped in whole; a refusal or a failure is one line and leaves `out` as it was."""
-    inputs = [args.model_dir, args.quantized_dir, SPACE_DIR]
+    inputs = [request.model_dir, request.quantized_dir, SPACE_DIR]
     try:
         with OutputDir(out, inputs=inputs, replace=True, flag="--dry-run", owned=is_stage_dir,
                        owner=f"a stage push_to_hub.py --dry-run wrote (it holds {STAGE_MARKER})") as output:
             with output.write() as tmp:
-                stage(args, tmp, model)
+                stage(request, tmp, model)
                 (tmp / STAGE_MARKER).write_text("Staged by ToyGPT's push_to_hub.py --dry-run; the next --dry-run here "
                                                 "replaces this directory. model/ and space/ are what a push uploads.\n")
     except OSError as err:  # a full disk (DiskFullError says where), a read-only stage: the old stage is as it was
         raise PushError(f"staging into {out} failed ({err}); nothing was uploaded.") from None
-    describe_stage(out, args)
+    describe_stage(out, request)
     print(f"dry run: staged in {out}; nothing was uploaded.")
