@@ -648,3 +648,4 @@ def test_train_ends_with_a_summary_and_no_library_bars(tmp_path, text_file):
     # ToyGPT's own bars for the waits (the final eval, the save), none of transformers' under them.
     assert "eval step 3:" in proc.stderr and "save: 100%" in proc.stderr
     assert "Writing model shards" not in proc.stderr and "Loading weights" not in proc.stderr
+    assert "\x1b[" not in proc.stderr  # stderr is a pipe here, as in a log: no cursor movement for the nested eval bar

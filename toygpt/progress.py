@@ -22,6 +22,8 @@ def bar(**kwargs) -> tqdm:
     """A tqdm bar on stderr, redrawn at a pace that suits a terminal or a log."""
     tty = sys.stderr.isatty()
     kwargs.setdefault("mininterval", 0.1 if tty else LOG_INTERVAL_S)
+    if not tty:  # a nested bar (an eval inside training) moves the cursor up on a terminal: no escape codes in logs
+        kwargs.setdefault("position", 0)
     return tqdm(file=sys.stderr, dynamic_ncols=tty, **kwargs)
 
 
