@@ -635,7 +635,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_any_work(tmp_path, t
 def test_train_ends_with_a_summary_and_no_library_bars(tmp_path, text_file):
     out = tmp_path / "model"
     proc = run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 3, "--eval-batches", 1,
-                     "--report-to", "none")
+                     "--eval-every", 2, "--report-to", "none")  # an eval inside the training bar, and the final one
     final = metrics(out)[-1]
     lines = proc.stdout.splitlines()
     assert lines[0] == f"trained: {out}"
