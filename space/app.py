@@ -33,6 +33,7 @@ from transformers import (
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+from transformers.utils import logging as transformers_logging
 
 PROG = "app.py"
 APP_DIR = Path(__file__).resolve().parent
@@ -257,6 +258,7 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
         print(f"warning: {stale}" + ("; serving the fp32 weights." if variant == "auto" else "."), file=sys.stderr)
     # trust_remote_code for the tokenizer too: AutoTokenizer reads config.json, whose auto_map names the remote code.
     kwargs = dict(subfolder=subfolder, revision=revision, trust_remote_code=True)
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bar; the line below says what is served
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)

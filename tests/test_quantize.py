@@ -486,5 +486,7 @@ def test_quantize_shows_each_measuring_phase_and_ends_with_a_summary(tiny_model_
     report = json.loads((out / "quantization_report.json").read_text())
     assert f"{report['before']['val_loss']:.4f} -> {report['after']['val_loss']:.4f}" in summary
     assert f"{report['size_int8'] / report['size_fp32']:.3f}x" in summary
-    assert f"TOYGPT_MODEL='{out}' python space/app.py" in summary
+    from toygpt.summary import python_command
+
+    assert f"TOYGPT_MODEL='{out}' {python_command()} space/app.py" in summary
     assert f"--model-dir {tiny_model_dir} --quantized-dir '{out}'" in summary

@@ -641,8 +641,11 @@ def test_train_ends_with_a_summary_and_no_library_bars(tmp_path, text_file):
     assert lines[0] == f"trained: {out}"
     assert re.search(rf"^  bits/char +{final['val_bits_per_char']:.4f}  \(val loss", proc.stdout, re.M), proc.stdout
     assert re.search(rf"^  model card +{re.escape(str(out / 'README.md'))}$", proc.stdout, re.M), proc.stdout
-    assert f"  python quantize.py {out} {out}-int8" in lines
-    assert (f"  python push_to_hub.py --model-dir {out} --quantized-dir {out}-int8 --repo-id USER/model "
+    from toygpt.summary import python_command
+
+    python = python_command()  # `python`, or the project venv's interpreter (.venv/bin/python) as make runs it
+    assert f"  {python} quantize.py {out} {out}-int8" in lines
+    assert (f"  {python} push_to_hub.py --model-dir {out} --quantized-dir {out}-int8 --repo-id USER/model "
             "--space-id USER/model-demo") in lines
     assert not (out / "runs").exists() and "TensorBoard" not in proc.stdout  # --report-to none
     # ToyGPT's own bars for the waits (the final eval, the save), none of transformers' under them.

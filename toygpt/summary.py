@@ -8,7 +8,9 @@ user always sees where the result went and what comes next, with the exact flags
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,16 @@ def human_size(n_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def python_command() -> str:
+    """How to run Python again as this command was run: `python`, or the project's venv interpreter by its path
+    (`make demo` runs .venv/bin/python, which a plain `python` in the user's shell is not)."""
+    executable = Path(sys.executable)
+    venv = Path(sys.prefix)
+    if venv != Path(sys.base_prefix) and venv.resolve().is_relative_to(Path.cwd().resolve()):
+        return shlex.quote(os.path.relpath(venv / "bin" / executable.name))
+    return "python"
+
+
 def render(title: str, items: list[Item], next_commands: list[tuple[str, str]]) -> str:
     """`title`, the items in aligned columns, then "next:" and each command under its purpose."""
     width = max((len(item.label) for item in items), default=0)
@@ -53,10 +65,10 @@ def render(title: str, items: list[Item], next_commands: list[tuple[str, str]]) 
     return "\n".join(lines)
 
 
-def training_summary(out_dir: Path | str, final: dict, python: str = "python") -> str:
+def training_summary(out_dir: Path | str, final: dict, python: str | None = None) -> str:
     """train.py's summary of the model dir it wrote, from `final` (metrics.jsonl's final record)."""
     out = Path(out_dir)
-    q = shlex.quote
+    q, python = shlex.quote, python or python_command()
     int8 = out.with_name(out.name + "-int8")
     weights = out / "model.safetensors"
     items = [
@@ -85,10 +97,10 @@ def _before_after(figures: dict, key: str, spec: str) -> str:
     return "not measured" if before is None or after is None else f"{before:{spec}} -> {after:{spec}}"
 
 
-def quantization_summary(src: Path | str, out: Path | str, figures: dict, python: str = "python") -> str:
+def quantization_summary(src: Path | str, out: Path | str, figures: dict, python: str | None = None) -> str:
     """quantize.py's summary of the int8 dir it wrote, from quantization.quantize_dir's figures."""
     src, out = Path(src), Path(out)
-    q = shlex.quote
+    q, python = shlex.quote, python or python_command()
     ratio = figures["size_int8"] / figures["size_fp32"]
     items = [
         Item("int8 dir", out, f"{human_size(size_of(out))} in all"),
