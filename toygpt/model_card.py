@@ -26,6 +26,7 @@ from typing import NamedTuple
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from toygpt.optim import WSD_DECAY_FRACTION
+from toygpt.run_log import read_metrics
 from toygpt.train_config import TRAINING_ARGS, TrainingConfig
 
 METRICS = "metrics.jsonl"
@@ -87,20 +88,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def final_record(path: Path) -> dict | None:
-    """The last `"final": true` record of metrics.jsonl; a line cut short by a killed run is skipped."""
-    final = None
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("final"):
-            final = record
-    return final
+    """The last `"final": true` record of metrics.jsonl (run_log reads it; a line cut short by a kill is skipped)."""
+    finals = [r for r in read_metrics(path) if isinstance(r, dict) and r.get("final")]
+    return finals[-1] if finals else None
 
 
 def parameter_count(weights: Path) -> int:

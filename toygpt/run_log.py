@@ -10,13 +10,15 @@ from toygpt.tracking import scalars_of
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of metrics.jsonl; a line cut short by a killed run is skipped."""
-    if not path.is_file():
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:  # absent (a dir convert_gpt2.py wrote) or unreadable: no records
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
             pass
     return records
 
