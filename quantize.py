@@ -45,6 +45,8 @@ def main(argv=None) -> int:
         for name in ("eval_batches", "batch_size"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+        if args.speed_tokens < 0:
+            raise UsageError(f"--speed-tokens must be 0 (skip the speed figures) or positive, got {args.speed_tokens}.")
         from toygpt import summary  # after parsing: --help and usage errors stay instant
         from toygpt.quantization import quantize_dir
 
