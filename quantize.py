@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     except ToyGPTError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted (Ctrl-C); {args.out_dir} was left as it was.", file=sys.stderr)
+        return 130
     except (RuntimeError, OSError) as err:  # a failure at run time: OUT_DIR is as it was (written atomically)
         print(f"{PROG}: error: quantizing {args.src_dir} failed ({type(err).__name__}: {err}); {args.out_dir} "
               "was left as it was.", file=sys.stderr)

@@ -80,8 +80,9 @@ def tokenizer_metadata(src: Path, vocab_size: int) -> tuple[list[str], list[int]
                             f"{err}); copy it again, or re-create the directory with train.py. Nothing was "
                             "written.") from None
     if not by_id or max(by_id) >= vocab_size:
-        raise ModelDirError(f"{src}/tokenizer.json has token id {max(by_id)}, beyond the model's vocab_size "
-                            f"{vocab_size}; re-create the directory with train.py.")
+        problem = f"token id {max(by_id)}, beyond" if by_id else "no tokens, for"
+        raise ModelDirError(f"{src}/tokenizer.json has {problem} the model's vocab_size {vocab_size}; re-create the "
+                            "directory with train.py.")
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # unused ids, as llama.cpp's converter names them
     types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if by_id[i] in special
              else gguf.TokenType.NORMAL for i in range(vocab_size)]

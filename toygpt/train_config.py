@@ -337,7 +337,9 @@ def prepare(config: TrainingConfig):
     Returns the resolved config (with its DataRecord), the checked data source, the checkpoint to resume from or None,
     the --init-from model (fp32, loaded) or None, and the claimed output dir (locked on rank 0 until closed)."""
     given_input = config.input or (sources.DEFAULT_INPUT if sources.DEFAULT_INPUT.is_file() else None)
-    output = OutputDir(config.output_dir, inputs=[given_input], replace=config.overwrite or config.resume,
+    # a local --init-from dir is an input too (a Hub id names no local path)
+    start_dir = config.init_from if config.init_from and Path(config.init_from).exists() else None
+    output = OutputDir(config.output_dir, inputs=[given_input, start_dir], replace=config.overwrite or config.resume,
                        lock=os.environ.get("RANK", "0") == "0", log=lambda message: print(message, file=sys.stderr),
                        exists_hint=", --resume to continue its checkpoint, or choose another --output-dir")
     try:
