@@ -35,7 +35,6 @@ from configuration_toygpt import PRESETS, ToyGPTConfig
 from toygpt.errors import UsageError
 from toygpt.defaults import FINE_TUNING_DEFAULTS, RUN_DEFAULTS, TRAINING_DEFAULTS  # noqa: F401 (re-exported)
 from toygpt.model_dir import ModelDirError, OutputDir, is_project_model_dir
-from toygpt.tracking import RUNS_DIR
 
 TRAINING_ARGS = "training_args.json"
 # Records written before a run recorded these (optim.py's defaults then): what those runs used.
@@ -396,7 +395,7 @@ def discard_failed_start(output: OutputDir, existed: bool) -> None:
     if latest_checkpoint(out) is not None or is_project_model_dir(out):
         return
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out / RUNS_DIR, ignore_errors=True)  # its TensorBoard events (tracking.py)
+    shutil.rmtree(out / tracking.RUNS_DIR, ignore_errors=True)  # its TensorBoard events (tracking.py)
     for folder in (out / CHECKPOINT_DIR, *([] if existed else [out])):
         try:
             folder.rmdir()  # only if empty
