@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.type is not None and args.direction != "to-gguf":
         parser.error(f"--type applies to to-gguf only; {args.direction} writes the fp32 weights as they are")
-    from toygpt.gguf_export import export_gguf  # after parsing: --help and usage errors stay instant
-    from toygpt.gpt2_conversion import convert_from_gpt2, convert_to_gpt2
-
     try:
+        from toygpt.gguf_export import export_gguf  # after parsing: --help and usage errors stay instant
+        from toygpt.gpt2_conversion import convert_from_gpt2, convert_to_gpt2
+
         if args.direction == "to-gguf":
             out = export_gguf(args.src, args.dst, args.type or "f32", overwrite=args.overwrite)
         else:
@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     except ToyGPTError as err:
         print(f"convert_gpt2.py: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"convert_gpt2.py: error: interrupted (Ctrl-C); {args.dst} was left as it was.", file=sys.stderr)
+        return 130
     except OSError as err:  # writing failed: disk full, no permission
         print(f"convert_gpt2.py: error: {err}", file=sys.stderr)
         return 1

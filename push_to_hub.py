@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     except ToyGPTError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # a stage is swapped in whole, an upload is one commit per repo
+        print(f"{PROG}: error: interrupted (Ctrl-C); a --dry-run stage is as it was, and each repo holds its last "
+              "complete commit: re-run the same command.", file=sys.stderr)
+        return 130
     return 0
 
 

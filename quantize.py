@@ -45,6 +45,8 @@ def main(argv=None) -> int:
         for name in ("eval_batches", "batch_size"):
             if getattr(args, name) is not None and getattr(args, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+        if args.speed_tokens < 0:
+            raise UsageError(f"--speed-tokens must be 0 (skip the speed figures) or positive, got {args.speed_tokens}.")
         from toygpt import summary  # after parsing: --help and usage errors stay instant
         from toygpt.quantization import quantize_dir
 
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     except ToyGPTError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted (Ctrl-C); {args.out_dir} was left as it was.", file=sys.stderr)
+        return 130
     except (RuntimeError, OSError) as err:  # a failure at run time: OUT_DIR is as it was (written atomically)
         print(f"{PROG}: error: quantizing {args.src_dir} failed ({type(err).__name__}: {err}); {args.out_dir} "
               "was left as it was.", file=sys.stderr)

@@ -111,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # while starting or saving (the loop itself stops at a step and says so)
+        from toygpt.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(Path(args.output_dir).resolve())
+        left = (f"continue from its last checkpoint with: python train.py --output-dir {args.output_dir} --resume"
+                if checkpoint else f"{args.output_dir} is as it was; run the command again")
+        print(f"train.py: error: interrupted (Ctrl-C); {left}", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
     import torch  # after parsing: --help and usage errors stay instant
 
     from toygpt import summary

@@ -267,7 +267,8 @@ def load_model(model_id: str, variant: str = "auto", revision: str | None = None
         fix = ("it is not a complete model directory; re-create it with train.py / quantize.py" if local else
                "check the network and TOYGPT_MODEL (or space/model_id.txt), and that the repo was pushed with "
                "push_to_hub.py")
-        raise StartupError(f"could not load the model from {where!r} ({type(err).__name__}: {err}); {fix}.",
+        what = " ".join(str(err).split())  # transformers' messages span lines; this one is one line
+        raise StartupError(f"could not load the model from {where!r} ({type(err).__name__}: {what}); {fix}.",
                            status=2 if local else 1) from None
     check_tokenizer(tokenizer, model, f"{model_id}/{subfolder}" if subfolder else model_id)
     precision = "int8" if getattr(model.config, "quantization", None) else "fp32"
@@ -534,6 +535,9 @@ def main() -> int:
     except StartupError as err:
         print(f"{PROG}: error: {err.message}", file=sys.stderr)
         return err.status
+    except KeyboardInterrupt:  # while loading the model (serving, gradio itself handles Ctrl-C)
+        print(f"{PROG}: error: interrupted (Ctrl-C) before serving; nothing was changed.", file=sys.stderr)
+        return 130
     return 0
 
 

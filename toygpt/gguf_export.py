@@ -68,18 +68,24 @@ def tensor_type(name: str, array: np.ndarray, matrix_type: QT) -> QT:
 
 def tokenizer_metadata(src: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, their GGUF token types, BPE merges) from the dir's tokenizer.json (GPT-2 byte-level BPE)."""
-    spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
-    ids = dict(spec["model"]["vocab"])
-    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
-    ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
-    by_id = {i: token for token, i in ids.items()}
-    if max(by_id) >= vocab_size:
-        raise ModelDirError(f"{src}/tokenizer.json has token id {max(by_id)}, beyond the model's vocab_size "
-                            f"{vocab_size}; re-create the directory with train.py.")
+    try:
+        spec = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = dict(spec["model"]["vocab"])
+        special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+        ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", [])})
+        by_id = {int(i): token for token, i in ids.items()}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # missing, cut short, not GPT-2's BPE
+        raise ModelDirError(f"{src / 'tokenizer.json'} is missing or not a GPT-2 BPE tokenizer ({type(err).__name__}: "
+                            f"{err}); copy it again, or re-create the directory with train.py. Nothing was "
+                            "written.") from None
+    if not by_id or max(by_id) >= vocab_size:
+        problem = f"token id {max(by_id)}, beyond" if by_id else "no tokens, for"
+        raise ModelDirError(f"{src}/tokenizer.json has {problem} the model's vocab_size {vocab_size}; re-create the "
+                            "directory with train.py.")
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # unused ids, as llama.cpp's converter names them
     types = [gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL if by_id[i] in special
              else gguf.TokenType.NORMAL for i in range(vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return tokens, types, merges
 
 

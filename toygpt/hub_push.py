@@ -281,9 +281,13 @@ def stage(request: PushRequest, out: Path, model) -> None:
 # No local paths: nothing uploaded may name a file on this machine
 
 
+# Keys of training_args.json (and of its data_source) whose value is always a local path, relative or absolute.
+PATH_KEYS = ("input", "output_dir")
+
+
 def publishable_training_args(staged: Path, source: Path) -> tuple[str, bool] | None:
     """Rewrite a staged training_args.json: `input_path` (absolute, local) becomes `input_name` + `input_sha256`,
-    and any other absolute path (--input, --output-dir as typed, data_source) its file name. `input_sha256` is the
+    and --input, --output-dir (as typed, even relative) and any other absolute path its file name. `input_sha256` is the
     one train.py recorded; only a file without one (older dirs) is hashed. Returns (the input path, whether a sha256
     was published) if it no longer exists (without a recorded hash, its hash is unknown: null), else None."""
     if not staged.is_file():
@@ -304,6 +308,8 @@ def publishable_training_args(staged: Path, source: Path) -> tuple[str, bool] | 
             # train.py records the text's sha256 (input_sha256, copied as is below); only older dirs lack it
             published["input_sha256"] = data.input_sha256 or (file_sha256(Path(value)) if exists else None)
             gone = None if exists else value
+        elif key in PATH_KEYS and isinstance(value, str):  # relative as typed: its folders are local too
+            published[key] = Path(value).name
         else:
             published[key] = without_local_paths(value)
     staged.write_text(json.dumps(published, indent=2) + "\n")
@@ -311,9 +317,11 @@ def publishable_training_args(staged: Path, source: Path) -> tuple[str, bool] | 
 
 
 def without_local_paths(value):
-    """`value` with every absolute path in it (at any depth: data_source holds one) cut to its file name."""
+    """`value` with every absolute path in it (at any depth: data_source holds one) cut to its file name, and the
+    local paths of PATH_KEYS (--input, --output-dir) even where relative."""
     if isinstance(value, dict):
-        return {key: without_local_paths(item) for key, item in value.items()}
+        return {key: Path(item).name if key in PATH_KEYS and isinstance(item, str) else without_local_paths(item)
+                for key, item in value.items()}
     if isinstance(value, list):
         return [without_local_paths(item) for item in value]
     return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
@@ -440,6 +448,8 @@ def upload(api: HfApi, request: PushRequest, out: Path) -> None:
 
 def push(request: PushRequest) -> None:
     """Check everything, stage (into --dry-run's dir, or a temp dir), then upload unless it is a dry run."""
+    if request.dry_run is not None and not request.dry_run.strip():  # `--dry-run "$STAGE"`, STAGE unset: no push
+        raise UsageError("--dry-run needs the directory to stage into, got an empty string; nothing was uploaded.")
     check_repo_id(request.repo_id, "--repo-id")
     if request.space_id:
         check_repo_id(request.space_id, "--space-id")

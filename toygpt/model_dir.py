@@ -479,7 +479,7 @@ def load_pretrained(cls, source, where: str | None = None, fix: str | None = Non
     try:
         model, info = cls.from_pretrained(str(source), output_loading_info=True, **load_kwargs)
     except Exception as err:  # SafetensorError on a file cut short, bad shapes, ...: these weights are unusable
-        what = f"{type(err).__name__}: {err}"
+        what = f"{type(err).__name__}: {' '.join(str(err).split())}"  # one line, as transformers' messages are not
     else:
         problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(keys)[:3])}{' …' if len(keys) > 3 else ''}"
                     for kind, keys in info.items() if kind != "error_msgs" and keys]

@@ -329,6 +329,9 @@ def resolve_source(input: str | Path | None = None, dataset: str | None = None, 
     directory or glob of text files, or a dataset directory), else ./input.txt, else the default corpus."""
     if input is not None and dataset is not None:
         raise InputError("Pass either --input (a file, directory or glob) or --dataset (a Hub dataset), not both.")
+    if input is not None and not str(input).strip():  # Path("") is the current directory: never meant
+        raise InputError(f"the input path {str(input)!r} is empty; pass a text file, a directory or a glob of them "
+                         "(was a shell variable unset?).")
     split, text_column = split or "train", text_column or "text"  # None: the flag's default
     try:
         if dataset is not None:

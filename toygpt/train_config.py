@@ -34,7 +34,7 @@ from toygpt.checkpoint import CHECKPOINT_DIR, latest_checkpoint, read_trainer_st
 from configuration_toygpt import PRESETS, ToyGPTConfig
 from toygpt.errors import UsageError
 from toygpt.defaults import FINE_TUNING_DEFAULTS, RUN_DEFAULTS, TRAINING_DEFAULTS  # noqa: F401 (re-exported)
-from toygpt.model_dir import ModelDirError, OutputDir
+from toygpt.model_dir import ModelDirError, OutputDir, is_project_model_dir
 
 TRAINING_ARGS = "training_args.json"
 # Records written before a run recorded these (optim.py's defaults then): what those runs used.
@@ -253,6 +253,9 @@ def check_device(device_arg: str) -> None:
     except RuntimeError as err:
         raise TrainError(f"--device {device_arg!r} is not a device ({err}); use auto, cpu, cuda, cuda:N or mps.") \
             from None
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xpu, hpu, ...: torch names them, training runs on none
+        raise TrainError(f"--device {device_arg}: train.py runs on cpu, cuda or mps only; use auto, cpu, cuda, cuda:N "
+                         "or mps.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {device_arg}: no CUDA GPU is available here; use --device cpu (or auto).")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -333,7 +336,9 @@ def prepare(config: TrainingConfig):
     Returns the resolved config (with its DataRecord), the checked data source, the checkpoint to resume from or None,
     the --init-from model (fp32, loaded) or None, and the claimed output dir (locked on rank 0 until closed)."""
     given_input = config.input or (sources.DEFAULT_INPUT if sources.DEFAULT_INPUT.is_file() else None)
-    output = OutputDir(config.output_dir, inputs=[given_input], replace=config.overwrite or config.resume,
+    # a local --init-from dir is an input too (a Hub id names no local path)
+    start_dir = config.init_from if config.init_from and Path(config.init_from).exists() else None
+    output = OutputDir(config.output_dir, inputs=[given_input, start_dir], replace=config.overwrite or config.resume,
                        lock=os.environ.get("RANK", "0") == "0", log=lambda message: print(message, file=sys.stderr),
                        exists_hint=", --resume to continue its checkpoint, or choose another --output-dir")
     try:
@@ -377,3 +382,22 @@ def start_output_dir(output: OutputDir, resuming: bool) -> None:
         shutil.rmtree(out_dir / tracking.RUNS_DIR, ignore_errors=True)  # the old run's TensorBoard events
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def discard_failed_start(output: OutputDir, existed: bool) -> None:
+    """A run that stopped before its first checkpoint (a first step that diverged, Ctrl-C while starting) leaves
+    nothing to resume, and a dir holding only its metrics.jsonl (and runs/) is no directory this project would replace: in an
+    output dir that was missing or empty (`existed`: it was there, empty), remove what the run wrote, and the dir if
+    the run created it, so that the same command runs again. Anything else found there stays."""
+    out = output.path
+    if output.replaces or os.environ.get("RANK", "0") != "0" or not out.is_dir():
+        return
+    if latest_checkpoint(out) is not None or is_project_model_dir(out):
+        return
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out / tracking.RUNS_DIR, ignore_errors=True)  # its TensorBoard events (tracking.py)
+    for folder in (out / CHECKPOINT_DIR, *([] if existed else [out])):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass

@@ -52,7 +52,8 @@ from toygpt.stream import TrainWindows, ValWindows
 from toygpt.errors import ToyGPTError
 from toygpt import progress
 from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
-from toygpt.train_config import TrainError, TrainingConfig, autocast_dtype, prepare, start_output_dir
+from toygpt.train_config import (TrainError, TrainingConfig, autocast_dtype, discard_failed_start, prepare,
+                                start_output_dir)
 from toygpt.tracking import RUNS_DIR, check_report_to, open_trackers
 from toygpt.training_loss import CausalLMLoss, clip_gradients
 
@@ -326,9 +327,13 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
 def train(config: TrainingConfig) -> dict:
     """Run training as `config` says (prepare resolves and checks it first); return the final metrics (rank 0's)."""
     config, source, resume_from, init_model, output = prepare(config)
+    existed = output.path.exists()
     try:
         with contextlib.ExitStack() as closing:  # the trackers, however the run ends
             return run(config, source, resume_from, init_model, output, closing)
+    except BaseException:
+        discard_failed_start(output, existed)
+        raise
     finally:
         output.close()
 
