@@ -58,6 +58,11 @@ def test_output_that_is_or_contains_an_input_is_refused(tmp_path, monkeypatch):
     with pytest.raises(OutputDirError, match="is the input itself"):
         write_new(src, inputs=[src])
     write_new(src / "int8", inputs=[src])  # inside SRC, as the Space expects: allowed
+    step = src / "checkpoint" / "step-20"  # quantize.py SRC SRC/checkpoint/step-20 --overwrite: the resumable state
+    fake_model_dir(step)
+    with pytest.raises(OutputDirError, match="inside .*checkpoint/, the state `train.py --resume` continues from"):
+        write_new(step, inputs=[src])
+    assert (step / "model.safetensors").read_bytes() == b"old weights"
     monkeypatch.chdir(src)
     with pytest.raises(OutputDirError, match="current directory"):  # --output-dir . --overwrite
         write_new(src.parent / "toygpt")

@@ -45,6 +45,7 @@ from transformers import GenerationConfig
 
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import bpe
+from toygpt.checkpoint import CHECKPOINT_DIR
 from toygpt.errors import ToyGPTError, UsageError
 from toygpt.file_modes import give_umask, make_temp_dir, user_umask, write_file_atomic
 
@@ -284,6 +285,11 @@ class OutputDir:
             if real in source.parents:
                 raise OutputDirError(f"{self.flag} {self.path} contains the input {given}: replacing it would delete "
                                      "that; choose an output directory that holds none of the inputs.")
+            state = source / CHECKPOINT_DIR  # the input's resumable training state: never an output's place
+            if real == state.resolve() or state.resolve() in real.parents:
+                raise OutputDirError(f"{self.flag} {self.path} is inside {given}'s {CHECKPOINT_DIR}/, the state "
+                                     f"`train.py --resume` continues from; write the output elsewhere (e.g. "
+                                     f"{given}/int8).")
 
     def _check_contents(self, replace: bool, owned) -> bool:
         """Whether an existing OUT will be replaced; OutputDirError if it may not be."""
