@@ -4,10 +4,13 @@ Travels to the Hub beside modeling_toygpt.py, which imports it when config.quant
 
 Scheme: each Linear of the blocks, and the token embedding (which is also the tied lm_head), keeps int8 weights
 with one fp32 scale per output row (symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms, biases and
-positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data.
+positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data. Version 2 (the
+quantization config's "version") rounds them per token, 8 bits where the kernel sums in int32 (IntMMKernel); version
+1 dirs hold the same tensors and run the same way.
 state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale` (fp32), nothing else.
-Compute: PyTorch's fbgemm/x86 int8 GEMM on CPU (torch.ops.quantized), with weights packed on first use; the
-packed copy then replaces the int8 rows in memory (release_file_pages), so a loaded model holds each weight once.
+Compute: torch._int_mm (int8 x int8 -> int32) on the int8 rows as stored, else PyTorch's fbgemm/x86 int8 GEMM
+(torch.ops.quantized, activations per tensor, 7 bits) with weights packed on first use; a packed copy then replaces
+the int8 rows in memory (release_file_pages), so a loaded model holds each weight once.
 Where those ops are missing (or TOYGPT_INT8_KERNEL=fallback, or weights are not on the CPU) the weights are
 dequantized to fp32 instead, with a warning: same results up to activation rounding, at fp32 speed and memory.
 Quantizing fp32 weights (rows and scales) is quantize.py's job, not this file's.
@@ -23,10 +26,12 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 INT8_METHOD = "toygpt-int8"
+INT8_VERSION = 2  # 1 (no "version" key): the same tensors, activations were quantized per tensor (fbgemm) at run time
 INT8_SCHEME = {
     "method": INT8_METHOD,
+    "version": INT8_VERSION,
     "weights": "int8 per-output-channel symmetric (one fp32 scale per row)",
-    "activations": "dynamic int8 (quantized per call, no calibration data)",
+    "activations": "dynamic int8 per token (one scale and offset per row, at run time, no calibration data)",
     "modules": [
         "transformer.h.*.attn.c_attn",
         "transformer.h.*.attn.c_proj",
@@ -105,6 +110,41 @@ class FbgemmInt8Kernel:
         return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
 
 
+class IntMMKernel:
+    """torch._int_mm (int8 x int8 -> int32): the weight rows as they are, activations quantized per token (one scale
+    and offset per row of x: its own min..max in 2 * levels + 1 steps), so one outlier token no longer coarsens every
+    other token's rounding (fbgemm's dynamic ops take one range per tensor) and GELU's lopsided outputs use every
+    step. With x ~= x_scale * (xq + levels + 1) + x_min:
+        y = x_scale * w_scale * (xq @ wq.T) + (x_scale * (levels + 1) + x_min) * w_scale * wq.sum(1) + bias
+    `levels` is 127 where the probe found int32 accumulation exact, else 63 (7 bits: a kernel that sums pairs of
+    products in int16, as AVX2 without VNNI does, cannot saturate)."""
+
+    name = "int_mm"
+
+    def __init__(self, levels=127):
+        self.levels = levels
+
+    def pack(self, q, scale, bias):
+        scale = scale.float()
+        row_sums = q.sum(dim=1, dtype=torch.int32).float() * scale  # w_scale * wq.sum(1)
+        return q.t(), scale, row_sums, None if bias is None else bias.detach().float()  # q.t(): a view, no copy
+
+    def linear(self, x, packed):
+        weight_t, scale, row_sums, bias = packed
+        rows = x.reshape(-1, x.shape[-1])
+        low, high = rows.aminmax(dim=-1, keepdim=True)
+        x_scale = (high - low).clamp(min=1e-30) / (2 * self.levels + 1)
+        xq = (torch.round((rows - low) / x_scale) - (self.levels + 1)).clamp(-self.levels - 1, self.levels)
+        y = torch._int_mm(xq.to(torch.int8), weight_t).float().mul_(x_scale * scale)
+        y.addcmul_(x_scale * (self.levels + 1) + low, row_sums)
+        if bias is not None:
+            y.add_(bias)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def unpack(self, packed, scale):
+        return packed[0].t()
+
+
 class DequantizedKernel:
     """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
 
@@ -121,31 +161,61 @@ class DequantizedKernel:
 
 
 def int8_kernel(device_type="cpu"):
-    """THE place that chooses the int8 compute (torch.ao.quantization is deprecated upstream; swap it here)."""
+    """THE place that chooses the int8 compute: TOYGPT_INT8_KERNEL=auto (default: int_mm, else fbgemm, else the
+    fallback), int_mm, fbgemm or fallback."""
     return _choose_int8_kernel(device_type, os.environ.get("TOYGPT_INT8_KERNEL", "auto").strip().lower())
+
+
+def _probe(kernel, q, scale, x, expected, atol):
+    """None if `kernel` computes x @ (q * scale).T as expected, else what is wrong with it."""
+    try:  # the ops may vanish from a future torch, or compute wrong: any failure means "not this kernel"
+        y = kernel.linear(x, kernel.pack(q, scale, None))
+        return None if torch.allclose(y, expected, rtol=0, atol=atol) else "gave wrong results"
+    except Exception as err:
+        return f"is unusable ({type(err).__name__}: {err})"
+
+
+def int_mm_levels():
+    """127 where torch._int_mm sums int8 products exactly in int32, 63 where it does not (an int16 pair sum
+    saturates at 127 * 127 * 2 = 32,258 < 32,767 only for 7-bit inputs), None where _int_mm does not work."""
+    k = 64
+    q, scale = torch.full((8, k), 127, dtype=torch.int8), torch.ones(8)
+    for levels in (127, 63):
+        x = torch.full((1, k), float(levels))  # every product at its largest: saturation shows
+        if _probe(IntMMKernel(levels), q, scale, x, torch.full((1, 8), 127.0 * levels * k), 0.5) is None:
+            return levels
+    return None
 
 
 @functools.lru_cache(maxsize=None)
 def _choose_int8_kernel(device_type, requested):
+    reasons = []
     if requested == "fallback":
-        reason = "TOYGPT_INT8_KERNEL=fallback is set"
+        reasons.append("TOYGPT_INT8_KERNEL=fallback is set")
     elif device_type != "cpu":
-        reason = f"the int8 kernels run on the CPU only, and the weights are on {device_type}"
+        reasons.append(f"the int8 kernels run on the CPU only, and the weights are on {device_type}")
     else:
+        if requested in ("auto", "int_mm"):
+            levels = int_mm_levels()
+            if levels is not None:
+                return IntMMKernel(levels)
+            reasons.append("torch._int_mm is unusable")
         engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
         engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
-        reason = "this torch build has no fbgemm/x86 quantized engine"
-        if engine is not None:
+        if engine is None:
+            reasons.append("this torch build has no fbgemm/x86 quantized engine")
+        else:
             kernel = FbgemmInt8Kernel(engine)
-            try:  # the ops may vanish from a future torch: check they exist and compute, on a 4x4 identity
-                q, scale = (127 * torch.eye(4)).to(torch.int8), torch.full((4,), 1 / 127)
-                y = kernel.linear(torch.ones(1, 4), kernel.pack(q, scale, None))
-                if torch.allclose(y, torch.ones(1, 4), atol=0.05):
-                    return kernel
-                reason = "torch.ops.quantized.linear_dynamic gave wrong results"
-            except Exception as err:  # missing op, removed engine, ...: any failure means "use the fallback"
-                reason = f"torch.ops.quantized is unusable ({type(err).__name__}: {err})"
-    warnings.warn(f"ToyGPT int8: {reason}; dequantizing the int8 weights to fp32 (same outputs, fp32 speed and memory).")
+            q, scale = (127 * torch.eye(4)).to(torch.int8), torch.full((4,), 1 / 127)
+            problem = _probe(kernel, q, scale, torch.ones(1, 4), torch.ones(1, 4), 0.05)
+            if problem is None:
+                if reasons:
+                    warnings.warn(f"ToyGPT int8: {'; '.join(reasons)}; using fbgemm's int8 ops (activations "
+                                  "quantized per tensor, 7 bits: lower quality).")
+                return kernel
+            reasons.append(f"torch.ops.quantized.linear_dynamic {problem}")
+    warnings.warn(f"ToyGPT int8: {'; '.join(reasons)}; dequantizing the int8 weights to fp32 (same outputs, fp32 "
+                  "speed and memory).")
     return DequantizedKernel()
 
 
@@ -234,10 +304,20 @@ class Int8TiedLMHead(nn.Module):
 
 
 def check_quantization(config):
-    if config.quantization and config.quantization.get("method") != INT8_METHOD:
+    """Every version up to INT8_VERSION stores the same tensors (int8 rows + one scale per row), so each loads here;
+    how activations are rounded is this runtime's choice (int8_kernel)."""
+    if not config.quantization:
+        return
+    if config.quantization.get("method") != INT8_METHOD:
         raise ValueError(
             f"config.quantization method {config.quantization.get('method')!r} is unknown to this int8_toygpt.py, "
             f"which reads {INT8_METHOD!r} only; re-run quantize.py on the fp32 model."
+        )
+    version = config.quantization.get("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= INT8_VERSION:
+        raise ValueError(
+            f"config.quantization version {version!r} is newer than this int8_toygpt.py reads (1..{INT8_VERSION}); "
+            "load it with the int8_toygpt.py saved beside it, or re-run quantize.py on the fp32 model."
         )
 
 

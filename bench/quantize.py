@@ -1,22 +1,28 @@
-"""int8 (quantize.py) against fp32, in one run: size on disk, greedy tokens/s, peak RSS at load, val loss, fidelity.
+"""int8 (quantize.py) against fp32 and against llama.cpp's q8_0 of the same model, in one run: size, quality as
+llama.cpp measures it, decode tokens/s, peak RSS at load.
 
     flock -s /tmp/toygpt-cpu.lock python train.py --preset tiny --time-budget-min 3 \
         --input ../shared/data/tinyshakespeare.txt --output-dir /tmp/toygpt-tiny
     flock -x /tmp/toygpt-cpu.lock python bench/quantize.py --trained-dir /tmp/toygpt-tiny [--repeats 3] [--threads 2]
+                                                           [--chunks N] [--top-k 200] [--decode-threads 1,2]
 
-Without --trained-dir it first trains that model itself (3 minutes). Every figure is a ratio against fp32
-measured in the same run, with its target:
+Without --trained-dir it first trains that model itself (3 minutes). Every figure is measured in the same run:
 - 124M `gpt2` preset, random weights (seeded), written by save_model_dir, quantized by quantization.quantize_dir:
   * size of model.safetensors, int8 / fp32                                       (target <= 0.27x)
   * greedy tokens/s, batch 1, 16-token prompt, 256 new tokens, KV cache, both loaded with from_pretrained; fp32 and
     int8 take turns, repeat after repeat, so contention hits both alike; medians  (target >= 2.0x)
-  * peak RSS (VmHWM) of a fresh process over from_pretrained + one greedy token (mmapped weights become resident
-    only when used), counted above the RSS it had before loading (interpreter, torch, transformers: the same for
-    both), int8 / fp32 (target <= 0.5x); the whole-process figures are printed too
-- the trained model (tiny Shakespeare), quantized the same way:
-  * val loss over every window of the held-out last 10% (val_windows), relative rise   (target <= 1%)
-  * greedy continuations (64 new tokens) of 20 prompts (the first 32 tokens of 20 evenly spaced held-out
-    windows): share of positions where int8 emits fp32's token                                (target >= 90%)
+  * peak RSS (VmHWM) of a fresh process over from_pretrained + one greedy token, above the RSS before loading,
+    int8 / fp32 (target <= 0.5x); the whole-process figures are printed too
+- the trained model (tiny Shakespeare), quantized the same way, and its GGUF q8_0 (convert_gpt2.py to-gguf) run in
+  llama.cpp itself (xllamacpp; skipped with the reason where it is not installed):
+  * as `llama-perplexity --kl-divergence` measures: the held-out split in chunks of 256 tokens, the second half of
+    each scored against ToyGPT fp32's logits (quantization.LogitQuality): mean KLD, same top token, PPL ratio.
+    llama.cpp's server returns only the top n_probs probabilities of a position, so its KLD is over the top-k plus
+    one remainder bucket (a lower bound of the exact KLD); int8 is measured exactly AND the same top-k way, and the
+    targets compare like with like: int8 top-k KLD <= q8_0's, same top >= q8_0's, PPL ratio <= 1.002
+  * size int8 / fp32 (<= 0.27x), val loss rise (<= 1%)
+  * decode tokens/s, batch 1, 1 and 2 threads: ToyGPT fp32, int8 and llama.cpp q8_0 taking turns (no target)
+  * greedy agreement int8 vs fp32 (information only: one early flip changes a whole continuation)
 Exit status 1 if any target is missed.
 """
 
@@ -30,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -42,13 +49,14 @@ from toygpt import quantization  # noqa: E402
 from toygpt.stream import val_windows  # noqa: E402
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
 from int8_toygpt import int8_kernel  # noqa: E402
+from toygpt.gguf_export import export_gguf  # noqa: E402
 from toygpt.model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 from generate import generate_tokens, greedy_agreement  # noqa: E402  (bench/generate.py: exact-length greedy)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS = 16
-TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "agreement": 0.90}
+TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "ppl_ratio": 1.002}
 
 # Peak RSS of loading in a fresh interpreter: from_pretrained, then one greedy token (safetensors are mmapped
 # lazily, so only a first forward makes the weights resident: that is the memory a loaded model costs).
@@ -125,17 +133,122 @@ def train_tiny(work: Path, corpus: Path) -> Path:
     return out
 
 
-def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continuation: int, batch_size: int):
+class LlamaCpp:
+    """A GGUF file in llama.cpp's own server (xllamacpp, in-process, on 127.0.0.1), driven by token ids."""
+
+    def __init__(self, path, n_ctx, threads):
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx, params.n_parallel, params.warmup = n_ctx, 1, False
+        params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+        self.server = xllamacpp.Server(params)
+
+    def post(self, body):
+        request = urllib.request.Request(self.server.listening_address + "/completion", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+
+    def top_logprobs(self, chunk, positions: slice, k: int):
+        """(ids (n, k), logprobs (n, k)): llama.cpp's top-k next tokens after each scored position of `chunk`. One
+        request per position; cache_prompt reuses the chunk's prefix, so each evaluates one more token (its server
+        returns the top n_probs of the full softmax for generated tokens only, never all logits of a prompt)."""
+        ids, logprobs = [], []
+        for j in range(positions.start, positions.stop):
+            top = self.post({"prompt": chunk[:j + 1].tolist(), "n_predict": 1, "n_probs": k, "temperature": 0.0,
+                             "cache_prompt": True, "return_tokens": True})["completion_probabilities"][0]["top_logprobs"]
+            ids.append([t["id"] for t in top])
+            logprobs.append([t["logprob"] for t in top])
+        return torch.tensor(ids), torch.tensor(logprobs)
+
+    def greedy_seconds(self, prompt, new_tokens):
+        start = time.perf_counter()
+        out = self.post({"prompt": prompt, "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
+                         "cache_prompt": False, "return_tokens": True})
+        assert len(out["tokens"]) == new_tokens
+        return time.perf_counter() - start
+
+
+def llama_cpp_missing() -> str | None:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        return "xllamacpp is not installed (requirements-dev.txt: `make install`)"
+    return None
+
+
+@torch.no_grad()
+def llama_cpp_quality(gguf_path, fp32, chunks, top_k: int, int8=None) -> dict:
+    """LogitQuality of llama.cpp running `gguf_path` against ToyGPT fp32, from llama.cpp's top-k (remainder bucket);
+    with `int8`, the same top-k measure of ToyGPT int8 too, to show what the bucket hides."""
+    runtime = LlamaCpp(gguf_path, chunks.shape[1], threads=torch.get_num_threads())
+    quality = {"llama.cpp": quantization.LogitQuality(), "int8 (top-k)": quantization.LogitQuality()}
+    try:
+        for chunk in chunks:
+            positions, targets = quantization.scored(chunk[None])
+            reference = fp32(chunk[None]).logits[0, positions]
+            quality["llama.cpp"].add(reference, targets, other_top=runtime.top_logprobs(chunk, positions, top_k))
+            if int8 is not None:
+                top = torch.log_softmax(int8(chunk[None]).logits[0, positions], -1).topk(top_k)
+                quality["int8 (top-k)"].add(reference, targets, other_top=(top.indices, top.values))
+    finally:
+        del runtime
+    return {name: q.figures() for name, q in quality.items() if q.positions}
+
+
+def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continuation: int, batch_size: int,
+                  n_chunks: int | None, top_k: int):
     int8_dir = work / "trained-int8"
     # quantize.py's own val loss measurement (the one its model card reports), over every held-out window
     figures = quantization.quantize_dir(trained, int8_dir, eval_input=corpus, eval_batches=None, batch_size=batch_size,
-                                    speed_tokens=0)
+                                        speed_tokens=0)
     loss = {"fp32": figures["before"]["val_loss"], "int8": figures["after"]["val_loss"]}
     models = {"fp32": load(trained), "int8": load(int8_dir)}
     block_size = models["fp32"].config.block_size
+    chunks = quantization.kld_chunks(corpus, min(quantization.KLD_CONTEXT, block_size))
+    if n_chunks:  # evenly spaced, for a quicker run
+        chunks = chunks[torch.linspace(0, len(chunks) - 1, min(n_chunks, len(chunks))).long()]
+    quality = quantization.logit_quality(models["fp32"], {"int8": models["int8"]}, chunks, batch_size)
+    sizes = {"fp32": figures["size_fp32"], "int8": figures["size_int8"]}
+    gguf = None
+    skipped = llama_cpp_missing()
+    if skipped is None:
+        gguf = export_gguf(trained, work / "trained-q8_0.gguf", "q8_0", log=lambda *a: None)
+        sizes["q8_0"] = gguf.stat().st_size
+        quality.update(llama_cpp_quality(gguf, models["fp32"], chunks, top_k, int8=models["int8"]))
     windows = val_windows(corpus, block_size).windows  # the prompts come from the same windows
     agreement = greedy_agreement(models["fp32"], models["int8"], windows, prompts, continuation)
-    return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agreement}
+    return {"loss": loss, "windows": len(windows), "block_size": block_size, "agreement": agreement,
+            "quality": quality, "chunks": chunks.shape, "sizes": sizes, "gguf": gguf, "llama_cpp_skipped": skipped,
+            "models": models}
+
+
+def decode_rates(models: dict, gguf, thread_counts, repeats: int, new_tokens: int) -> dict:
+    """{threads: {name: tokens/s}}: batch-1 greedy decode, a 16-token prompt, KV cache; ToyGPT fp32 and int8 and
+    llama.cpp (its server, one request per generation) take turns, repeat after repeat; medians."""
+    prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    new_tokens = min(new_tokens, next(iter(models.values())).config.block_size - PROMPT_TOKENS)
+    rates = {}
+    previous = torch.get_num_threads()
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        runtime = None if gguf is None else LlamaCpp(gguf, PROMPT_TOKENS + new_tokens, threads)
+        runs = {name: (lambda m=model: generate_tokens(m, prompt, new_tokens, use_cache=True)[1])
+                for name, model in models.items()}
+        if runtime is not None:
+            runs["llama.cpp q8_0"] = lambda: runtime.greedy_seconds(prompt[0].tolist(), new_tokens)
+        for run in runs.values():
+            run()  # warm-up
+        seconds = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                seconds[name].append(run())
+        rates[threads] = {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
+        del runtime
+    torch.set_num_threads(previous)
+    return rates
 
 
 def main(argv=None):
@@ -148,6 +261,9 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--continuation-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="val loss batch size")
+    p.add_argument("--chunks", type=int, help="score this many evenly spaced chunks (default: all)")
+    p.add_argument("--top-k", type=int, default=200, help="llama.cpp's n_probs per position (default 200)")
+    p.add_argument("--decode-threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2])
     p.add_argument("--parts", default="124m,trained", help="which halves to run (default both: 124m,trained)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,16 +303,50 @@ def main(argv=None):
         del big
 
         if "trained" in parts:
-            small = bench_trained(trained, work, args.input, args.prompts, args.continuation_tokens, args.batch_size)
-            loss = small["loss"]
+            small = bench_trained(trained, work, args.input, args.prompts, args.continuation_tokens, args.batch_size,
+                                  args.chunks, args.top_k)
+            loss, quality, sizes = small["loss"], small["quality"], small["sizes"]
             rise = loss["int8"] / loss["fp32"] - 1
             print(f"\ntrained model {trained} (block_size {small['block_size']}):")
             print(f"  val loss ({small['windows']} held-out windows)   fp32 {loss['fp32']:.4f}   int8 {loss['int8']:.4f}")
+            chunks = small["chunks"]
+            print(f"  against ToyGPT fp32, {chunks[0]} chunks of {chunks[1]} tokens, second half scored "
+                  f"({quality['int8']['positions']} positions, as llama-perplexity --kl-divergence):")
+            print(f"  {'':24} {'size MB':>8} {'mean KLD':>9} {'same top':>9} {'PPL ratio':>10}")
+            print(f"  {'ToyGPT fp32':24} {sizes['fp32'] / 1e6:8.1f} {0:9.5f} {1:9.2%} {1:10.4f}")
+            for name, q in quality.items():
+                size = {"int8": sizes["int8"], "llama.cpp": sizes.get("q8_0")}.get(name)
+                label = {"int8": "ToyGPT int8", "llama.cpp": "llama.cpp q8_0 (top-k)"}.get(name, f"ToyGPT {name}")
+                ppl = "n/a" if q["ppl_ratio"] is None else f"{q['ppl_ratio']:.4f}"
+                print(f"  {label:24} {'' if size is None else f'{size / 1e6:8.1f}':>8} {q['mean_kld']:9.5f} "
+                      f"{q['same_top']:9.2%} {ppl:>10}"
+                      + ("" if name == "int8" else f"   (top {args.top_k}: target outside {q['outside_top_k']:.2%}, "
+                                                    f"mean mass outside {q['remainder_mass']:.2e})"))
+            if small["llama_cpp_skipped"]:
+                print(f"  llama.cpp q8_0 skipped: {small['llama_cpp_skipped']}")
+            q8 = quality["int8"]
+            bar = quality.get("llama.cpp")
+            if bar is not None:  # top-k KLD is a lower bound of llama.cpp's: compare int8 on the same footing
+                mine = quality["int8 (top-k)"]
+                results.append(("mean KLD int8 vs q8_0 (both top-k)", f"{mine['mean_kld']:.5f}",
+                                f"<= {bar['mean_kld']:.5f}", mine["mean_kld"] <= bar["mean_kld"]))
+                results.append(("same top token int8 vs q8_0", f"{q8['same_top']:.2%}", f">= {bar['same_top']:.2%}",
+                                q8["same_top"] >= bar["same_top"]))
+            if bar is not None and bar["ppl_ratio"] is not None:
+                print(f"  llama.cpp q8_0 PPL ratio {bar['ppl_ratio']:.4f}")
+            results.append(("PPL ratio int8/fp32", f"{q8['ppl_ratio']:.4f}", f"<= {TARGETS['ppl_ratio']}",
+                            q8["ppl_ratio"] <= TARGETS["ppl_ratio"]))
+            results.append(("size int8/fp32 (trained)", f"{sizes['int8'] / sizes['fp32']:.3f}x",
+                            f"<= {TARGETS['size']}x", sizes["int8"] / sizes["fp32"] <= TARGETS["size"]))
             results.append(("val loss relative rise", f"{rise:+.3%}", f"<= {TARGETS['loss_rise']:.0%}",
                             rise <= TARGETS["loss_rise"]))
-            results.append((f"greedy agreement ({args.prompts} prompts x {args.continuation_tokens} tokens)",
-                            f"{small['agreement']:.1%}", f">= {TARGETS['agreement']:.0%}",
-                            small["agreement"] >= TARGETS["agreement"]))
+            print(f"  greedy agreement, {args.prompts} prompts x {args.continuation_tokens} tokens (information): "
+                  f"{small['agreement']:.1%}")
+            rates = decode_rates(small["models"], small["gguf"], args.decode_threads, args.repeats, args.new_tokens)
+            for threads, rate in rates.items():
+                print(f"  decode tokens/s, batch 1, {threads} thread(s): " + "   ".join(
+                    f"{name} {r:.0f}" for name, r in rate.items()) + "   (ratio to fp32: " + "   ".join(
+                    f"{name} {r / rate['fp32']:.2f}x" for name, r in rate.items() if name != "fp32") + ")")
 
     print("\nsummary:")
     for label, value, target, ok in results:

@@ -2,7 +2,8 @@
 fp32 weights an int8 dir came from.
 
 Weights of every Linear and of the tied token embedding / lm_head become int8 with one fp32 scale per output row;
-activations are quantized at run time (no calibration data). The int8 dir is a complete model directory (safetensors
+activations are quantized at run time, per token (no calibration data). Quality is measured as llama.cpp measures
+it (LogitQuality: mean KLD, same top token, PPL ratio over kld_chunks), one implementation for bench and tests. The int8 dir is a complete model directory (safetensors
 only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) and the sha256 of the source
 model.safetensors go to quantization_report.json, beside the source's training records; toygpt/model_card.py renders
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -159,6 +161,96 @@ def held_out_windows(eval_input, block_size: int, eval_batches, batch_size: int,
         return validation_windows(eval_input, block_size, eval_batches, batch_size)
     except (OSError, ValueError) as err:
         raise QuantizeError(f"--eval-input {eval_input}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quality as llama.cpp measures it (`llama-perplexity --kl-divergence`): the held-out text cut into chunks of n_ctx
+# tokens, each evaluated from scratch, the second half of each chunk scored against the reference model's logits.
+
+KLD_CONTEXT = 256
+
+
+def kld_chunks(source, n_ctx: int = KLD_CONTEXT) -> torch.Tensor:
+    """(chunks, n_ctx) token ids: the held-out split of `source` (a text file or a sources.resolve_source source) cut
+    into consecutive chunks of n_ctx tokens, as llama-perplexity cuts its text."""
+    return validation_windows(source, n_ctx - 1).windows
+
+
+def scored(chunks: torch.Tensor) -> tuple[slice, torch.Tensor]:
+    """The positions llama-perplexity scores in each chunk (first = n_ctx/2 .. n_ctx-2, each predicting the next
+    token) and those next tokens, flattened: (chunks * (n_ctx/2 - 1),)."""
+    n_ctx = chunks.shape[1]
+    positions = slice(n_ctx // 2, n_ctx - 1)
+    return positions, chunks[:, n_ctx // 2 + 1:].reshape(-1)
+
+
+class LogitQuality:
+    """Mean KLD(reference || other), same top token and PPL(other)/PPL(reference) over scored positions, accumulated
+    batch by batch: the numbers `llama-perplexity --kl-divergence` prints (Mean KLD, Same top p, Mean PPL(Q)/PPL(base)).
+
+    `other` is either full logits (exact), or only its top-k token ids and log-probabilities (llama.cpp's server
+    returns no more): then the tokens outside the top-k form one remainder bucket on both sides, so the KLD is a
+    lower bound of the exact one (merging outcomes never raises a KLD), and a target outside the top-k is charged the
+    whole remainder's probability (an upper bound of its own), so the PPL ratio is left out (None) unless every target
+    was in the top-k; `outside_top_k` is the share of such targets, `remainder_mass` other's mean probability outside
+    its top-k."""
+
+    def __init__(self):
+        self.sums = torch.zeros(6, dtype=torch.float64)  # kld, same top, nll ref, nll other, outside top-k, remainder
+        self.positions = 0
+
+    @torch.no_grad()
+    def add(self, reference_logits, targets, other_logits=None, other_top=None) -> None:
+        ref = torch.log_softmax(reference_logits.double(), dim=-1)  # (N, V)
+        rows = torch.arange(len(targets))
+        nll_ref = -ref[rows, targets]
+        outside = remainder = torch.zeros(len(targets), dtype=torch.float64)
+        if other_logits is not None:
+            other = torch.log_softmax(other_logits.double(), dim=-1)
+            kld = (ref.exp() * (ref - other)).sum(-1)
+            top = other.argmax(-1)
+            nll_other = -other[rows, targets]
+        else:
+            ids, logq = other_top[0].long(), other_top[1].double()  # (N, k), best first
+            logp = ref.gather(1, ids)
+            p_rest = (1 - logp.exp().sum(-1)).clamp(min=1e-12)
+            remainder = (1 - logq.exp().sum(-1)).clamp(min=1e-12)
+            kld = (logp.exp() * (logp - logq)).sum(-1) + p_rest * (p_rest.log() - remainder.log())
+            top = ids[:, 0]
+            hit = ids == targets[:, None]
+            outside = (~hit.any(-1)).double()
+            nll_other = -torch.where(hit.any(-1), (logq * hit).sum(-1), remainder.log())
+        same = (top == ref.argmax(-1)).double()
+        for i, term in enumerate((kld, same, nll_ref, nll_other, outside, remainder)):
+            self.sums[i] += term.sum()
+        self.positions += len(targets)
+
+    def figures(self) -> dict:
+        kld, same, nll_ref, nll_other, outside, remainder = (self.sums / max(self.positions, 1)).tolist()
+        exact_ppl = outside == 0  # a target outside the top-k has no probability of its own: no PPL then
+        return {"mean_kld": kld, "same_top": same, "ppl_ratio": math.exp(nll_other - nll_ref) if exact_ppl else None,
+                "ppl_reference": math.exp(nll_ref), "ppl": math.exp(nll_other) if exact_ppl else None, "positions": self.positions,
+                "outside_top_k": outside, "remainder_mass": remainder}
+
+
+@torch.no_grad()
+def scored_logits(model, chunks: torch.Tensor, batch_size: int = 4):
+    """(logits (n, V), targets (n,)) at the scored positions of `chunks`, batch_size chunks at a time."""
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start:start + batch_size]
+        positions, targets = scored(batch)
+        logits = model(batch).logits[:, positions].float()
+        yield logits.reshape(-1, logits.shape[-1]), targets
+
+
+def logit_quality(reference, others: dict, chunks: torch.Tensor, batch_size: int = 4) -> dict:
+    """{name: LogitQuality.figures()} of each model in `others` against `reference` over `chunks` (kld_chunks)."""
+    quality = {name: LogitQuality() for name in others}
+    batches = {name: scored_logits(model, chunks, batch_size) for name, model in others.items()}
+    for ref_logits, targets in scored_logits(reference, chunks, batch_size):
+        for name, batch in batches.items():
+            quality[name].add(ref_logits, targets, other_logits=next(batch)[0])
+    return {name: q.figures() for name, q in quality.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
