@@ -116,8 +116,7 @@ class IntMMKernel:
     other token's rounding (fbgemm's dynamic ops take one range per tensor) and GELU's lopsided outputs use every
     step. With x ~= x_scale * (xq + levels + 1) + x_min:
         y = x_scale * w_scale * (xq @ wq.T) + (x_scale * (levels + 1) + x_min) * w_scale * wq.sum(1) + bias
-    `levels` is 127 where the probe found int32 accumulation exact, else 63 (7 bits: a kernel that sums pairs of
-    products in int16, as AVX2 without VNNI does, cannot saturate)."""
+    Chosen only where the probe (int_mm_exact) finds the int32 sums exact; `levels` 63 (7 bits) is for measuring."""
 
     name = "int_mm"
 
@@ -175,16 +174,16 @@ def _probe(kernel, q, scale, x, expected, atol):
         return f"is unusable ({type(err).__name__}: {err})"
 
 
-def int_mm_levels():
-    """127 where torch._int_mm sums int8 products exactly in int32, 63 where it does not (an int16 pair sum
-    saturates at 127 * 127 * 2 = 32,258 < 32,767 only for 7-bit inputs), None where _int_mm does not work."""
+def int_mm_exact():
+    """Whether torch._int_mm sums int8 products exactly (int32, as AVX-512 VNNI, AMX and ARM's dot products do), on
+    the worst case: every activation at the top of its range against weights of 127. A kernel that shifts int8
+    activations to uint8 and sums pairs of products in int16 (AVX2's vpmaddubsw) saturates there: fbgemm's ops with
+    7-bit activations are then used instead."""
     k = 64
     q, scale = torch.full((8, k), 127, dtype=torch.int8), torch.ones(8)
-    for levels in (127, 63):
-        x = torch.full((1, k), float(levels))  # every product at its largest: saturation shows
-        if _probe(IntMMKernel(levels), q, scale, x, torch.full((1, 8), 127.0 * levels * k), 0.5) is None:
-            return levels
-    return None
+    x = torch.ones(1, k)
+    x[0, 0] = 0.0  # range 0..1: the other activations round to the top step
+    return _probe(IntMMKernel(), q, scale, x, torch.full((1, 8), 127.0 * (k - 1)), 0.5) is None
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,10 +195,9 @@ def _choose_int8_kernel(device_type, requested):
         reasons.append(f"the int8 kernels run on the CPU only, and the weights are on {device_type}")
     else:
         if requested in ("auto", "int_mm"):
-            levels = int_mm_levels()
-            if levels is not None:
-                return IntMMKernel(levels)
-            reasons.append("torch._int_mm is unusable")
+            if int_mm_exact():
+                return IntMMKernel()
+            reasons.append("torch._int_mm is unusable or saturates")
         engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
         engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
         if engine is None:

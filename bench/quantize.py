@@ -313,12 +313,12 @@ def main(argv=None):
             print(f"  against ToyGPT fp32, {chunks[0]} chunks of {chunks[1]} tokens, second half scored "
                   f"({quality['int8']['positions']} positions, as llama-perplexity --kl-divergence):")
             print(f"  {'':24} {'size MB':>8} {'mean KLD':>9} {'same top':>9} {'PPL ratio':>10}")
-            print(f"  {'ToyGPT fp32':24} {sizes['fp32'] / 1e6:8.1f} {0:9.5f} {1:9.2%} {1:10.4f}")
+            print(f"  {'ToyGPT fp32':24} {sizes['fp32'] / 1e6:8.1f} {0:9.2e} {1:9.2%} {1:10.4f}")
             for name, q in quality.items():
                 size = {"int8": sizes["int8"], "llama.cpp": sizes.get("q8_0")}.get(name)
                 label = {"int8": "ToyGPT int8", "llama.cpp": "llama.cpp q8_0 (top-k)"}.get(name, f"ToyGPT {name}")
                 ppl = "n/a" if q["ppl_ratio"] is None else f"{q['ppl_ratio']:.4f}"
-                print(f"  {label:24} {'' if size is None else f'{size / 1e6:8.1f}':>8} {q['mean_kld']:9.5f} "
+                print(f"  {label:24} {'' if size is None else f'{size / 1e6:8.1f}':>8} {q['mean_kld']:9.2e} "
                       f"{q['same_top']:9.2%} {ppl:>10}"
                       + ("" if name == "int8" else f"   (top {args.top_k}: target outside {q['outside_top_k']:.2%}, "
                                                     f"mean mass outside {q['remainder_mass']:.2e})"))
@@ -328,8 +328,8 @@ def main(argv=None):
             bar = quality.get("llama.cpp")
             if bar is not None:  # top-k KLD is a lower bound of llama.cpp's: compare int8 on the same footing
                 mine = quality["int8 (top-k)"]
-                results.append(("mean KLD int8 vs q8_0 (both top-k)", f"{mine['mean_kld']:.5f}",
-                                f"<= {bar['mean_kld']:.5f}", mine["mean_kld"] <= bar["mean_kld"]))
+                results.append(("mean KLD int8 vs q8_0 (both top-k)", f"{mine['mean_kld']:.3e}",
+                                f"<= {bar['mean_kld']:.3e}", mine["mean_kld"] <= bar["mean_kld"]))
                 results.append(("same top token int8 vs q8_0", f"{q8['same_top']:.2%}", f">= {bar['same_top']:.2%}",
                                 q8["same_top"] >= bar["same_top"]))
             if bar is not None and bar["ppl_ratio"] is not None:

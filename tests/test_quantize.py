@@ -142,7 +142,7 @@ def test_round_trip_fresh_process(int8_dir, tiny_model_dir, tmp_path):
     assert result["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert not [m for m in result["messages"] if "initialized" in m or "not used" in m or "tie" in m.lower()]
     assert result["int8"] == ["torch.int8", "Int8Linear", "Int8TiedLMHead"]
-    assert result["kernel"] == "fbgemm"
+    assert result["kernel"] == int8_kernel().name  # the fresh process chooses as this one does
     assert result["cached"] == result["uncached"] and len(result["cached"][0]) > 12
     assert result["text"].startswith("ROMEO:") and len(result["text"]) > len("ROMEO:")
     assert result["logits_rel_err"] < 0.05 and result["argmax_agree"] >= 0.8
@@ -166,7 +166,24 @@ def mapped_rss_kb(address):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
-def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir):
+def test_int_mm_computes_on_the_mapped_rows_without_a_copy(int8_dir, monkeypatch, fresh_kernel_choice):
+    monkeypatch.setenv("TOYGPT_INT8_KERNEL", "int_mm")
+    model = ToyGPTForCausalLM.from_pretrained(int8_dir[0]).eval()
+    layer = model.transformer.h[0].mlp.c_fc
+    if mapped_rss_kb(layer.weight.data_ptr()) is None:
+        pytest.skip("this transformers does not mmap model.safetensors")
+    address = layer.weight.data_ptr()
+    with torch.no_grad():
+        model(torch.arange(12)[None])
+    assert layer._kernel.name == "int_mm" and layer.weight is None  # packed: held once, by the packed form ...
+    assert layer._packed[0].data_ptr() == address  # ... which is the file's int8 rows themselves, not a copy
+    assert torch.equal(layer.state_dict()["weight"], load_file(int8_dir[0] / "model.safetensors")[
+        "transformer.h.0.mlp.c_fc.weight"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
+def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir, monkeypatch, fresh_kernel_choice):
+    monkeypatch.setenv("TOYGPT_INT8_KERNEL", "fbgemm")  # fbgemm copies the rows into its packed form
     model = ToyGPTForCausalLM.from_pretrained(int8_dir[0]).eval()
     wte = model.transformer.wte.weight
     if mapped_rss_kb(wte.data_ptr()) is None:
@@ -252,7 +269,7 @@ def test_forced_fallback_gives_close_logits(monkeypatch, fresh_kernel_choice):
     with pytest.warns(UserWarning, match="dequantizing the int8 weights to fp32"), torch.no_grad():
         slow_logits = slow(ids).logits
     assert slow.transformer.h[0].attn.c_attn._kernel.name == "fallback"
-    assert fast.transformer.h[0].attn.c_attn._kernel.name == "fbgemm"
+    assert fast.transformer.h[0].attn.c_attn._kernel.name in ("int_mm", "fbgemm")
     assert relative_error(slow_logits, exact) < 0.02  # weight rounding only
     assert relative_error(slow_logits, fast_logits) < 0.05
     fast_state, slow_state = fast.state_dict(), slow.state_dict()
@@ -264,140 +281,90 @@ def test_probe_failure_falls_back(monkeypatch, fresh_kernel_choice):
         raise RuntimeError("quantized::linear_dynamic is not available")
 
     monkeypatch.setattr(int8_toygpt.FbgemmInt8Kernel, "linear", broken)
+    monkeypatch.setattr(int8_toygpt.IntMMKernel, "linear", broken)
     with pytest.warns(UserWarning, match="unusable"):
         assert isinstance(int8_kernel(), DequantizedKernel)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Bad input: a clear error, nothing written
+def test_without_int_mm_fbgemm_runs_with_a_warning(monkeypatch, fresh_kernel_choice):
+    def broken(*args, **kwargs):
+        raise RuntimeError("_int_mm is not available")
+
+    monkeypatch.setattr(torch, "_int_mm", broken)
+    with pytest.warns(UserWarning, match="_int_mm is unusable.*fbgemm"):
+        assert int8_kernel().name == "fbgemm"
 
 
-def run_main(argv, capsys):
-    code = quantize.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
+def uint8_int16_pair_sums(a, b):
+    """x @ w as AVX2 without VNNI computes it: int8 activations shifted to uint8, pairs of products summed and
+    saturated in int16 (vpmaddubsw), accumulated in int32, the shift's 128 * w.sum() taken off again."""
+    products = (a.int() + 128)[:, None, :] * b.t().int()[None, :, :]  # (M, N, K)
+    pairs = products.reshape(*products.shape[:2], -1, 2).sum(-1).clamp(-32768, 32767)
+    return pairs.sum(-1, dtype=torch.int32) - 128 * b.int().sum(0, dtype=torch.int32)[None]
 
 
-def assert_nothing_written(out):
-    assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+def test_int_mm_runs_where_it_sums_in_int32_and_fbgemm_where_it_would_saturate(monkeypatch, fresh_kernel_choice):
+    assert int8_kernel().name == "int_mm"  # this torch's _int_mm on this CPU: exact in int32
+    model = random_model()
+    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, per_token = model(ids).logits, quantize_int8(model)(ids).logits
+    int8_toygpt._choose_int8_kernel.cache_clear()
+    monkeypatch.setattr(torch, "_int_mm", uint8_int16_pair_sums)
+    with pytest.warns(UserWarning, match="saturates.*fbgemm"):
+        assert int8_kernel().name == "fbgemm"
+    with torch.no_grad():
+        per_tensor = quantize_int8(model)(ids).logits
+    assert relative_error(per_token, exact) < relative_error(per_tensor, exact) < 0.05
 
 
-def test_bad_src_dirs(tmp_path, capsys):
-    out = tmp_path / "out"
-    code, err = run_main([tmp_path / "missing", out], capsys)
-    assert code == 2 and "is not a directory" in err
-    (tmp_path / "empty").mkdir()
-    code, err = run_main([tmp_path / "empty", out], capsys)
-    assert code == 2 and "no config.json" in err
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    code, err = run_main([tmp_path / "other", out], capsys)
-    assert code == 2 and "not a ToyGPT" in err
-    assert_nothing_written(out)
-
-
-def test_already_quantized_src(int8_dir, tmp_path, capsys):
-    out = tmp_path / "again"
-    code, err = run_main([int8_dir[0], out], capsys)
-    assert code == 2 and "is an int8-quantized ToyGPT directory" in err and "fp32" in err
-    assert_nothing_written(out)
-
-
-def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    code, err = run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)
-    assert code == 2 and "already exists" in err and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "mine"
-    code, err = run_main([tiny_model_dir, tiny_model_dir, "--overwrite"], capsys)
-    assert code == 2 and "is SRC_DIR itself" in err
-    # --overwrite replaces only a model dir this project wrote: a dir of the user's files is refused, untouched.
-    code, err = run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)
-    assert code == 2 and "not a directory this project wrote" in err and "keep.txt" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    (out / "keep.txt").unlink()
-    assert run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)[0] == 0  # an empty OUT_DIR is fine
-    (out / "notes.txt").write_text("mine")  # the user's file inside an int8 dir survives its --overwrite
-    assert run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)[0] == 0
-    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["quantization"]
-
-
-def test_corrupt_weights(tiny_model_dir, tmp_path, capsys):
-    truncated = tmp_path / "truncated"
-    shutil.copytree(tiny_model_dir, truncated)
-    weights = truncated / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    out = tmp_path / "out"
-    code, err = run_main([truncated, out], capsys)
-    assert code == 2 and "model.safetensors cannot be loaded" in err and "Nothing was written" in err
-    assert_nothing_written(out)
-
-    incomplete = tmp_path / "incomplete"
-    shutil.copytree(tiny_model_dir, incomplete)
-    tensors = load_file(incomplete / "model.safetensors")
-    del tensors["transformer.h.1.mlp.c_fc.weight"]
-    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
-    code, err = run_main([incomplete, out], capsys)
-    assert code == 2 and "transformer.h.1.mlp.c_fc.weight" in err
-    assert_nothing_written(out)
-
-
-def test_bad_eval_input(tiny_model_dir, tmp_path, capsys):
-    out = tmp_path / "out"
-    code, err = run_main([tiny_model_dir, out, "--eval-input", tmp_path / "nope.txt"], capsys)
-    assert code == 2 and "--eval-input" in err
-    assert_nothing_written(out)
-
-
-
-def test_val_loss_defaults_to_the_text_train_py_recorded(tiny_model_dir, shakespeare_path, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(tiny_model_dir, src)
-    (src / "training_args.json").write_text(json.dumps({"input_path": str(shakespeare_path)}))
-    figures = quantization.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
-                                    log=lambda *a: None)
-    assert figures["before"]["val_loss"] > 0 and figures["after"]["val_loss"] > 0
-    assert shakespeare_path.name in (tmp_path / "out" / "README.md").read_text()
-    # A recorded path that is gone: no evaluation, and the card says how to get one.
-    (src / "training_args.json").write_text(json.dumps({"input_path": str(tmp_path / "moved.txt")}))
-    figures = quantization.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
-    assert figures["before"]["val_loss"] is None
-    assert "--eval-input" in (tmp_path / "out2" / "README.md").read_text()
-
-
-def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    def broken(directory, int8):
-        raise RuntimeError("simulated failure after the files were written")
-
-    out = tmp_path / "out"
-    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(quantization, "check_written", broken)
-    shutil.rmtree(out)
-    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 1  # a message, no traceback
-    assert "simulated failure" in capsys.readouterr().err.splitlines()[-1]
-    assert_nothing_written(out)
-    out.mkdir()
-    for name, content in before.items():  # --overwrite: the old OUT survives a failed write untouched
-        (out / name).write_bytes(content)
-    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"]) == 1
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not list(tmp_path.glob(".out.*"))
+def test_int8_dirs_of_version_1_load_and_unknown_versions_are_refused(int8_dir, tmp_path):
+    old, new = tmp_path / "v1", tmp_path / "v99"
+    for directory, version in ((old, None), (new, 99)):
+        shutil.copytree(int8_dir[0], directory)
+        config = json.loads((directory / "config.json").read_text())
+        config["quantization"].pop("version")
+        if version is not None:
+            config["quantization"]["version"] = version
+        (directory / "config.json").write_text(json.dumps(config))
+    code = ("import os, torch; from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(os.environ['DIR'], trust_remote_code=True)\n"
+            "print(m(torch.arange(8)[None]).logits.shape)")
+    assert "50257" in run_python(code, cwd=tmp_path, env={"DIR": str(old)})
+    with pytest.raises(Exception, match="newer than this int8_toygpt.py reads"):
+        ToyGPTForCausalLM.from_pretrained(new)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Which fp32 weights an int8 dir came from
+# Quality as llama.cpp measures it
 
 
-def retrained(src, tmp_path, name="retrained"):
-    """A copy of model dir `src` whose weights were then replaced, as `train.py --overwrite` replaces them."""
-    from toygpt.model_dir import save_model_dir
+def test_logit_quality_exact_and_top_k_with_a_remainder_bucket():
+    torch.manual_seed(0)
+    reference, other = torch.randn(40, 300) * 3, torch.randn(40, 300) * 3
+    targets = torch.randint(0, 300, (40,))
+    same = quantization.LogitQuality()
+    same.add(reference, targets, other_logits=reference)
+    assert same.figures()["mean_kld"] == pytest.approx(0, abs=1e-12) and same.figures()["same_top"] == 1
+    assert same.figures()["ppl_ratio"] == pytest.approx(1)
 
-    copy = tmp_path / name
-    shutil.copytree(src, copy)
-    save_model_dir(random_model(seed=7), copy, overwrite=True)
-    return copy
+    exact, full_k, top_k = quantization.LogitQuality(), quantization.LogitQuality(), quantization.LogitQuality()
+    exact.add(reference, targets, other_logits=other)
+    expected = F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
+                        reduction="batchmean").item()
+    assert exact.figures()["mean_kld"] == pytest.approx(expected, rel=1e-5)
+    ppl = lambda logits: torch.exp(F.cross_entropy(logits, targets)).item()  # noqa: E731
+    assert exact.figures()["ppl_ratio"] == pytest.approx(ppl(other) / ppl(reference), rel=1e-5)
+    everything = torch.log_softmax(other, -1).topk(300)
+    full_k.add(reference, targets, other_top=(everything.indices, everything.values))
+    assert full_k.figures()["mean_kld"] == pytest.approx(exact.figures()["mean_kld"], rel=1e-5)
+    assert full_k.figures()["ppl_ratio"] == pytest.approx(exact.figures()["ppl_ratio"], rel=1e-5)
+    top = torch.log_softmax(other, -1).topk(10)
+    top_k.add(reference, targets, other_top=(top.indices, top.values))
+    figures = top_k.figures()
+    assert 0 < figures["mean_kld"] <= exact.figures()["mean_kld"]  # the bucket: a lower bound
+    assert figures["same_top"] == exact.figures()["same_top"] and figures["ppl_ratio"] is None
+    assert 0 < figures["outside_top_k"] < 1 and 0 < figures["remainder_mass"] < 1
 
 
 def test_int8_dir_records_the_sha256_of_its_source_weights(int8_dir, tiny_model_dir):
@@ -490,3 +457,14 @@ def test_quantize_shows_each_measuring_phase_and_ends_with_a_summary(tiny_model_
 
     assert f"TOYGPT_MODEL='{out}' {python_command()} space/app.py" in summary
     assert f"--model-dir {tiny_model_dir} --quantized-dir '{out}'" in summary
+
+
+def test_kld_chunks_cut_the_held_out_split_and_score_the_second_half(shakespeare_path):
+    chunks = quantization.kld_chunks(shakespeare_path, 64)
+    assert chunks.shape[1] == 64 and len(chunks) > 100
+    positions, targets = quantization.scored(chunks[:3])
+    assert (positions.start, positions.stop) == (32, 63) and torch.equal(targets, chunks[:3, 33:].reshape(-1))
+    model = random_model()
+    figures = quantization.logit_quality(model, {"int8": quantize_int8(model), "same": model}, chunks[:2])
+    assert figures["same"]["mean_kld"] == pytest.approx(0, abs=1e-9)
+    assert 0 < figures["int8"]["mean_kld"] < 0.01 and figures["int8"]["positions"] == 2 * 31
