@@ -336,35 +336,135 @@ def test_int8_dirs_of_version_1_load_and_unknown_versions_are_refused(int8_dir, 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Quality as llama.cpp measures it
+# Bad input: a clear error, nothing written
 
 
-def test_logit_quality_exact_and_top_k_with_a_remainder_bucket():
-    torch.manual_seed(0)
-    reference, other = torch.randn(40, 300) * 3, torch.randn(40, 300) * 3
-    targets = torch.randint(0, 300, (40,))
-    same = quantization.LogitQuality()
-    same.add(reference, targets, other_logits=reference)
-    assert same.figures()["mean_kld"] == pytest.approx(0, abs=1e-12) and same.figures()["same_top"] == 1
-    assert same.figures()["ppl_ratio"] == pytest.approx(1)
+def run_main(argv, capsys):
+    code = quantize.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
 
-    exact, full_k, top_k = quantization.LogitQuality(), quantization.LogitQuality(), quantization.LogitQuality()
-    exact.add(reference, targets, other_logits=other)
-    expected = F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
-                        reduction="batchmean").item()
-    assert exact.figures()["mean_kld"] == pytest.approx(expected, rel=1e-5)
-    ppl = lambda logits: torch.exp(F.cross_entropy(logits, targets)).item()  # noqa: E731
-    assert exact.figures()["ppl_ratio"] == pytest.approx(ppl(other) / ppl(reference), rel=1e-5)
-    everything = torch.log_softmax(other, -1).topk(300)
-    full_k.add(reference, targets, other_top=(everything.indices, everything.values))
-    assert full_k.figures()["mean_kld"] == pytest.approx(exact.figures()["mean_kld"], rel=1e-5)
-    assert full_k.figures()["ppl_ratio"] == pytest.approx(exact.figures()["ppl_ratio"], rel=1e-5)
-    top = torch.log_softmax(other, -1).topk(10)
-    top_k.add(reference, targets, other_top=(top.indices, top.values))
-    figures = top_k.figures()
-    assert 0 < figures["mean_kld"] <= exact.figures()["mean_kld"]  # the bucket: a lower bound
-    assert figures["same_top"] == exact.figures()["same_top"] and figures["ppl_ratio"] is None
-    assert 0 < figures["outside_top_k"] < 1 and 0 < figures["remainder_mass"] < 1
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_src_dirs(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main([tmp_path / "missing", out], capsys)
+    assert code == 2 and "is not a directory" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run_main([tmp_path / "empty", out], capsys)
+    assert code == 2 and "no config.json" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, err = run_main([tmp_path / "other", out], capsys)
+    assert code == 2 and "not a ToyGPT" in err
+    assert_nothing_written(out)
+
+
+def test_already_quantized_src(int8_dir, tmp_path, capsys):
+    out = tmp_path / "again"
+    code, err = run_main([int8_dir[0], out], capsys)
+    assert code == 2 and "is an int8-quantized ToyGPT directory" in err and "fp32" in err
+    assert_nothing_written(out)
+
+
+def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    code, err = run_main([tiny_model_dir, tiny_model_dir, "--overwrite"], capsys)
+    assert code == 2 and "is SRC_DIR itself" in err
+    # --overwrite replaces only a model dir this project wrote: a dir of the user's files is refused, untouched.
+    code, err = run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)
+    assert code == 2 and "not a directory this project wrote" in err and "keep.txt" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run_main([tiny_model_dir, out, "--speed-tokens", 0], capsys)[0] == 0  # an empty OUT_DIR is fine
+    (out / "notes.txt").write_text("mine")  # the user's file inside an int8 dir survives its --overwrite
+    assert run_main([tiny_model_dir, out, "--overwrite", "--speed-tokens", 0], capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "config.json").read_text())["quantization"]
+
+
+def test_corrupt_weights(tiny_model_dir, tmp_path, capsys):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "out"
+    code, err = run_main([truncated, out], capsys)
+    assert code == 2 and "model.safetensors cannot be loaded" in err and "Nothing was written" in err
+    assert_nothing_written(out)
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_model_dir, incomplete)
+    tensors = load_file(incomplete / "model.safetensors")
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, incomplete / "model.safetensors", metadata={"format": "pt"})
+    code, err = run_main([incomplete, out], capsys)
+    assert code == 2 and "transformer.h.1.mlp.c_fc.weight" in err
+    assert_nothing_written(out)
+
+
+def test_bad_eval_input(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main([tiny_model_dir, out, "--eval-input", tmp_path / "nope.txt"], capsys)
+    assert code == 2 and "--eval-input" in err
+    assert_nothing_written(out)
+
+
+
+def test_val_loss_defaults_to_the_text_train_py_recorded(tiny_model_dir, shakespeare_path, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "training_args.json").write_text(json.dumps({"input_path": str(shakespeare_path)}))
+    figures = quantization.quantize_dir(src, tmp_path / "out", eval_batches=1, batch_size=2, speed_tokens=4,
+                                    log=lambda *a: None)
+    assert figures["before"]["val_loss"] > 0 and figures["after"]["val_loss"] > 0
+    assert shakespeare_path.name in (tmp_path / "out" / "README.md").read_text()
+    # A recorded path that is gone: no evaluation, and the card says how to get one.
+    (src / "training_args.json").write_text(json.dumps({"input_path": str(tmp_path / "moved.txt")}))
+    figures = quantization.quantize_dir(src, tmp_path / "out2", speed_tokens=4, log=lambda *a: None)
+    assert figures["before"]["val_loss"] is None
+    assert "--eval-input" in (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_failure_while_writing_leaves_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def broken(directory, int8):
+        raise RuntimeError("simulated failure after the files were written")
+
+    out = tmp_path / "out"
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(quantization, "check_written", broken)
+    shutil.rmtree(out)
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0"]) == 1  # a message, no traceback
+    assert "simulated failure" in capsys.readouterr().err.splitlines()[-1]
+    assert_nothing_written(out)
+    out.mkdir()
+    for name, content in before.items():  # --overwrite: the old OUT survives a failed write untouched
+        (out / name).write_bytes(content)
+    assert quantize.main([str(tiny_model_dir), str(out), "--speed-tokens", "0", "--overwrite"]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".out.*"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which fp32 weights an int8 dir came from
+
+
+def retrained(src, tmp_path, name="retrained"):
+    """A copy of model dir `src` whose weights were then replaced, as `train.py --overwrite` replaces them."""
+    from toygpt.model_dir import save_model_dir
+
+    copy = tmp_path / name
+    shutil.copytree(src, copy)
+    save_model_dir(random_model(seed=7), copy, overwrite=True)
+    return copy
 
 
 def test_int8_dir_records_the_sha256_of_its_source_weights(int8_dir, tiny_model_dir):
@@ -457,6 +557,38 @@ def test_quantize_shows_each_measuring_phase_and_ends_with_a_summary(tiny_model_
 
     assert f"TOYGPT_MODEL='{out}' {python_command()} space/app.py" in summary
     assert f"--model-dir {tiny_model_dir} --quantized-dir '{out}'" in summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quality as llama.cpp measures it
+
+
+def test_logit_quality_exact_and_top_k_with_a_remainder_bucket():
+    torch.manual_seed(0)
+    reference, other = torch.randn(40, 300) * 3, torch.randn(40, 300) * 3
+    targets = torch.randint(0, 300, (40,))
+    same = quantization.LogitQuality()
+    same.add(reference, targets, other_logits=reference)
+    assert same.figures()["mean_kld"] == pytest.approx(0, abs=1e-12) and same.figures()["same_top"] == 1
+    assert same.figures()["ppl_ratio"] == pytest.approx(1)
+
+    exact, full_k, top_k = quantization.LogitQuality(), quantization.LogitQuality(), quantization.LogitQuality()
+    exact.add(reference, targets, other_logits=other)
+    expected = F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
+                        reduction="batchmean").item()
+    assert exact.figures()["mean_kld"] == pytest.approx(expected, rel=1e-5)
+    ppl = lambda logits: torch.exp(F.cross_entropy(logits, targets)).item()  # noqa: E731
+    assert exact.figures()["ppl_ratio"] == pytest.approx(ppl(other) / ppl(reference), rel=1e-5)
+    everything = torch.log_softmax(other, -1).topk(300)
+    full_k.add(reference, targets, other_top=(everything.indices, everything.values))
+    assert full_k.figures()["mean_kld"] == pytest.approx(exact.figures()["mean_kld"], rel=1e-5)
+    assert full_k.figures()["ppl_ratio"] == pytest.approx(exact.figures()["ppl_ratio"], rel=1e-5)
+    top = torch.log_softmax(other, -1).topk(10)
+    top_k.add(reference, targets, other_top=(top.indices, top.values))
+    figures = top_k.figures()
+    assert 0 < figures["mean_kld"] <= exact.figures()["mean_kld"]  # the bucket: a lower bound
+    assert figures["same_top"] == exact.figures()["same_top"] and figures["ppl_ratio"] is None
+    assert 0 < figures["outside_top_k"] < 1 and 0 < figures["remainder_mass"] < 1
 
 
 def test_kld_chunks_cut_the_held_out_split_and_score_the_second_half(shakespeare_path):
