@@ -30,7 +30,9 @@ then: python quantize.py out/toygpt out/toygpt-int8"""
 def preset_default(name: str) -> str:
     """Each preset's value of `name` (and --init-from's, where it sets one): "default: tiny 0.004, gpt2 0.0006"."""
     def show(value):
-        return "= --lr" if value is None else format(value, "g") if isinstance(value, float) else str(value)
+        if value is None:  # the presets' two unset defaults
+            return "by the epochs the run trains (README)" if name == "dropout" else "= --lr"
+        return format(value, "g") if isinstance(value, float) else str(value)
 
     per_preset = {preset: show({**PRESETS[preset], **TRAINING_DEFAULTS[preset]}[name])
                   for preset in sorted(PRESETS, reverse=True)}

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from conftest import REPO, run_python
 from test_tracking import expected as expected_scalars, tensorboard_scalars
 from test_optim import scheduled_lrs
+from toygpt import regularization
 
 TRAIN = REPO / "train.py"
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -206,6 +207,10 @@ def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, training):
     fit_step = training.FIT_STEPS
     assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    # Issue 18: the epochs rule chose --dropout at the fit, from the fitted step count, and recorded it.
+    epochs = regularization.run_epochs(state["total_steps"], 4 * 32, state["vocab"]["train_tokens"])
+    assert state["args"]["dropout"] == regularization.dropout_for_epochs(epochs)
+    assert f"{state['total_steps']:,} steps of 128 tokens read the training split's" in proc.stderr
     # Issue 21: the bar's horizon is the budget from the first step (not 100000 steps), and it ends at 100%.
     bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("train:")]
     assert bars and all("/6 s of budget" in line for line in bars), bars

@@ -35,7 +35,8 @@ AUTO_MAX_SEEN_FRACTION = 0.5  # --vocab auto: compact only when the corpus uses 
 class CorpusVocab:
     """The ids seen in training, their compact indices 0..n_seen-1, and u = n_seen for every other id."""
 
-    def __init__(self, seen_ids, vocab_size: int):
+    def __init__(self, seen_ids, vocab_size: int, train_tokens: int | None = None):
+        self.train_tokens = train_tokens  # the training split's length, counted by the same pass (regularization.py)
         self.seen_ids = torch.as_tensor(seen_ids, dtype=torch.long).sort().values  # (n_seen,) GPT-2 ids
         self.vocab_size, self.n_seen = vocab_size, len(self.seen_ids)
         self.n_unseen = vocab_size - self.n_seen
@@ -50,10 +51,11 @@ class CorpusVocab:
     def of_training_split(cls, source, vocab_size: int) -> tuple[CorpusVocab, float]:
         """One streaming pass over the training split (memory flat in its size); also the seconds it took."""
         start = time.perf_counter()
-        seen = np.zeros(vocab_size, dtype=bool)
+        seen, tokens = np.zeros(vocab_size, dtype=bool), 0
         for ids in sources.train_token_pieces(source):
             seen[ids] = True
-        return cls(np.flatnonzero(seen), vocab_size), time.perf_counter() - start
+            tokens += len(ids)
+        return cls(np.flatnonzero(seen), vocab_size, tokens), time.perf_counter() - start
 
     def to(self, device) -> CorpusVocab:
         moved = copy.copy(self)
@@ -112,11 +114,11 @@ class CorpusVocab:
         return (norm.square() + (self.n_unseen - 1) * grad.float().square().sum()).sqrt()
 
     def state_dict(self) -> dict:
-        return {"seen_ids": self.seen_ids.tolist(), "vocab_size": self.vocab_size}
+        return {"seen_ids": self.seen_ids.tolist(), "vocab_size": self.vocab_size, "train_tokens": self.train_tokens}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> CorpusVocab:
-        return cls(state["seen_ids"], state["vocab_size"])
+        return cls(state["seen_ids"], state["vocab_size"], state.get("train_tokens"))  # older checkpoints: None
 
 
 def choose(mode: str, seen_fraction: float, fine_tuning: bool) -> bool:

@@ -195,6 +195,11 @@ def train_token_pieces(source: Source | str | Path) -> Iterator[np.ndarray]:
         yield np.asarray(example["ids"], dtype=np.int64)
 
 
+def count_train_tokens(source: Source, needed: int) -> int:
+    """Tokens in the training split, counting (one streaming pass at most) only until `needed` is reached."""
+    return _count_until(train_token_pieces(source), needed)
+
+
 def val_token_pieces(source: Source) -> Iterator[np.ndarray]:
     """The GPT-2 token ids of the held-out text, in its fixed order, piece by piece."""
     for text, ends_document in source.val_texts():

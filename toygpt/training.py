@@ -51,6 +51,8 @@ from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
 from toygpt.stream import TrainWindows, ValWindows
 from toygpt.errors import ToyGPTError
 from toygpt import progress
+from toygpt import regularization
+from toygpt import sources
 from toygpt.run_log import MetricsLog, plot_loss_curve, read_metrics
 from toygpt.train_config import (TrainError, TrainingConfig, autocast_dtype, discard_failed_start, prepare,
                                 start_output_dir)
@@ -254,14 +256,17 @@ def resume_command(output_dir) -> str:
     return f"{launcher} --output-dir {output_dir} --resume"
 
 
-def corpus_vocabulary(config: TrainingConfig, source, resume_from, processes: Processes) -> CorpusVocab | None:
+def corpus_vocabulary(config: TrainingConfig, source, resume_from,
+                      processes: Processes) -> tuple[CorpusVocab | None, int | None]:
     """--vocab's choice: the corpus vocabulary (the checkpoint's on --resume, else one pass over the training split on
-    rank 0, shared with every rank), or None for the full vocabulary."""
+    rank 0, shared with every rank), or None for the full vocabulary; and the training split's tokens where that pass
+    counted them (else None)."""
     if resume_from is not None:
         saved = read_trainer_state(resume_from).get("vocab")
-        return None if saved is None else CorpusVocab.from_state_dict(saved)
+        vocab = None if saved is None else CorpusVocab.from_state_dict(saved)
+        return vocab, vocab and vocab.train_tokens
     if config.vocab == "full":
-        return None
+        return None, None
     vocab_size = config.model_config().vocab_size
     found = CorpusVocab.of_training_split(source, vocab_size) if processes.is_main else None
     vocab = CorpusVocab.from_state_dict(processes.from_main_object(found and found[0].state_dict()))
@@ -273,7 +278,29 @@ def corpus_vocabulary(config: TrainingConfig, source, resume_from, processes: Pr
         trained = f"the corpus vocabulary, {vocab.n_seen + 1:,} rows" if use else "the full vocabulary"
         print(f"vocab: the training split uses {vocab.n_seen:,} of the {vocab_size:,} token ids (one pass, "
               f"{found[1]:.1f} s): training {trained}", file=sys.stderr, flush=True)
-    return vocab if use else None
+    return (vocab if use else None), vocab.train_tokens
+
+
+def training_split_tokens(config: TrainingConfig, source, counted: int | None, processes: Processes) -> int | None:
+    """The epochs rule's denominator, where the rule decides --dropout: the vocabulary pass's count, else a count
+    (rank 0's, shared) that stops where the rule no longer depends on it."""
+    if config.dropout is not None or counted is not None:
+        return counted
+    needed = regularization.tokens_worth_counting(config.max_steps, config.step_tokens * processes.world_size)
+    return processes.from_main(sources.count_train_tokens(source, needed) if processes.is_main else 0)
+
+
+def choose_dropout(config: TrainingConfig, model, total_steps: int, train_tokens: int, tokens_per_step: int,
+                   is_main: bool) -> TrainingConfig:
+    """The epochs rule (regularization.py), applied to the model being trained and recorded as --dropout."""
+    epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
+    dropout = regularization.dropout_for_epochs(epochs)
+    regularization.set_dropout(model, dropout)
+    if is_main:
+        tqdm.write(f"dropout {dropout:g}: {total_steps:,} steps of {tokens_per_step:,} tokens read the training split's "
+                   f"{train_tokens:,} tokens {epochs:.1f} times (the epochs rule, toygpt/regularization.py; --dropout "
+                   "sets it)", file=sys.stderr)
+    return replace(config, dropout=dropout)
 
 
 @dataclass
@@ -287,13 +314,15 @@ class Run:
     val: ValWindows
     state: RunState
     best: BestModel | None  # --keep-best, rank 0: the best eval so far
+    train_tokens: int | None  # the training split's length, where the epochs rule needs it (--dropout not given)
 
 
 def build_run(config: TrainingConfig, source, resume_from, init_model, processes: Processes) -> Run:
     """The model, its loss, optimizer, data and schedule, fresh (seeded) or restored exactly from `resume_from`.
 
     With the corpus vocabulary the model trained is the compact one (toygpt/corpus_vocab.py); the full one is saved."""
-    vocab = corpus_vocabulary(config, source, resume_from, processes)
+    vocab, train_tokens = corpus_vocabulary(config, source, resume_from, processes)
+    train_tokens = training_split_tokens(config, source, train_tokens, processes)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     random.seed(config.seed)
     model_config = config.model_config()
@@ -321,7 +350,7 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
     best = None
     if config.keep_best and processes.is_main:  # the best as the checkpoint left it (best_model.py)
         best = BestModel.load(resume_from.parents[1], state.step) if resume_from is not None else BestModel()
-    return Run(loss_model, optimizer, scheduler, stream, val, state, best)
+    return Run(loss_model, optimizer, scheduler, stream, val, state, best, train_tokens)
 
 
 def train(config: TrainingConfig) -> dict:
@@ -368,6 +397,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
         batches = log_first_batch(batches, processes.rank)
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     tokens_per_step = config.step_tokens * processes.world_size
+    if config.dropout is None and budget_s is None:  # the epochs rule: a --max-steps run knows its steps now
+        config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens, tokens_per_step,
+                                processes.is_main)
 
     bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
                                  enabled=processes.is_main)
@@ -392,6 +424,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                                                          metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
+                if config.dropout is None:  # the epochs rule, once the budget's step count is known
+                    config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens,
+                                            tokens_per_step, processes.is_main)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
         if not stop.is_set():
