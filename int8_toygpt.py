@@ -16,6 +16,7 @@ dequantized to fp32 instead, with a warning: same results up to activation round
 Quantizing fp32 weights (rows and scales) is quantize.py's job, not this file's.
 """
 
+import copy
 import functools
 import os
 import threading
@@ -321,16 +322,23 @@ def fast_decode_kwargs(model, kwargs):
         return kwargs
     problem = inductor_problem()
     if problem is not None:
-        warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, about 3x "
-                      f"slower per token. Install a C++ compiler (e.g. g++), or set {COMPILE_ENV}=0 to silence this.")
+        warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
+                      f"per token. Install a C++ compiler (e.g. g++), or set {COMPILE_ENV}=0 to silence this.")
         return kwargs
-    return {"cache_implementation": "static", "max_cache_len": model.config.block_size,
-            "compile_config": decode_compile_config(), **kwargs}
+    fast = {"cache_implementation": "static", "max_cache_len": model.config.block_size,
+            "compile_config": decode_compile_config()}
+    if kwargs.get("generation_config") is None:
+        return {**fast, **kwargs}
+    config = copy.deepcopy(config)  # a given config object takes them itself: transformers deprecates config + kwargs
+    for name, value in fast.items():
+        if name not in kwargs and getattr(config, name, None) is None:
+            setattr(config, name, value)
+    return {**kwargs, "generation_config": config}
 
 
 def decode_compile_config():
     # size_asserts off: inductor re-checks every extern kernel's output sizes and strides on each call (int_mm, SDPA);
-    # the graph's shapes are fixed by the trace, so the checks only cost time. No mode: transformers' default,
+    # the trace already derived those shapes, so on every step the checks only cost time. No mode: transformers' default,
     # "reduce-overhead", is CUDA graphs, and torch.compile takes a mode or options, not both.
     config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False})
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told

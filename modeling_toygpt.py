@@ -241,11 +241,16 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
             kwargs = fast_decode_kwargs(self, kwargs)
         return super().generate(*args, **kwargs)
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """generate() with a static cache: pass the 2-D mask through, forward builds its own (build_attention_mask), a
-        few fused ops in a compiled step instead of transformers' 4-D mask every step. Its length (P + T) grows a token
-        a step: marked dynamic, so torch.compile traces one graph for all lengths instead of one per length."""
-        if attention_mask is not None and attention_mask.dim() == 2:
+    def create_masks_for_generate(self, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        """generate() with a static cache: hand forward a 2-D mask, from which it builds its own (build_attention_mask),
+        a few fused ops in a compiled step instead of transformers' 4-D mask over every slot. Its length, P + T, is how
+        many slots the step reads; generate() drops an all-ones mask, so one is made here. Marked dynamic (it grows a
+        token a step), so torch.compile traces one graph for every length instead of one per length."""
+        if attention_mask is None:
+            B, T = inputs_embeds.shape[:2]
+            P = int(cache.get_seq_length())
+            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.dim() == 2:
             torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         return attention_mask
 

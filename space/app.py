@@ -413,6 +413,18 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     yield [prompt + text for text in texts], "\n\n".join([status, *notes])
 
 
+def warm_up(loaded: LoadedModel) -> float:
+    """One short generation before serving; returns its seconds. The int8 model's generate() compiles its decode step
+    on its first call (seconds; inductor caches it on disk, so later starts are quicker): done here, that is no
+    visitor's wait, and no status line's tokens/s counts it. A batch of another size compiles once more, on first use."""
+    start = time.perf_counter()
+    ids = torch.tensor([loaded.tokenizer(EXAMPLES[1], verbose=False)["input_ids"]], device=loaded.device)
+    with torch.inference_mode():
+        loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=True, top_k=50,
+                              pad_token_id=loaded.tokenizer.eos_token_id)
+    return time.perf_counter() - start
+
+
 def api_problem(loaded: LoadedModel, max_new_tokens, temperature, top_k, top_p, num_sequences) -> str | None:
     """Why the API's sampling settings are out of range (the UI's sliders enforce the same ranges), or None."""
     limits = [("max_new_tokens", max_new_tokens, 1, loaded.max_new_tokens), ("temperature", temperature, 0.0, 2.0),
@@ -429,6 +441,7 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
     revision = revision or os.environ.get("TOYGPT_REVISION") or None
     loaded = load_model(model_id or default_model_id(variant), variant, revision)
     print(f"{PROG}: serving {loaded.describe()}", flush=True)  # which model and variant, also for API users' logs
+    print(f"{PROG}: warmed up in {warm_up(loaded):.1f} s (int8 on the CPU compiles its decode step then)", flush=True)
 
     default_new_tokens = min(100, loaded.context // 2)  # leaves half the context for the prompt
 
