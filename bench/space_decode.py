@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "space")]
+sys.path[1:1] = [str(REPO), str(REPO / "space")]  # after bench/ itself: its quantize.py, not the CLI
 
 import app  # noqa: E402  (space/app.py)
 from quantize import LlamaCpp  # noqa: E402  (bench/quantize.py)

@@ -87,10 +87,9 @@ def test_without_a_cpp_compiler_generate_warns_once_and_decodes_eagerly(no_compi
 
     model = no_compiled_step
     monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
     int8_toygpt.inductor_problem.cache_clear()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out = greedy(model)
         mine = [w for w in caught if "ToyGPT int8" in str(w.message)]
