@@ -312,14 +312,18 @@ def fast_decode_kwargs(model, kwargs):
     step mostly removes; the first call compiles (seconds, cached on disk by inductor), later ones reuse the graph.
     The cache holds block_size tokens, so every call reuses one graph; the step reads only the filled slots.
     The caller's choice wins: cache_implementation (e.g. "dynamic"), disable_compile=True, a cache of their own,
-    use_cache=False, or TOYGPT_INT8_COMPILE=0 all keep transformers' eager default."""
+    use_cache=False, or TOYGPT_INT8_COMPILE=0 all keep transformers' eager default, as do beam search, assisted and
+    prompt-lookup decoding."""
     config = kwargs.get("generation_config") or model.generation_config
     chosen = {name: kwargs.get(name, getattr(config, name, None))
-              for name in ("cache_implementation", "disable_compile", "use_cache")}
+              for name in ("cache_implementation", "disable_compile", "use_cache", "num_beams",
+                           "prompt_lookup_num_tokens")}
     if (os.environ.get(COMPILE_ENV, "1").strip() == "0" or chosen["disable_compile"] or chosen["use_cache"] is False
             or kwargs.get("cache") is not None or chosen["cache_implementation"] not in (None, "static")
             or model.device.type != "cpu"):
         return kwargs
+    if (chosen["num_beams"] or 1) > 1 or chosen["prompt_lookup_num_tokens"] or kwargs.get("assistant_model"):
+        return kwargs  # beams and candidate verification: one token a step is what the compiled step is for
     problem = inductor_problem()
     if problem is not None:
         warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
@@ -338,8 +342,8 @@ def fast_decode_kwargs(model, kwargs):
 
 def decode_compile_config():
     # size_asserts off: inductor re-checks every extern kernel's output sizes and strides on each call (int_mm, SDPA);
-    # the trace already derived those shapes, so on every step the checks only cost time. No mode: transformers' default,
-    # "reduce-overhead", is CUDA graphs, and torch.compile takes a mode or options, not both.
+    # the trace already derived those shapes, so on every step the checks only cost time. No mode: transformers'
+    # default, "reduce-overhead", is CUDA graphs, and torch.compile takes a mode or options, not both.
     config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False})
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return config

@@ -323,8 +323,9 @@ def main(argv=None):
             print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"
                   f"   (from_pretrained alone: {r['fp32']['loaded_mb']:.1f} / {r['int8']['loaded_mb']:.1f} MB;"
                   f" before loading: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
-            print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB   (int8 "
-                  f"eager, TOYGPT_INT8_COMPILE=0: {growth['int8 eager']:.1f} MB, {growth['int8 eager'] / growth['fp32']:.3f}x)")
+            eager = growth["int8 eager"]
+            print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB   "
+                  f"(int8 eager, TOYGPT_INT8_COMPILE=0: {eager:.1f} MB, {eager / growth['fp32']:.3f}x)")
             print_decode(big["decode"], args.new_tokens, args.repeats)
             results += decode_results(big["decode"], "124M", TARGETS["decode_vs_q8_124m"], TARGETS["decode_vs_fp32"])
             results.append(("size on disk int8/fp32", f"{s['int8'] / s['fp32']:.3f}x", f"<= {TARGETS['size']}x",

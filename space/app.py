@@ -448,7 +448,8 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
 def warm_up(loaded: LoadedModel) -> float:
     """One short generation before serving; returns its seconds. The int8 model's generate() compiles its decode step
     on its first call (seconds; inductor caches it on disk, so later starts are quicker): done here, that is no
-    visitor's wait, and no status line's tokens/s counts it. A batch of another size compiles once more, on first use."""
+    visitor's wait, and no status line's tokens/s counts it. A batch of another size compiles once more, on first
+    use."""
     start = time.perf_counter()
     ids = torch.tensor([loaded.tokenizer(EXAMPLES[1], verbose=False)["input_ids"]], device=loaded.device)
     with torch.inference_mode():

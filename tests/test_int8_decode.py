@@ -59,14 +59,15 @@ def test_int8_generate_compiles_a_static_decode_step_with_the_eager_greedy_token
             model.generate(ids, do_sample=False, pad_token_id=0, cache_implementation="dynamic", **longer).tolist()
 
 
-@pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache"])
+@pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache", "beams", "lookup"])
 def test_each_off_switch_keeps_the_eager_dynamic_cache(int8_model, switch, monkeypatch):
     from transformers import DynamicCache
 
     monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
     assert fast_decode_kwargs(int8_model, {})["cache_implementation"] == "static"  # on by default
     kwargs = {"disable_compile": {"disable_compile": True}, "dynamic": {"cache_implementation": "dynamic"},
-              "env": {}, "cache": {"cache": DynamicCache()}, "use_cache": {"use_cache": False}}[switch]
+              "env": {}, "cache": {"cache": DynamicCache()}, "use_cache": {"use_cache": False},
+              "beams": {"num_beams": 2}, "lookup": {"prompt_lookup_num_tokens": 3}}[switch]
     if switch == "env":
         monkeypatch.setenv("TOYGPT_INT8_COMPILE", "0")
     assert fast_decode_kwargs(int8_model, kwargs) == kwargs
