@@ -112,6 +112,14 @@ def build_attention_mask(attention_mask, T, P, S):
     return mask
 
 
+def check_context(P, T, block_size):
+    if P + T > block_size:
+        raise ValueError(
+            f"Sequence length {int(P + T)} ({int(P)} cached + {T} new tokens) exceeds the model's context "
+            f"block_size={block_size}. Truncate the input (keep the last {block_size} tokens) or lower max_new_tokens."
+        )
+
+
 class ToyGPTPreTrainedModel(PreTrainedModel):
     config_class = ToyGPTConfig
     config: ToyGPTConfig
@@ -189,13 +197,10 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
             # A mask counts the keys: a 2-D one covers the P + T filled ones, so a static cache's step reads those only
             # (under torch.compile S is then one symbolic size, not a recompile per step).
             S = attention_mask.size(-1)
-        # Checked eagerly (generate's prefill included); a traced graph cannot raise on the value of a static cache's P.
-        if not torch.compiler.is_compiling() and P + T > self.config.block_size:
-            raise ValueError(
-                f"Sequence length {int(P + T)} ({int(P)} cached + {T} new tokens) exceeds the model's context "
-                f"block_size={self.config.block_size}. Truncate the input (keep the last {self.config.block_size} "
-                "tokens) or lower max_new_tokens."
-            )
+        # Checked eagerly (generate's prefill included); a traced graph cannot raise on the value of a static cache's P:
+        # generate() checks its compiled steps in create_masks_for_generate.
+        if not torch.compiler.is_compiling():
+            check_context(P, T, self.config.block_size)
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
@@ -246,9 +251,10 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
         a few fused ops in a compiled step instead of transformers' 4-D mask over every slot. Its length, P + T, is how
         many slots the step reads; generate() drops an all-ones mask, so one is made here. Marked dynamic (it grows a
         token a step), so torch.compile traces one graph for every length instead of one per length."""
+        B, T = inputs_embeds.shape[:2]
+        P = int(cache.get_seq_length())
+        check_context(P, T, self.config.block_size)  # the compiled step cannot: past block_size is past the cache
         if attention_mask is None:
-            B, T = inputs_embeds.shape[:2]
-            P = int(cache.get_seq_length())
             attention_mask = torch.ones(B, P + T, dtype=torch.long, device=inputs_embeds.device)
         if attention_mask.dim() == 2:
             torch._dynamo.maybe_mark_dynamic(attention_mask, 1)

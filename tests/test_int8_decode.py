@@ -51,6 +51,8 @@ def test_int8_generate_compiles_a_static_decode_step_with_the_eager_greedy_token
     assert fast.sequences.tolist() == eager.sequences.tolist()
     for step, (a, b) in enumerate(zip(fast.logits, eager.logits)):
         torch.testing.assert_close(a, b, rtol=0, atol=0.02, msg=f"step {step}")
+    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):  # past the cache: said eagerly
+        model.generate(PROMPT, max_new_tokens=100, do_sample=False, pad_token_id=0)
     # A longer prompt and more tokens reuse the block_size cache and the same graph: still the eager tokens.
     longer = dict(max_new_tokens=30)
     with torch.inference_mode():
