@@ -16,6 +16,7 @@ dequantized to fp32 instead, with a warning: same results up to activation round
 Quantizing fp32 weights (rows and scales) is quantize.py's job, not this file's.
 """
 
+import copy
 import functools
 import os
 import threading
@@ -24,6 +25,7 @@ import warnings
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from transformers import CompileConfig
 
 INT8_METHOD = "toygpt-int8"
 INT8_VERSION = 2  # 1 (no "version" key): the same tensors, activations were quantized per tensor (fbgemm) at run time
@@ -299,6 +301,64 @@ class Int8TiedLMHead(nn.Module):
 
     def forward(self, x):
         return self._transformer[0].wte._int8_linear(x)
+
+
+COMPILE_ENV = "TOYGPT_INT8_COMPILE"  # 0: generate() decodes eagerly, with transformers' dynamic cache
+
+
+def fast_decode_kwargs(model, kwargs):
+    """generate()'s defaults for the int8 model on the CPU: a static KV cache, whose one-token decode step
+    transformers compiles (inductor). Batch-1 decode of a small model is bound by per-op overhead, which a compiled
+    step mostly removes; the first call compiles (seconds, cached on disk by inductor), later ones reuse the graph.
+    The cache holds block_size tokens, so every call reuses one graph; the step reads only the filled slots.
+    The caller's choice wins: cache_implementation (e.g. "dynamic"), disable_compile=True, a cache of their own,
+    use_cache=False, or TOYGPT_INT8_COMPILE=0 all keep transformers' eager default, as do beam search, assisted and
+    prompt-lookup decoding."""
+    config = kwargs.get("generation_config") or model.generation_config
+    chosen = {name: kwargs.get(name, getattr(config, name, None))
+              for name in ("cache_implementation", "disable_compile", "use_cache", "num_beams",
+                           "prompt_lookup_num_tokens")}
+    if (os.environ.get(COMPILE_ENV, "1").strip() == "0" or chosen["disable_compile"] or chosen["use_cache"] is False
+            or kwargs.get("cache") is not None or chosen["cache_implementation"] not in (None, "static")
+            or model.device.type != "cpu"):
+        return kwargs
+    if (chosen["num_beams"] or 1) > 1 or chosen["prompt_lookup_num_tokens"] or kwargs.get("assistant_model"):
+        return kwargs  # beams and candidate verification: one token a step is what the compiled step is for
+    problem = inductor_problem()
+    if problem is not None:
+        warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
+                      f"per token. Install a C++ compiler (e.g. g++), or set {COMPILE_ENV}=0 to silence this.")
+        return kwargs
+    fast = {"cache_implementation": "static", "max_cache_len": model.config.block_size,
+            "compile_config": decode_compile_config()}
+    if kwargs.get("generation_config") is None:
+        return {**fast, **kwargs}
+    config = copy.deepcopy(config)  # a given config object takes them itself: transformers deprecates config + kwargs
+    for name, value in fast.items():
+        if name not in kwargs and getattr(config, name, None) is None:
+            setattr(config, name, value)
+    return {**kwargs, "generation_config": config}
+
+
+def decode_compile_config():
+    # size_asserts off: inductor re-checks every extern kernel's output sizes and strides on each call (int_mm, SDPA);
+    # the trace already derived those shapes, so on every step the checks only cost time. No mode: transformers'
+    # default, "reduce-overhead", is CUDA graphs, and torch.compile takes a mode or options, not both.
+    config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False})
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def inductor_problem():
+    """Why inductor cannot compile for the CPU here (no C++ compiler), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return None
+    except Exception as err:  # the check is inductor's own; any failure of it means "no compiled step"
+        return f"no working C++ compiler for inductor: {type(err).__name__}"
 
 
 def check_quantization(config):

@@ -1,7 +1,7 @@
 """ToyGPT: the GPT-2 decoder as nanoGPT writes it, shaped as a transformers model.
 
-Shapes: B batch, T new tokens, P tokens already in the KV cache, S keys each layer attends over (P + T with a
-dynamic cache; a static cache's allocated length, slots P + T .. S-1 still empty), C n_embd, nh heads, hs = C // nh.
+Shapes: B batch, T new tokens, P tokens already in the KV cache, S keys each layer attends over (P + T; with a static
+cache and no mask, its allocated length, slots P + T .. S-1 still empty), C n_embd, nh heads, hs = C // nh.
 """
 
 import math
@@ -17,10 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 try:
     from .configuration_toygpt import ToyGPTConfig
-    from .int8_toygpt import check_quantization, int8_lm_head, use_int8_modules
+    from .int8_toygpt import check_quantization, fast_decode_kwargs, int8_lm_head, use_int8_modules
 except ImportError:  # imported as a plain module (repo checkout, tests)
     from configuration_toygpt import ToyGPTConfig
-    from int8_toygpt import check_quantization, int8_lm_head, use_int8_modules
+    from int8_toygpt import check_quantization, fast_decode_kwargs, int8_lm_head, use_int8_modules
 
 
 class CausalSelfAttention(nn.Module):
@@ -35,14 +35,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_projection = True  # scaled init, see _init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, cache=None):
+    def forward(self, x, attn_mask=None, cache=None, kv_length=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs): past keys/values + these T
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S or a static cache's length, hs)
+            k, v = k[:, :, :kv_length], v[:, :, :kv_length]  # a static cache's empty slots: never read them
         # No attn_mask (build_attention_mask): causal. SDPA's is_causal aligns top-left, which is right when T == S; the
         # other maskless case, one query over exactly its past, needs no mask at all. bool(): symbolic sizes under
         # torch.export compare to a SymBool, which SDPA refuses.
@@ -77,8 +78,8 @@ class Block(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache)
+    def forward(self, x, attn_mask=None, cache=None, kv_length=None):
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, cache=cache, kv_length=kv_length)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -111,6 +112,14 @@ def build_attention_mask(attention_mask, T, P, S):
     return mask
 
 
+def check_context(P, T, block_size):
+    if P + T > block_size:
+        raise ValueError(
+            f"Sequence length {int(P + T)} ({int(P)} cached + {T} new tokens) exceeds the model's context "
+            f"block_size={block_size}. Truncate the input (keep the last {block_size} tokens) or lower max_new_tokens."
+        )
+
+
 class ToyGPTPreTrainedModel(PreTrainedModel):
     config_class = ToyGPTConfig
     config: ToyGPTConfig
@@ -118,6 +127,7 @@ class ToyGPTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
+    _can_compile_fullgraph = True  # one graph per decode step: generate() compiles it with a static cache
 
     def _init_weights(self, module):
         # GPT-2 init: N(0, 0.02) for matrices and embeddings, zeros for biases, ones for LayerNorm gains;
@@ -183,13 +193,14 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
             cache = None
         P = cache.get_seq_length() if cache is not None else 0  # a 0-d tensor for a static cache
         S = cache.get_mask_sizes(T, layer_idx=0)[0] if cache is not None else T
-        # Checked eagerly (generate's prefill included); a traced graph cannot raise on the value of a static cache's P.
-        if not torch.compiler.is_compiling() and P + T > self.config.block_size:
-            raise ValueError(
-                f"Sequence length {int(P + T)} ({int(P)} cached + {T} new tokens) exceeds the model's context "
-                f"block_size={self.config.block_size}. Truncate the input (keep the last {self.config.block_size} "
-                "tokens) or lower max_new_tokens."
-            )
+        if attention_mask is not None:
+            # A mask counts the keys: a 2-D one covers the P + T filled ones, so a static cache's step reads those only
+            # (under torch.compile S is then one symbolic size, not a recompile per step).
+            S = attention_mask.size(-1)
+        # Checked eagerly (generate's prefill included); a traced graph cannot raise on the value of a static cache's P:
+        # generate() checks its compiled steps in create_masks_for_generate.
+        if not torch.compiler.is_compiling():
+            check_context(P, T, self.config.block_size)
 
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
@@ -204,7 +215,7 @@ class ToyGPTModel(ToyGPTPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden_states += (x,)
-            x = block(x, attn_mask=attn_mask, cache=cache)
+            x = block(x, attn_mask=attn_mask, cache=cache, kv_length=S)
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden_states += (x,)
@@ -229,6 +240,25 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
+
+    def generate(self, *args, **kwargs):
+        if self.config.quantization:  # int8: a static cache and a compiled decode step unless the caller says otherwise
+            kwargs = fast_decode_kwargs(self, kwargs)
+        return super().generate(*args, **kwargs)
+
+    def create_masks_for_generate(self, inputs_embeds, attention_mask=None, cache=None, **kwargs):
+        """generate() with a static cache: hand forward a 2-D mask, from which it builds its own (build_attention_mask),
+        a few fused ops in a compiled step instead of transformers' 4-D mask over every slot. Its length, P + T, is how
+        many slots the step reads; generate() drops an all-ones mask, so one is made here. Marked dynamic (it grows a
+        token a step), so torch.compile traces one graph for every length instead of one per length."""
+        B, T = inputs_embeds.shape[:2]
+        P = int(cache.get_seq_length())
+        check_context(P, T, self.config.block_size)  # the compiled step cannot: past block_size is past the cache
+        if attention_mask is None:
+            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.dim() == 2:
+            torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
+        return attention_mask
 
     def forward(
         self,

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,15 +40,25 @@ CONFIGS = {
 TARGET_VS_GPT2, TARGET_VS_NO_CACHE = 1.0, 4.0
 
 
+class NoEndOfText(LogitsProcessor):
+    """<|endoftext|> never wins, so generation runs its full length (as llama.cpp's ignore_eos). transformers'
+    min_new_tokens does the same but re-derives a vocabulary-sized mask every step (~0.5 ms, more than a whole tiny
+    model's compiled step), which would be timed as decode."""
+
+    def __call__(self, input_ids, scores):
+        scores[:, ToyGPTConfig().eos_token_id] = -float("inf")
+        return scores
+
+
 def generate_tokens(model, prompt, new_tokens, **cache_kwargs):
     # Exactly `new_tokens` greedy steps: no sampling, and no early stop at <|endoftext|>.
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **cache_kwargs,
+        do_sample=False, max_new_tokens=new_tokens, **cache_kwargs,
         eos_token_id=ToyGPTConfig().eos_token_id, pad_token_id=ToyGPTConfig().eos_token_id,
     )
     with torch.inference_mode():
         start = time.perf_counter()
-        output = model.generate(prompt, generation_config=config)
+        output = model.generate(prompt, generation_config=config, logits_processor=LogitsProcessorList([NoEndOfText()]))
         seconds = time.perf_counter() - start
     assert output.shape[1] == prompt.shape[1] + new_tokens
     return output[0, prompt.shape[1]:].tolist(), seconds

@@ -9,8 +9,11 @@ llama.cpp measures it, decode tokens/s, peak RSS at load.
 Without --trained-dir it first trains that model itself (3 minutes). Every figure is measured in the same run:
 - 124M `gpt2` preset, random weights (seeded), written by save_model_dir, quantized by quantization.quantize_dir:
   * size of model.safetensors, int8 / fp32                                       (target <= 0.27x)
-  * greedy tokens/s, batch 1, 16-token prompt, 256 new tokens, KV cache, both loaded with from_pretrained; fp32 and
-    int8 take turns, repeat after repeat, so contention hits both alike; medians  (target >= 2.0x)
+  * decode tokens/s, batch 1, greedy, 16-token prompt, 256 new tokens, KV cache, at 1 and 2 threads (--decode-threads):
+    ToyGPT fp32, ToyGPT int8 (its default generate(): static cache, compiled decode step; the compile is the warm-up,
+    timed apart) and llama.cpp q8_0 of the same weights take turns, repeat after repeat, so contention hits them
+    alike; medians, and a profiled per-token split (matmuls, attention, rest)
+    (targets: int8/fp32 >= 2.0x at --threads and >= 3x at every thread count; int8/q8_0 >= 0.8x)
   * peak RSS (VmHWM) of a fresh process over from_pretrained + one greedy token, above the RSS before loading,
     int8 / fp32 (target <= 0.5x); the whole-process figures are printed too
 - the trained model (tiny Shakespeare), quantized the same way, and its GGUF q8_0 (convert_gpt2.py to-gguf) run in
@@ -21,7 +24,7 @@ Without --trained-dir it first trains that model itself (3 minutes). Every figur
     one remainder bucket (a lower bound of the exact KLD); int8 is measured exactly AND the same top-k way, and the
     targets compare like with like: int8 top-k KLD <= q8_0's, same top >= q8_0's, PPL ratio <= 1.002
   * size int8 / fp32 (<= 0.27x), val loss rise (<= 1%)
-  * decode tokens/s, batch 1, 1 and 2 threads: ToyGPT fp32, int8 and llama.cpp q8_0 taking turns (no target)
+  * decode tokens/s, batch 1, 1 and 2 threads, as for the 124M shape (target int8/q8_0 >= 0.5x)
   * greedy agreement int8 vs fp32 (information only: one early flip changes a whole continuation)
 Exit status 1 if any target is missed.
 """
@@ -53,10 +56,12 @@ from toygpt.gguf_export import export_gguf  # noqa: E402
 from toygpt.model_dir import save_model_dir  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 from generate import generate_tokens, greedy_agreement  # noqa: E402  (bench/generate.py: exact-length greedy)
+from decode_levers import per_token_split  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROMPT_TOKENS = 16
-TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "ppl_ratio": 1.002}
+TARGETS = {"size": 0.27, "speed": 2.0, "rss": 0.5, "loss_rise": 0.01, "ppl_ratio": 1.002,
+           "decode_vs_fp32": 3.0, "decode_vs_q8_124m": 0.8, "decode_vs_q8_tiny": 0.5}
 
 # Peak RSS of loading in a fresh interpreter: from_pretrained, then one greedy token (safetensors are mmapped
 # lazily, so only a first forward makes the weights resident: that is the memory a loaded model costs).
@@ -89,14 +94,15 @@ def load(directory):
     return AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True).eval()
 
 
-def load_rss(directory, threads):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+def load_rss(directory, threads, compile_decode=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "TOYGPT_INT8_COMPILE": "1" if compile_decode else "0"}
     proc = subprocess.run([sys.executable, "-c", RSS_CODE, str(directory), str(threads)], cwd=directory.parent,
                           env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int) -> dict:
+def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int, decode_threads) -> dict:
     torch.manual_seed(0)
     fp32_dir = save_model_dir(ToyGPTForCausalLM(ToyGPTConfig.from_preset("gpt2")), work / "gpt2-fp32")
     int8_dir = work / "gpt2-int8"
@@ -107,21 +113,15 @@ def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int) -> dict:
     sizes = {k: (d / "model.safetensors").stat().st_size for k, d in dirs.items()}
 
     rss = {k: load_rss(d, threads) for k, d in dirs.items()}
+    # int8's default generate() allocates a block_size static cache and loads torch.compile: the eager path's figure
+    # is the weights' share alone
+    rss["int8 eager"] = load_rss(int8_dir, threads, compile_decode=False)
 
     models = {k: load(d) for k, d in dirs.items()}
     assert type(models["int8"].lm_head).__name__ == "Int8TiedLMHead", "int8 dir did not load as int8"
-    prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
-    for model in models.values():  # warm-up: int8 packing, allocator, thread pool
-        generate_tokens(model, prompt, 8, use_cache=True)
-    seconds = {k: [] for k in models}
-    tokens = {}
-    for _ in range(repeats):
-        for k, model in models.items():
-            tokens[k], elapsed = generate_tokens(model, prompt, new_tokens, use_cache=True)
-            seconds[k].append(elapsed)
-    rate = {k: new_tokens / statistics.median(s) for k, s in seconds.items()}
-    same = sum(a == b for a, b in zip(tokens["fp32"], tokens["int8"])) / new_tokens
-    return {"sizes": sizes, "rss": rss, "rate": rate, "seconds": seconds, "same": same}
+    gguf = None if llama_cpp_missing() else export_gguf(fp32_dir, work / "gpt2-q8_0.gguf", "q8_0", log=lambda *a: None)
+    decode = decode_rates(models, gguf, sorted(set(decode_threads) | {threads}), repeats, new_tokens)
+    return {"sizes": sizes, "rss": rss, "rate": decode["rates"][threads], "decode": decode}
 
 
 def train_tiny(work: Path, corpus: Path) -> Path:
@@ -226,29 +226,64 @@ def bench_trained(trained: Path, work: Path, corpus: Path, prompts: int, continu
 
 
 def decode_rates(models: dict, gguf, thread_counts, repeats: int, new_tokens: int) -> dict:
-    """{threads: {name: tokens/s}}: batch-1 greedy decode, a 16-token prompt, KV cache; ToyGPT fp32 and int8 and
-    llama.cpp (its server, one request per generation) take turns, repeat after repeat; medians."""
+    """Batch-1 greedy decode, a 16-token prompt, KV cache, exactly `new_tokens` tokens: ToyGPT fp32, ToyGPT int8 (its
+    default generate(): static cache, compiled decode step) and llama.cpp q8_0 (its server, one request per generation)
+    take turns, repeat after repeat; medians. Returns {"rates": {threads: {name: tokens/s}}, "first_call_s": {threads:
+    {name: s}} (the warm-up: int8 compiles its step there, which the rates leave out), "split": {threads: {name:
+    per_token_split}}}."""
     prompt = torch.randint(0, 50257, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     new_tokens = min(new_tokens, next(iter(models.values())).config.block_size - PROMPT_TOKENS)
-    rates = {}
+    result = {"rates": {}, "first_call_s": {}, "split": {}}
     previous = torch.get_num_threads()
     for threads in thread_counts:
         torch.set_num_threads(threads)
         runtime = None if gguf is None else LlamaCpp(gguf, PROMPT_TOKENS + new_tokens, threads)
-        runs = {name: (lambda m=model: generate_tokens(m, prompt, new_tokens, use_cache=True)[1])
-                for name, model in models.items()}
+        runs = {name: (lambda m=model: generate_tokens(m, prompt, new_tokens)[1]) for name, model in models.items()}
         if runtime is not None:
             runs["llama.cpp q8_0"] = lambda: runtime.greedy_seconds(prompt[0].tolist(), new_tokens)
-        for run in runs.values():
-            run()  # warm-up
+        first = {}
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()  # warm-up: int8 packing and compiling, allocator, thread pool
+            first[name] = time.perf_counter() - start
         seconds = {name: [] for name in runs}
         for _ in range(repeats):
             for name, run in runs.items():
                 seconds[name].append(run())
-        rates[threads] = {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
+        result["rates"][threads] = {name: new_tokens / statistics.median(s) for name, s in seconds.items()}
+        result["first_call_s"][threads] = first
+        result["split"][threads] = {name: per_token_split(model, prompt, new_tokens) for name, model in models.items()}
         del runtime
     torch.set_num_threads(previous)
-    return rates
+    return result
+
+
+def decode_results(decode: dict, label: str, q8_target: float, fp32_target: float | None) -> list:
+    """The decode targets as summary rows, one per thread count."""
+    rows = []
+    for threads, rate in decode["rates"].items():
+        if "llama.cpp q8_0" in rate:
+            ratio = rate["int8"] / rate["llama.cpp q8_0"]
+            rows.append((f"decode int8/q8_0, {label}, {threads} thread(s)", f"{ratio:.2f}x", f">= {q8_target}x",
+                         ratio >= q8_target))
+        if fp32_target is not None:
+            ratio = rate["int8"] / rate["fp32"]
+            rows.append((f"decode int8/fp32, {label}, {threads} thread(s)", f"{ratio:.2f}x", f">= {fp32_target}x",
+                         ratio >= fp32_target))
+    return rows
+
+
+def print_decode(decode: dict, new_tokens: int, repeats: int) -> None:
+    for threads, rate in decode["rates"].items():
+        q8 = rate.get("llama.cpp q8_0")
+        print(f"  decode tokens/s, batch 1, greedy, {threads} thread(s), median of {repeats}: " + "   ".join(
+            f"{name} {r:.0f}" for name, r in rate.items()))
+        print(f"    ratios: int8/fp32 {rate['int8'] / rate['fp32']:.2f}x" + (
+            "" if q8 is None else f"   int8/q8_0 {rate['int8'] / q8:.2f}x   fp32/q8_0 {rate['fp32'] / q8:.2f}x"))
+        print("    first call (warm-up, not in the rates; int8 compiles its decode step here): " + "   ".join(
+            f"{name} {s:.1f} s" for name, s in decode["first_call_s"][threads].items()))
+        for name, split in decode["split"][threads].items():
+            print(f"    per-token ms, {name:<5} (profiled): " + "   ".join(f"{k} {v:.2f}" for k, v in split.items()))
 
 
 def main(argv=None):
@@ -279,7 +314,7 @@ def main(argv=None):
         print(f"torch {torch.__version__}, {args.threads} threads, int8 kernel: "
               f"{int8_kernel().name}")
 
-        big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads)
+        big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads, args.decode_threads)
         if big:
             s, r, t = big["sizes"], big["rss"], big["rate"]
             print("\n124M gpt2 preset (random weights):")
@@ -288,14 +323,15 @@ def main(argv=None):
             print(f"  peak RSS, load + 1st token  fp32 {r['fp32']['peak_mb']:7.1f} MB   int8 {r['int8']['peak_mb']:7.1f} MB"
                   f"   (from_pretrained alone: {r['fp32']['loaded_mb']:.1f} / {r['int8']['loaded_mb']:.1f} MB;"
                   f" before loading: {r['fp32']['before_mb']:.1f} / {r['int8']['before_mb']:.1f} MB)")
-            print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB")
-            print(f"  greedy tokens/s             fp32 {t['fp32']:8.1f}      int8 {t['int8']:8.1f}"
-                  f"      (batch 1, {args.new_tokens} new tokens, KV cache, median of {args.repeats}; seconds "
-                  f"fp32 {[round(x, 2) for x in big['seconds']['fp32']]} int8 {[round(x, 2) for x in big['seconds']['int8']]})")
-            print(f"  same greedy token as fp32 (random weights, info): {big['same']:.1%}")
+            eager = growth["int8 eager"]
+            print(f"  growth over before loading  fp32 {growth['fp32']:7.1f} MB   int8 {growth['int8']:7.1f} MB   "
+                  f"(int8 eager, TOYGPT_INT8_COMPILE=0: {eager:.1f} MB, {eager / growth['fp32']:.3f}x)")
+            print_decode(big["decode"], args.new_tokens, args.repeats)
+            results += decode_results(big["decode"], "124M", TARGETS["decode_vs_q8_124m"], TARGETS["decode_vs_fp32"])
             results.append(("size on disk int8/fp32", f"{s['int8'] / s['fp32']:.3f}x", f"<= {TARGETS['size']}x",
                             s["int8"] / s["fp32"] <= TARGETS["size"]))
-            results.append(("greedy tokens/s int8/fp32", f"{t['int8'] / t['fp32']:.2f}x", f">= {TARGETS['speed']}x",
+            results.append((f"greedy tokens/s int8/fp32, {args.threads} threads", f"{t['int8'] / t['fp32']:.2f}x",
+                            f">= {TARGETS['speed']}x",
                             t["int8"] / t["fp32"] >= TARGETS["speed"]))
             rss_ratio = growth["int8"] / growth["fp32"]
             results.append(("peak RSS at load (growth) int8/fp32", f"{rss_ratio:.3f}x", f"<= {TARGETS['rss']}x",
@@ -342,11 +378,9 @@ def main(argv=None):
                             rise <= TARGETS["loss_rise"]))
             print(f"  greedy agreement, {args.prompts} prompts x {args.continuation_tokens} tokens (information): "
                   f"{small['agreement']:.1%}")
-            rates = decode_rates(small["models"], small["gguf"], args.decode_threads, args.repeats, args.new_tokens)
-            for threads, rate in rates.items():
-                print(f"  decode tokens/s, batch 1, {threads} thread(s): " + "   ".join(
-                    f"{name} {r:.0f}" for name, r in rate.items()) + "   (ratio to fp32: " + "   ".join(
-                    f"{name} {r / rate['fp32']:.2f}x" for name, r in rate.items() if name != "fp32") + ")")
+            decode = decode_rates(small["models"], small["gguf"], args.decode_threads, args.repeats, args.new_tokens)
+            print_decode(decode, args.new_tokens, args.repeats)
+            results += decode_results(decode, "tiny", TARGETS["decode_vs_q8_tiny"], None)
 
     print("\nsummary:")
     for label, value, target, ok in results:

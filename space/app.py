@@ -3,7 +3,9 @@
 Which model: TOYGPT_MODEL (Hub repo id or local directory), else `model_id.txt` beside this file (the push step
 writes it), else ../out/toygpt-int8 or ../out/toygpt. On CPU the int8 variant is preferred: subfolder `int8` of
 the model repo/dir when present (in a local dir, only if it was quantized from the weights beside it).
-TOYGPT_VARIANT=fp32|int8|auto (default auto) overrides; TOYGPT_REVISION picks a Hub branch. Self-contained on
+TOYGPT_VARIANT=fp32|int8|auto (default auto) overrides; TOYGPT_REVISION picks a Hub branch. The int8 model's
+generate() runs a static cache and a compiled decode step (TOYGPT_INT8_COMPILE=0: eager), warmed up before serving;
+the app samples top-k itself (TopKSampler). Self-contained on
 purpose: a Space is deployed alone, so this imports pip packages only.
 
     TOYGPT_MODEL=out/toygpt-int8 python space/app.py        # http://127.0.0.1:7860 (GRADIO_SERVER_PORT to change)
@@ -29,6 +31,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -328,6 +332,35 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class TopKSampler(LogitsProcessor):
+    """Samples each next token itself (temperature, then top-k, then top-p among those k) and leaves only that token
+    for generate()'s greedy pick. The same distribution as generate()'s own sampling, without its torch.multinomial
+    over all 50,257 tokens, which takes about 1 ms a step on a CPU, longer than a tiny model's whole compiled step;
+    over the k candidates it takes microseconds."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        k = min(self.top_k, scores.size(-1))
+        values, indices = (scores / self.temperature).topk(k, dim=-1)  # (B, k), most likely first
+        probs = values.softmax(dim=-1)
+        if self.top_p < 1.0:  # the nucleus: tokens until top_p is reached (the first always stays)
+            probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= self.top_p, 0.0)
+        choice = indices.gather(-1, torch.multinomial(probs, 1))  # (B, 1)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, choice, 0.0)
+
+
+def sampling_kwargs(temperature: float, top_k: int, top_p: float) -> dict:
+    """generate()'s sampling settings: temperature 0 is greedy; with top-k, TopKSampler draws the token."""
+    if temperature <= 0:
+        return dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if top_k > 0:
+        return dict(do_sample=False, temperature=None, top_k=None, top_p=None,
+                    logits_processor=LogitsProcessorList([TopKSampler(temperature, top_k, top_p)]))
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
+
+
 def clamp(value, low, high):
     return max(low, min(high, value))
 
@@ -370,12 +403,11 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     streamer = BatchTextStreamer(loaded.tokenizer, num_sequences)
     stop = threading.Event()
     input_ids = torch.tensor([prompt_ids] * num_sequences, device=loaded.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     generate_kwargs = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
-        **(sampling if temperature > 0 else dict(do_sample=False, temperature=None, top_k=None, top_p=None)),
+        **sampling_kwargs(temperature, top_k, top_p),
         pad_token_id=loaded.tokenizer.eos_token_id,
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
@@ -413,6 +445,19 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
     yield [prompt + text for text in texts], "\n\n".join([status, *notes])
 
 
+def warm_up(loaded: LoadedModel) -> float:
+    """One short generation before serving; returns its seconds. The int8 model's generate() compiles its decode step
+    on its first call (seconds; inductor caches it on disk, so later starts are quicker): done here, that is no
+    visitor's wait, and no status line's tokens/s counts it. A batch of another size compiles once more, on first
+    use."""
+    start = time.perf_counter()
+    ids = torch.tensor([loaded.tokenizer(EXAMPLES[1], verbose=False)["input_ids"]], device=loaded.device)
+    with torch.inference_mode():
+        loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                              pad_token_id=loaded.tokenizer.eos_token_id, **sampling_kwargs(0.8, 50, 1.0))
+    return time.perf_counter() - start
+
+
 def api_problem(loaded: LoadedModel, max_new_tokens, temperature, top_k, top_p, num_sequences) -> str | None:
     """Why the API's sampling settings are out of range (the UI's sliders enforce the same ranges), or None."""
     limits = [("max_new_tokens", max_new_tokens, 1, loaded.max_new_tokens), ("temperature", temperature, 0.0, 2.0),
@@ -429,6 +474,7 @@ def build_demo(model_id: str | None = None, variant: str | None = None, revision
     revision = revision or os.environ.get("TOYGPT_REVISION") or None
     loaded = load_model(model_id or default_model_id(variant), variant, revision)
     print(f"{PROG}: serving {loaded.describe()}", flush=True)  # which model and variant, also for API users' logs
+    print(f"{PROG}: warmed up in {warm_up(loaded):.1f} s (int8 on the CPU compiles its decode step then)", flush=True)
 
     default_new_tokens = min(100, loaded.context // 2)  # leaves half the context for the prompt
 

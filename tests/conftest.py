@@ -13,6 +13,9 @@ SHARED_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Two cores on CI: keep each test process from oversubscribing them.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# int8 generate() compiles its decode step by default (seconds per model and shape): the suite decodes eagerly, here
+# and in every process it starts; tests/test_int8_decode.py turns the compiled path back on where it checks it.
+os.environ["TOYGPT_INT8_COMPILE"] = "0"
 
 
 def small_config(**overrides):

@@ -142,7 +142,8 @@ OFFLOADED = pytest.mark.skipif(not torch.cuda.is_available(), reason="transforme
     pytest.param("offloaded_static", marks=[OFFLOADED, pytest.mark.skipif(torch.cuda.is_available(), reason="segfaulted in generate's compile on an H200")]),
 ])
 def test_every_cache_gives_gpt2s_greedy_tokens_padded_or_not(cache_implementation):
-    """Static caches get transformers' ready 4-D mask and hand back keys padded to their full length; every cache
+    """Static caches pass the 2-D mask through (create_masks_for_generate) and hand back keys padded to their full
+    length, of which the step reads the filled ones; every cache
     gives GPT2LMHeadModel's greedy tokens (same weights), for one prompt and for a left-padded batch."""
     from toygpt.gpt2_conversion import toygpt_to_gpt2
 

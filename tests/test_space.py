@@ -403,3 +403,25 @@ def test_auto_serves_fp32_when_the_int8_subfolder_is_of_older_weights(tiny_model
     del report["source_sha256"]  # int8 dirs from before the record: taken as they are
     (model / "int8" / "quantization_report.json").write_text(json.dumps(report))
     assert app.load_model(str(model)).precision == "int8"
+
+
+def test_top_k_sampler_draws_from_temperature_top_k_and_top_p_as_generate_would():
+    """The app's own sampler (generate()'s multinomial over the whole vocabulary takes ~1 ms a step): same
+    distribution, the drawn token left alone for the greedy pick."""
+    app = import_app()
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+
+    def frequencies(temperature, top_k, top_p, n=4000):
+        sampler = app.TopKSampler(temperature, top_k, top_p)
+        counts = torch.zeros(4)
+        for _ in range(n):
+            out = sampler(None, logits.clone())
+            assert torch.isfinite(out).sum() == 1  # one token left for the greedy pick
+            counts[out.argmax()] += 1
+        return counts / n
+
+    torch.testing.assert_close(frequencies(1.0, 2, 1.0), torch.tensor([0.625, 0.375, 0, 0]), rtol=0, atol=0.03)
+    torch.testing.assert_close(frequencies(1.0, 4, 0.7), torch.tensor([0.625, 0.375, 0, 0]), rtol=0, atol=0.03)
+    sharp = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    torch.testing.assert_close(frequencies(0.5, 4, 1.0), sharp / sharp.sum(), rtol=0, atol=0.03)

@@ -1,0 +1,103 @@
+"""int8 generate()'s fast path: a static KV cache and a compiled decode step by default, its off switches, and the
+eager fallback without a C++ compiler. conftest.py turns the fast path off for the rest of the suite (compiling
+costs seconds); these tests turn it back on where they need it."""
+
+import warnings
+
+import pytest
+import torch
+
+import int8_toygpt
+from conftest import small_config
+from int8_toygpt import fast_decode_kwargs
+from modeling_toygpt import ToyGPTForCausalLM
+from toygpt.quantization import quantize_int8
+
+PROMPT = torch.tensor([[5, 17, 42, 3, 60, 11, 29, 8]])
+
+
+@pytest.fixture(scope="module")
+def int8_model():
+    # A small vocabulary and a large init: no near-tie among the top logits (seed 11: the smallest top-2 gap over
+    # these tests' steps is 0.05), so int8's rounding, which a compiled graph may do in another order, flips no token.
+    torch.manual_seed(11)
+    return quantize_int8(ToyGPTForCausalLM(small_config(vocab_size=64, initializer_range=0.5)).eval())
+
+
+@pytest.fixture
+def no_compiled_step(int8_model):
+    """generate() keeps the compiled step on the model; each test starts without one."""
+    int8_model.__dict__.pop("_compiled_call", None)
+    yield int8_model
+    int8_model.__dict__.pop("_compiled_call", None)
+
+
+def greedy(model, **kwargs):
+    with torch.inference_mode():
+        return model.generate(PROMPT, max_new_tokens=24, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                              output_logits=True, **kwargs)
+
+
+def test_int8_generate_compiles_a_static_decode_step_with_the_eager_greedy_tokens(no_compiled_step, monkeypatch):
+    model = no_compiled_step
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    eager = greedy(model, cache_implementation="dynamic")
+    margins = [float(top[0, 0] - top[0, 1]) for top in (logits.topk(2).values for logits in eager.logits)]
+    assert min(margins) > 0.04, "the fixture's logits have a near-tie: pick another seed"
+    assert not hasattr(model, "_compiled_call")
+
+    fast = greedy(model)
+    assert hasattr(model, "_compiled_call"), "the default int8 generate() did not compile its decode step"
+    assert fast.sequences.tolist() == eager.sequences.tolist()
+    for step, (a, b) in enumerate(zip(fast.logits, eager.logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02, msg=f"step {step}")
+    with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):  # past the cache: said eagerly
+        model.generate(PROMPT, max_new_tokens=100, do_sample=False, pad_token_id=0)
+    # A longer prompt and more tokens reuse the block_size cache and the same graph: still the eager tokens.
+    longer = dict(max_new_tokens=30)
+    with torch.inference_mode():
+        ids = torch.cat([PROMPT, PROMPT], dim=1)
+        assert model.generate(ids, do_sample=False, pad_token_id=0, **longer).tolist() == \
+            model.generate(ids, do_sample=False, pad_token_id=0, cache_implementation="dynamic", **longer).tolist()
+
+
+@pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache", "beams", "lookup"])
+def test_each_off_switch_keeps_the_eager_dynamic_cache(int8_model, switch, monkeypatch):
+    from transformers import DynamicCache
+
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    assert fast_decode_kwargs(int8_model, {})["cache_implementation"] == "static"  # on by default
+    kwargs = {"disable_compile": {"disable_compile": True}, "dynamic": {"cache_implementation": "dynamic"},
+              "env": {}, "cache": {"cache": DynamicCache()}, "use_cache": {"use_cache": False},
+              "beams": {"num_beams": 2}, "lookup": {"prompt_lookup_num_tokens": 3}}[switch]
+    if switch == "env":
+        monkeypatch.setenv("TOYGPT_INT8_COMPILE", "0")
+    assert fast_decode_kwargs(int8_model, kwargs) == kwargs
+
+
+def test_an_explicit_static_cache_compiles_too_and_fp32_models_are_left_alone(int8_model, monkeypatch):
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    chosen = fast_decode_kwargs(int8_model, {"cache_implementation": "static", "max_cache_len": 40})
+    assert chosen["max_cache_len"] == 40 and chosen["compile_config"]._compile_all_devices
+    fp32 = ToyGPTForCausalLM(small_config()).eval()
+    with torch.inference_mode():
+        fp32.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert not hasattr(fp32, "_compiled_call")
+
+
+def test_without_a_cpp_compiler_generate_warns_once_and_decodes_eagerly(no_compiled_step, monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    model = no_compiled_step
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    int8_toygpt.inductor_problem.cache_clear()
+    try:
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = greedy(model)
+        mine = [w for w in caught if "ToyGPT int8" in str(w.message)]
+        assert len(mine) == 1 and "C++ compiler" in str(mine[0].message)
+        assert not hasattr(model, "_compiled_call")
+        assert out.sequences.tolist() == greedy(model, cache_implementation="dynamic").sequences.tolist()
+    finally:
+        int8_toygpt.inductor_problem.cache_clear()
