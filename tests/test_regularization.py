@@ -67,13 +67,13 @@ def test_counting_stops_where_the_rule_no_longer_depends_on_it():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train.py: real runs on 12 kB of Shakespeare (about 3,000 training tokens), 128 tokens a step
+# train.py: real runs on 6 kB of Shakespeare (about 1,500 training tokens), 128 tokens a step
 
 
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory, shakespeare_path):
     path = tmp_path_factory.mktemp("text") / "input.txt"
-    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    path.write_text(shakespeare_path.read_text(encoding="utf-8")[:6_000], encoding="utf-8")
     return path
 
 
@@ -86,12 +86,12 @@ def rule_run(out, text, steps, *flags):
 
 
 def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text):
-    short_proc, short, state = rule_run(tmp_path / "short", small_text, 30)
+    short_proc, short, state = rule_run(tmp_path / "short", small_text, 15)
     # The full vocabulary has no vocabulary pass: the run counts the split itself.
-    long_proc, long, long_state = rule_run(tmp_path / "long", small_text, 240, "--vocab", "full")
+    long_proc, long, long_state = rule_run(tmp_path / "long", small_text, 120, "--vocab", "full")
     train_tokens = state["vocab"]["train_tokens"]
-    assert 2_000 < train_tokens < 4_000 and long_state["vocab"] is None
-    for proc, args, steps in ((short_proc, short, 30), (long_proc, long, 240)):
+    assert 1_000 < train_tokens < 2_000 and long_state["vocab"] is None
+    for proc, args, steps in ((short_proc, short, 15), (long_proc, long, 120)):
         epochs = regularization.run_epochs(steps, 128, train_tokens)
         assert args["dropout"] == regularization.dropout_for_epochs(epochs)
         assert f"read the training split's {train_tokens:,} tokens {epochs:.1f} times" in proc.stderr
@@ -99,6 +99,6 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
     config = json.loads((tmp_path / "long" / "config.json").read_text())
     assert config["dropout"] == long["dropout"] == long_state["args"]["dropout"]
     # --resume to 4x the steps keeps the recorded choice (the rule does not decide again mid-run).
-    proc = run_train("--output-dir", tmp_path / "short", "--resume", "--max-steps", 120, "--report-to", "none")
+    proc = run_train("--output-dir", tmp_path / "short", "--resume", "--max-steps", 60, "--report-to", "none")
     assert json.loads((tmp_path / "short" / "training_args.json").read_text())["dropout"] == 0.0
-    assert "epochs rule" not in proc.stderr and metrics(tmp_path / "short")[-1]["step"] == 120
+    assert "epochs rule" not in proc.stderr and metrics(tmp_path / "short")[-1]["step"] == 60
