@@ -306,6 +306,11 @@ class Int8TiedLMHead(nn.Module):
 COMPILE_ENV = "TOYGPT_INT8_COMPILE"  # 0: generate() decodes eagerly, with transformers' dynamic cache
 
 
+def compile_allowed() -> bool:
+    """False where TOYGPT_INT8_COMPILE=0 switches the int8 model's compiled decode step off."""
+    return os.environ.get(COMPILE_ENV, "1").strip() != "0"
+
+
 def fast_decode_kwargs(model, kwargs):
     """generate()'s defaults for the int8 model on the CPU: a static KV cache, whose one-token decode step
     transformers compiles (inductor). Batch-1 decode of a small model is bound by per-op overhead, which a compiled
@@ -318,7 +323,7 @@ def fast_decode_kwargs(model, kwargs):
     chosen = {name: kwargs.get(name, getattr(config, name, None))
               for name in ("cache_implementation", "disable_compile", "use_cache", "num_beams",
                            "prompt_lookup_num_tokens")}
-    if (os.environ.get(COMPILE_ENV, "1").strip() == "0" or chosen["disable_compile"] or chosen["use_cache"] is False
+    if (not compile_allowed() or chosen["disable_compile"] or chosen["use_cache"] is False
             or kwargs.get("cache") is not None or chosen["cache_implementation"] not in (None, "static")
             or model.device.type != "cpu"):
         return kwargs

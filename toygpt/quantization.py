@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from int8_toygpt import COMPILE_ENV, INT8_SCHEME, Int8Rows, int8_kernel
+from int8_toygpt import INT8_SCHEME, Int8Rows, compile_allowed, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import model_card, progress
 from toygpt.dataset_source import file_sha256
@@ -279,7 +279,7 @@ def greedy_tokens_per_second(model, new_tokens: int, prompt: str = SPEED_PROMPT,
 
 def compiles_decode(model) -> bool:
     """Whether generate() compiles its decode step: the int8 model, unless TOYGPT_INT8_COMPILE=0."""
-    return bool(model.config.quantization) and os.environ.get(COMPILE_ENV, "1").strip() != "0"
+    return bool(model.config.quantization) and compile_allowed()
 
 
 class TokenCounter(BaseStreamer):

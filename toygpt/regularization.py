@@ -19,6 +19,7 @@ import bisect
 
 from torch import nn
 
+from modeling_toygpt import CausalSelfAttention
 from toygpt.defaults import EPOCH_DROPOUT
 
 
@@ -52,5 +53,5 @@ def set_dropout(model: nn.Module, p: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = p
-        elif hasattr(module, "dropout") and isinstance(module.dropout, float):  # CausalSelfAttention's dropout_p
+        elif isinstance(module, CausalSelfAttention):  # its dropout_p, a number
             module.dropout = p
