@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_python
+from conftest import REPO, one_thread, run_python
 from test_tracking import expected as expected_scalars, tensorboard_scalars
 from test_optim import scheduled_lrs
 from toygpt import regularization
@@ -395,7 +395,8 @@ def main_in_process(train_module, capsys, *args):
     """train.main(args) in the test process: (exit status, stderr). The code `python train.py` runs, without a fresh
     process importing torch and transformers again (seconds each); an exception escaping main() fails the test, as
     a traceback would. For runs whose point is what they do, not the process: each test keeps a real one."""
-    code = train_module.main([str(arg) for arg in args])
+    with one_thread():
+        code = train_module.main([str(arg) for arg in args])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err[-3000:]
     return code, err
@@ -549,7 +550,7 @@ def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file
 
     monkeypatch.setattr(training, "evaluate_and_log", out_of_memory_in_the_final_eval)
     out = tmp_path / "model"
-    with pytest.raises(MemoryError):
+    with pytest.raises(MemoryError), one_thread():
         train_module.main(["--input", str(text_file), "--output-dir", str(out), *TINY, "--max-steps", "5",
                            "--eval-batches", "1", "--checkpoint-every", "1000"])
     assert (out / "checkpoint" / "step-00000005" / "trainer_state.json").is_file()
