@@ -18,7 +18,7 @@ from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 from toygpt.stream import val_windows
 from toygpt import init_from
 from configuration_toygpt import ToyGPTConfig
-from conftest import REPO, run_python
+from conftest import REPO, one_thread, run_python
 from toygpt.gpt2_conversion import convert_from_gpt2
 from toygpt.evaluation import evaluate
 from hub_server import FakeHub
@@ -331,9 +331,11 @@ def metrics(out_dir) -> list[dict]:
 
 @needs_train_flag
 @pytest.mark.slow
-def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_reload(dirs, gpt2, windows, tmp_path):
+def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_reload(dirs, gpt2, windows, tmp_path,
+                                                                                       capsys):
     """At --lr 0 the weights stay GPT-2's, so every eval is GPT2LMHeadModel's own loss on the same windows. --resume
-    continues the checkpoint: the start is recorded, not reloaded (here it is gone by then)."""
+    continues the checkpoint: the start is recorded, not reloaded (here it is gone by then); train.main() in this
+    process, the first run being a real one."""
     text, _ = windows
     start, out = tmp_path / "gpt2", tmp_path / "run"
     shutil.copytree(dirs / "gpt2", start)
@@ -347,7 +349,11 @@ def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_r
     assert "fine-tuned from" in (out / "README.md").read_text().lower()
 
     shutil.rmtree(start)
-    run_train("--output-dir", out, "--resume", "--max-steps", "3")
+    import train
+
+    with one_thread():
+        code = train.main(["--output-dir", str(out), "--resume", "--max-steps", "3"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert metrics(out)[-1]["step"] == 3
     assert json.loads((out / "training_args.json").read_text())["init_from"] == str(start)
 
