@@ -21,8 +21,9 @@ os.environ["TOYGPT_INT8_COMPILE"] = "0"
 
 @contextlib.contextmanager
 def one_thread():
-    """Train in the test process as the suite's train.py processes do (OMP_NUM_THREADS=1): beside other work on two
-    cores, two intra-op threads run a tiny model's steps many times slower (45 steps: 78 s against 0.6 s)."""
+    """Run a command's work (training, generating) in the test process on one thread, as the suite's processes of
+    train.py and the app do (OMP_NUM_THREADS=1): beside other work on two cores, two intra-op threads run a tiny
+    model's steps many times slower (45 training steps: 78 s against 0.6 s)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
