@@ -1,7 +1,9 @@
 """train.py end to end: real `python train.py` processes on a tiny model and a slice of tiny Shakespeare.
 
 Every run uses a 2-layer, 32-wide model with a 32-token context (most of its time goes to the 50257-token head),
-one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports.
+one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports. A test's further runs
+(a refusal, a resume after its real run) call train.main() in the test process (main_in_process): the same code,
+without those imports again.
 """
 
 import json
