@@ -3,6 +3,8 @@ where one is kept), never a traceback; and a disk that fills up while a checkpoi
 processes on test_train.py's tiny model (most refusals through train.main() in the test process: same code, no
 second import of torch and transformers)."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, one_thread
 from test_train import TINY, run_train, train_cmd, train_env
 
 STEP = "step-00000002"  # the run's checkpoint; "step-00000001" is the previous one, put back where a case wants it
@@ -26,7 +28,10 @@ def finished_run(tmp_path_factory, shakespeare_path):
     out = tmp / "model"
     run_train("--input", text, "--output-dir", out, *TINY, "--max-steps", 1, "--eval-batches", 1)
     shutil.copytree(out / "checkpoint" / "step-00000001", tmp / "step-00000001")
-    run_train("--output-dir", out, "--resume", "--max-steps", 2)
+    import train  # the resume in this process: train.main() without importing torch and transformers again
+
+    with one_thread(), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert train.main(["--output-dir", str(out), "--resume", "--max-steps", "2"]) == 0, err.getvalue()[-3000:]
     return out, tmp / "step-00000001"
 
 
@@ -74,7 +79,7 @@ def resume_failing(out, capsys=None):
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_damaged_checkpoint_is_one_line_offering_the_previous_one(case, finished_run, tmp_path, capsys):
-    """weights_cut_short runs train.py as the user does (and resumes as the error says); the other damages go
+    """weights_cut_short runs train.py as the user does; the other damages, and the resume the error suggests, go
     through train.main() in this process."""
     damage, message = CASES[case]
     out = tmp_path / "model"
@@ -90,10 +95,14 @@ def test_a_damaged_checkpoint_is_one_line_offering_the_previous_one(case, finish
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
     if case != "weights_cut_short":
         return
-    # Doing what it says resumes from the previous checkpoint (once: each resume is a training run).
+    # Doing what it says resumes from the previous checkpoint (once: each resume is a training run; in this process).
     shutil.move(out / "checkpoint" / STEP, aside)
-    resumed = run_train("--output-dir", out, "--resume", "--max-steps", 3)
-    assert f"resumed from {out / 'checkpoint' / 'step-00000001'} at step 1" in resumed.stderr
+    import train
+
+    with one_thread():
+        code = train.main(["--output-dir", str(out), "--resume", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"resumed from {out / 'checkpoint' / 'step-00000001'} at step 1" in err, err[-3000:]
 
 
 def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(finished_run, tmp_path, capsys):
