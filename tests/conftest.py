@@ -1,5 +1,6 @@
 """Shared fixtures: small configs, a saved random model dir, the Shakespeare corpus, fresh-process runner."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # int8 generate() compiles its decode step by default (seconds per model and shape): the suite decodes eagerly, here
 # and in every process it starts; tests/test_int8_decode.py turns the compiled path back on where it checks it.
 os.environ["TOYGPT_INT8_COMPILE"] = "0"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a command's work (training, generating) in the test process on one thread, as the suite's processes of
+    train.py and the app do (OMP_NUM_THREADS=1): beside other work on two cores, two intra-op threads run a tiny
+    model's steps many times slower (45 training steps: 78 s against 0.6 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def small_config(**overrides):

@@ -160,8 +160,7 @@ def test_cli_converts_both_ways_between_directories(tmp_path, capsys):
     toygpt = ToyGPTForCausalLM.from_pretrained(toygpt_dir).eval()
     assert_same_function(gpt2, toygpt)
 
-    proc = run_cli("to-gpt2", toygpt_dir, gpt2_again_dir)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["to-gpt2", str(toygpt_dir), str(gpt2_again_dir)]) == 0  # the way back in-process: no second import
     config = json.loads((gpt2_again_dir / "config.json").read_text())
     assert config["model_type"] == "gpt2" and "auto_map" not in config
     reloaded = AutoModelForCausalLM.from_pretrained(gpt2_again_dir).eval()  # native class, no remote code
@@ -215,7 +214,7 @@ def test_bad_sources_are_refused_clearly(tmp_path, tiny_model_dir, capsys):
 @pytest.mark.parametrize("direction, keep", [("from-gpt2", 0.5), ("to-gpt2", 0.0001)],
                          ids=["from-gpt2-half", "to-gpt2-header-cut"])
 def test_truncated_weights_are_refused_naming_the_file_and_nothing_is_written(tmp_path, tiny_model_dir, direction,
-                                                                             keep):
+                                                                             keep, capsys):
     src = tmp_path / "src"
     if direction == "from-gpt2":
         random_gpt2().save_pretrained(src)
@@ -230,10 +229,12 @@ def test_truncated_weights_are_refused_naming_the_file_and_nothing_is_written(tm
     assert err.startswith(f"convert_gpt2.py: error: {weights} cannot be loaded (SafetensorError: "), err
     assert "copy" in err and "Nothing was written." in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temp dir
-    # With --overwrite, an existing DST survives the refusal untouched.
+    # With --overwrite, an existing DST survives the refusal untouched (main() in this process: the same refusal).
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    proc = run_cli(direction, src, tmp_path / "out", "--overwrite")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    capsys.readouterr()
+    assert main([direction, str(src), str(tmp_path / "out"), "--overwrite"]) == 2  # a traceback would raise here
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("convert_gpt2.py: error: "), err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]

@@ -18,7 +18,7 @@ from transformers import BertConfig, GPT2Config, GPT2LMHeadModel
 from toygpt.stream import val_windows
 from toygpt import init_from
 from configuration_toygpt import ToyGPTConfig
-from conftest import REPO, run_python
+from conftest import REPO, one_thread, run_python
 from toygpt.gpt2_conversion import convert_from_gpt2
 from toygpt.evaluation import evaluate
 from hub_server import FakeHub
@@ -225,9 +225,18 @@ print(json.dumps(out))
 """
 
 
-def hub_probe(cases, reference, env) -> dict:
-    code = (HUB_PROBE.replace("REFERENCE", repr(str(reference))).replace("CASES", repr(cases))
-            .replace("FIND_ONLY", repr(FIND_ONLY_REPO)))
+# huggingface_hub retries a connection error 5 times, sleeping 1+2+4+8+8 s between tries (no setting shortens it):
+# the retries still run, against a port where nothing listens, without the 23 s of waiting.
+NO_RETRY_WAIT = """
+import types
+import huggingface_hub.utils._http as _http
+_http.time = types.SimpleNamespace(sleep=lambda seconds: None)
+"""
+
+
+def hub_probe(cases, reference, env, preamble="") -> dict:
+    code = preamble + (HUB_PROBE.replace("REFERENCE", repr(str(reference))).replace("CASES", repr(cases))
+                       .replace("FIND_ONLY", repr(FIND_ONLY_REPO)))
     return json.loads(run_python(code, cwd=REPO, env=env).splitlines()[-1])
 
 
@@ -290,10 +299,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow  # huggingface_hub retries an unreachable Hub for ~23 s before it gives up
 def test_unreachable_hub_is_reported_with_the_endpoint_and_the_fix(dirs, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    out = hub_probe([(GPT2_REPO, None)], dirs / "gpt2", hub_env(url, tmp_path / "home"))
+    out = hub_probe([(GPT2_REPO, None)], dirs / "gpt2", hub_env(url, tmp_path / "home"), preamble=NO_RETRY_WAIT)
     error = out[GPT2_REPO]["error"]
     assert error.startswith(f"{GPT2_REPO} is not a local directory, and cannot reach {GPT2_REPO} on the Hub ({url}) (")
     assert f"{GPT2_REPO} is not in the Hub cache" in error and "check the network and HF_ENDPOINT" in error
@@ -323,9 +331,11 @@ def metrics(out_dir) -> list[dict]:
 
 @needs_train_flag
 @pytest.mark.slow
-def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_reload(dirs, gpt2, windows, tmp_path):
+def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_reload(dirs, gpt2, windows, tmp_path,
+                                                                                       capsys):
     """At --lr 0 the weights stay GPT-2's, so every eval is GPT2LMHeadModel's own loss on the same windows. --resume
-    continues the checkpoint: the start is recorded, not reloaded (here it is gone by then)."""
+    continues the checkpoint: the start is recorded, not reloaded (here it is gone by then); train.main() in this
+    process, the first run being a real one."""
     text, _ = windows
     start, out = tmp_path / "gpt2", tmp_path / "run"
     shutil.copytree(dirs / "gpt2", start)
@@ -339,7 +349,11 @@ def test_train_init_from_gpt2_dir_first_eval_is_gpt2s_loss_and_resume_does_not_r
     assert "fine-tuned from" in (out / "README.md").read_text().lower()
 
     shutil.rmtree(start)
-    run_train("--output-dir", out, "--resume", "--max-steps", "3")
+    import train
+
+    with one_thread():
+        code = train.main(["--output-dir", str(out), "--resume", "--max-steps", "3"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert metrics(out)[-1]["step"] == 3
     assert json.loads((out / "training_args.json").read_text())["init_from"] == str(start)
 

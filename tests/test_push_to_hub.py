@@ -1,6 +1,8 @@
 """push_to_hub.py against a stand-in Hub (tests/hub_server.py): push, load back, serve the Space, clear errors."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import push_to_hub
-from conftest import REPO, run_python
+from conftest import REPO, one_thread, run_python
 from hub_server import FakeHub
 from toygpt import model_dir as model_dir_module
 
@@ -82,9 +84,14 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_dir(model_dir, tmp_path_factory):
+    """`quantize.py MODEL_DIR OUT --speed-tokens 8`, through quantize.main() in this process (test_quantize.py runs
+    the real process)."""
+    import quantize
+
     out = tmp_path_factory.mktemp("quantized") / "toygpt-int8"
-    subprocess.run([sys.executable, "quantize.py", str(model_dir), str(out), "--speed-tokens", "8"], cwd=REPO,
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    with one_thread(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = quantize.main([str(model_dir), str(out), "--speed-tokens", "8"])
+    assert code == 0, err.getvalue()[-3000:]
     return out
 
 

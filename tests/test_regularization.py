@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import one_thread, small_config
 from test_train import TINY, metrics, run_train
 from toygpt import regularization
 from toygpt.defaults import EPOCH_DROPOUT, TRAINING_DEFAULTS
@@ -85,7 +85,7 @@ def rule_run(out, text, steps, *flags):
     return proc, args, state
 
 
-def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text):
+def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text, capsys):
     short_proc, short, state = rule_run(tmp_path / "short", small_text, 15)
     # The full vocabulary has no vocabulary pass: the run counts the split itself.
     long_proc, long, long_state = rule_run(tmp_path / "long", small_text, 120, "--vocab", "full")
@@ -98,7 +98,14 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
     assert short["dropout"] == 0.0 < long["dropout"]
     config = json.loads((tmp_path / "long" / "config.json").read_text())
     assert config["dropout"] == long["dropout"] == long_state["args"]["dropout"]
-    # --resume to 4x the steps keeps the recorded choice (the rule does not decide again mid-run).
-    proc = run_train("--output-dir", tmp_path / "short", "--resume", "--max-steps", 60, "--report-to", "none")
+    # --resume to 4x the steps keeps the recorded choice (the rule does not decide again mid-run); train.main() in
+    # this process, the runs above being real ones.
+    import train
+
+    with one_thread():
+        code = train.main(["--output-dir", str(tmp_path / "short"), "--resume", "--max-steps", "60", "--report-to",
+                           "none"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
     assert json.loads((tmp_path / "short" / "training_args.json").read_text())["dropout"] == 0.0
-    assert "epochs rule" not in proc.stderr and metrics(tmp_path / "short")[-1]["step"] == 60
+    assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 60

@@ -1,7 +1,10 @@
 """train.py with a checkpoint it cannot use: one line naming the file and what to do (the previous complete checkpoint
 where one is kept), never a traceback; and a disk that fills up while a checkpoint is written. Real `python train.py`
-processes on test_train.py's tiny model."""
+processes on test_train.py's tiny model (most refusals through train.main() in the test process: same code, no
+second import of torch and transformers)."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -10,7 +13,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, one_thread
 from test_train import TINY, run_train, train_cmd, train_env
 
 STEP = "step-00000002"  # the run's checkpoint; "step-00000001" is the previous one, put back where a case wants it
@@ -25,7 +28,10 @@ def finished_run(tmp_path_factory, shakespeare_path):
     out = tmp / "model"
     run_train("--input", text, "--output-dir", out, *TINY, "--max-steps", 1, "--eval-batches", 1)
     shutil.copytree(out / "checkpoint" / "step-00000001", tmp / "step-00000001")
-    run_train("--output-dir", out, "--resume", "--max-steps", 2)
+    import train  # the resume in this process: train.main() without importing torch and transformers again
+
+    with one_thread(), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert train.main(["--output-dir", str(out), "--resume", "--max-steps", "2"]) == 0, err.getvalue()[-3000:]
     return out, tmp / "step-00000001"
 
 
@@ -55,22 +61,33 @@ CASES = {  # what is done to the step-2 checkpoint, and what the error says abou
 }
 
 
-def resume_failing(out):
-    proc = subprocess.run(train_cmd("--output-dir", out, "--resume", "--max-steps", 3), env=train_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr.strip().splitlines()[-1]
+def resume_failing(out, capsys=None):
+    """--resume refused: exit status 2, the last stderr line returned, no traceback. A real process; or, with capsys,
+    train.main() in this one (the same refusal, without a fresh process importing torch and transformers again)."""
+    argv = ["--output-dir", str(out), "--resume", "--max-steps", "3"]
+    if capsys is None:
+        proc = subprocess.run(train_cmd(*argv), env=train_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc.stderr.strip().splitlines()[-1]
+    import train
+
+    code = train.main(argv)  # an exception escaping main() is the traceback a process would print
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_damaged_checkpoint_is_one_line_offering_the_previous_one(case, finished_run, tmp_path):
+def test_a_damaged_checkpoint_is_one_line_offering_the_previous_one(case, finished_run, tmp_path, capsys):
+    """weights_cut_short runs train.py as the user does; the other damages, and the resume the error suggests, go
+    through train.main() in this process."""
     damage, message = CASES[case]
     out = tmp_path / "model"
     shutil.copytree(finished_run[0], out)
     shutil.copytree(finished_run[1], out / "checkpoint" / "step-00000001")
     damage(out / "checkpoint" / STEP)
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
-    err = resume_failing(out)
+    err = resume_failing(out, capsys=None if case == "weights_cut_short" else capsys)
     assert err.startswith(f"train.py: error: {out / 'checkpoint' / STEP}/") and message in err, err
     aside = out / f"{STEP}.damaged"
     assert (f"The previous checkpoint, {out / 'checkpoint' / 'step-00000001'}, is complete: move this one out of "
@@ -78,17 +95,21 @@ def test_a_damaged_checkpoint_is_one_line_offering_the_previous_one(case, finish
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
     if case != "weights_cut_short":
         return
-    # Doing what it says resumes from the previous checkpoint (once: each resume is a training run).
+    # Doing what it says resumes from the previous checkpoint (once: each resume is a training run; in this process).
     shutil.move(out / "checkpoint" / STEP, aside)
-    resumed = run_train("--output-dir", out, "--resume", "--max-steps", 3)
-    assert f"resumed from {out / 'checkpoint' / 'step-00000001'} at step 1" in resumed.stderr
+    import train
+
+    with one_thread():
+        code = train.main(["--output-dir", str(out), "--resume", "--max-steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"resumed from {out / 'checkpoint' / 'step-00000001'} at step 1" in err, err[-3000:]
 
 
-def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(finished_run, tmp_path):
+def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(finished_run, tmp_path, capsys):
     out = tmp_path / "model"
     shutil.copytree(finished_run[0], out)
     cut_short(out / "checkpoint" / STEP / "model.safetensors")
-    err = resume_failing(out)
+    err = resume_failing(out, capsys)
     assert f"{out / 'checkpoint' / STEP / 'model.safetensors'} is cut short or damaged" in err, err
     assert "No earlier checkpoint is kept: restore the file from a copy, or start the run again (--overwrite)." in err
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, one_thread
 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--eval-every", "2"]
 
@@ -54,20 +54,27 @@ def test_train_refuses_a_device_type_it_cannot_train_on_and_leaves_no_dir(tmp_pa
     assert not out.exists()
 
 
-def test_a_run_that_diverges_before_its_first_checkpoint_can_be_run_again(tmp_path, text_file):
-    """The error says "start again with a lower --lr"; the dir it left (metrics.jsonl only) then refused that."""
+def test_a_run_that_diverges_before_its_first_checkpoint_can_be_run_again(tmp_path, text_file, monkeypatch, capsys):
+    """The error says "start again with a lower --lr"; the dir it left (metrics.jsonl only) then refused that. The
+    first run is a real process; the two after it run train.main() in this process (the same code, without
+    importing torch and transformers again)."""
+    import train
+
     out = tmp_path / "out"
     args = ["--input", text_file, "--output-dir", out, *TINY, "--max-steps", 3, "--optimizer", "adamw",
             "--warmup-steps", 0]
     proc = run_cli("train.py", *args, "--lr", 1e30, "--embedding-lr", 1e30, cwd=tmp_path)
     assert_one_line(proc, 1, "train.py", "No checkpoint was written yet")
     assert not out.exists()
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()  # an empty dir the user made stays, emptied of what the run wrote
-    proc = run_cli("train.py", *args, "--lr", 1e30, "--embedding-lr", 1e30, "--output-dir", tmp_path / "mine",
-                   cwd=tmp_path)
-    assert proc.returncode == 1 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
-    proc = run_cli("train.py", *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    with one_thread():
+        code = train.main([*map(str, args), "--lr", "1e30", "--embedding-lr", "1e30", "--output-dir",
+                           str(tmp_path / "mine")])
+    assert code == 1 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    with one_thread():
+        code = train.main([*map(str, args)])
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert (out / "model.safetensors").is_file()
 
 

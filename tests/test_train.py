@@ -1,7 +1,9 @@
 """train.py end to end: real `python train.py` processes on a tiny model and a slice of tiny Shakespeare.
 
 Every run uses a 2-layer, 32-wide model with a 32-token context (most of its time goes to the 50257-token head),
-one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports.
+one thread per process, and 60 kB of text, so a run takes a few seconds, mostly imports. A test's further runs
+(a refusal, a resume after its real run) call train.main() in the test process (main_in_process): the same code,
+without those imports again.
 """
 
 import json
@@ -20,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_python
+from conftest import REPO, one_thread, run_python
 from test_tracking import expected as expected_scalars, tensorboard_scalars
 from test_optim import scheduled_lrs
 from toygpt import regularization
@@ -67,7 +69,8 @@ def text_file(tmp_path_factory, shakespeare_path):
 def run_a(tmp_path_factory, text_file):
     """One uninterrupted run (its final checkpoint only): the reference for resume, and the output dir checked."""
     out = tmp_path_factory.mktemp("run_a") / "model"
-    run_train("--input", text_file, "--output-dir", out, *RUN, "--checkpoint-every", "1000")
+    proc = run_train("--input", text_file, "--output-dir", out, *RUN, "--checkpoint-every", "1000")
+    (out.parent / "train.stderr").write_text(proc.stderr)  # beside the output dir, for the tests of what it printed
     return out
 
 
@@ -390,34 +393,59 @@ def run_train_failing(*args, cwd=None, timeout=300, **env):
     return proc.returncode, proc.stderr.strip().splitlines()[-1]
 
 
-def test_overwrite_never_deletes_the_input_or_the_users_files(tmp_path, text_file):
+def main_in_process(train_module, capsys, *args):
+    """train.main(args) in the test process: (exit status, stderr). The code `python train.py` runs, without a fresh
+    process importing torch and transformers again (seconds each); an exception escaping main() fails the test, as
+    a traceback would. For runs whose point is what they do, not the process: each test keeps a real one."""
+    with one_thread():
+        code = train_module.main([str(arg) for arg in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    return code, err
+
+
+def main_failing(train_module, capsys, *args):
+    """main_in_process for a run that must fail: (exit status, the last line of stderr)."""
+    code, err = main_in_process(train_module, capsys, *args)
+    assert code != 0, err[-3000:]
+    return code, err.strip().splitlines()[-1]
+
+
+def test_overwrite_never_deletes_the_input_or_the_users_files(tmp_path, text_file, train_module, capsys,
+                                                              monkeypatch):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "input.txt").write_text(text_file.read_text())
     code, err = run_train_failing("--input", data_dir / "input.txt", "--output-dir", data_dir, "--overwrite", *TINY)
     assert code == 2 and err.startswith("train.py: error:") and "contains the input" in err
-    code, err = run_train_failing("--input", "data/input.txt", "--output-dir", ".", "--overwrite", *TINY, cwd=tmp_path)
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        code, err = main_failing(train_module, capsys, "--input", "data/input.txt", "--output-dir", ".", "--overwrite",
+                                 *TINY)
     assert code == 2 and "is (or contains) the current directory" in err  # once failed at the swap, with EBUSY
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    code, err = run_train_failing("--input", data_dir / "input.txt", "--output-dir", notes, "--overwrite", *TINY)
+    code, err = main_failing(train_module, capsys, "--input", data_dir / "input.txt", "--output-dir", notes,
+                             "--overwrite", *TINY)
     assert code == 2 and "not a directory this project wrote" in err
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "data", "data/input.txt", "notes", "notes/todo.txt"]
 
 
-def test_the_users_files_in_the_model_dir_survive_resume_and_overwrite(tmp_path, text_file):
+def test_the_users_files_in_the_model_dir_survive_resume_and_overwrite(tmp_path, text_file, train_module, capsys):
     out = tmp_path / "model"
     run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1)
     (out / "int8").mkdir()
     (out / "int8" / "config.json").write_text('{"model_type": "toygpt", "quantization": {}}')
     (out / "int8" / "model.safetensors").write_bytes(b"an int8 copy")
     (out / "notes.txt").write_text("mine")
-    resumed = run_train("--output-dir", out, "--resume", "--max-steps", 3)
-    assert "kept in" in resumed.stderr and "int8, notes.txt" in resumed.stderr
+    code, err = main_in_process(train_module, capsys, "--output-dir", out, "--resume", "--max-steps", 3)
+    assert code == 0 and "kept in" in err and "int8, notes.txt" in err
     assert metrics(out)[-1]["step"] == 3
-    run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1, "--overwrite")
+    code, err = main_in_process(train_module, capsys, "--input", text_file, "--output-dir", out, *TINY, "--max-steps",
+                                2, "--eval-batches", 1, "--overwrite")
+    assert code == 0, err[-3000:]
     assert (out / "notes.txt").read_text() == "mine" and (out / "int8" / "model.safetensors").read_bytes()
     assert metrics(out)[-1]["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp, lock or journal left beside it
@@ -477,17 +505,17 @@ def test_a_run_recorded_by_the_old_namespace_resumes_and_is_read_back(run_a, tmp
     assert resumed["vocab_used"] == "corpus" and resumed["optimizer"] == "muon" and resumed["max_steps"] == STEPS + 2
 
 
-def test_resume_after_the_input_changed_is_refused(tmp_path, text_file):
+def test_resume_after_the_input_changed_is_refused(tmp_path, text_file, train_module, capsys):
     text = tmp_path / "input.txt"
     text.write_text(text_file.read_text())
     out = tmp_path / "model"
     run_train("--input", text, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1)
     text.write_text(text_file.read_text().replace("the", "thee"))
-    code, err = run_train_failing("--output-dir", out, "--resume", "--max-steps", 4)
+    code, err = main_failing(train_module, capsys, "--output-dir", out, "--resume", "--max-steps", 4)
     assert code == 2 and "has changed since the checkpoint" in err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, text_file):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, text_file, train_module, capsys):
     out = tmp_path / "model"
     cmd = train_cmd("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 100_000, "--eval-every", 100_000,
                     "--checkpoint-every", 100_000)
@@ -502,8 +530,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, text_file):
     step = int(re.search(r"interrupted by Ctrl-C at step (\d+)", last).group(1))
     assert f"Continue with: python train.py --output-dir {out} --resume" in last
     assert (out / "checkpoint" / f"step-{step:08d}" / "trainer_state.json").is_file()
-    resumed = run_train("--output-dir", out, "--resume", "--max-steps", step + 2)
-    assert f"at step {step}" in resumed.stderr and metrics(out)[-1]["step"] == step + 2
+    code, err = main_in_process(train_module, capsys, "--output-dir", out, "--resume", "--max-steps", step + 2)
+    assert code == 0 and f"at step {step}" in err and metrics(out)[-1]["step"] == step + 2
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_loss_keeping_the_last_good_checkpoint(tmp_path, text_file):
@@ -524,13 +552,13 @@ def test_the_final_checkpoint_is_saved_before_the_final_eval(tmp_path, text_file
 
     monkeypatch.setattr(training, "evaluate_and_log", out_of_memory_in_the_final_eval)
     out = tmp_path / "model"
-    with pytest.raises(MemoryError):
+    with pytest.raises(MemoryError), one_thread():
         train_module.main(["--input", str(text_file), "--output-dir", str(out), *TINY, "--max-steps", "5",
                            "--eval-batches", "1", "--checkpoint-every", "1000"])
     assert (out / "checkpoint" / "step-00000005" / "trainer_state.json").is_file()
 
 
-def test_a_second_run_into_the_same_dir_is_refused_naming_the_first(tmp_path, text_file):
+def test_a_second_run_into_the_same_dir_is_refused_naming_the_first(tmp_path, text_file, train_module, capsys):
     out = tmp_path / "model"
     first = subprocess.Popen(train_cmd("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 100_000),
                              env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -538,7 +566,7 @@ def test_a_second_run_into_the_same_dir_is_refused_naming_the_first(tmp_path, te
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (out / "metrics.jsonl").exists():
             time.sleep(0.05)
-        code, err = run_train_failing("--input", text_file, "--output-dir", out, *TINY, "--overwrite")
+        code, err = main_failing(train_module, capsys, "--input", text_file, "--output-dir", out, *TINY, "--overwrite")
         assert code == 2 and f"being written by another run (pid {first.pid}" in err
     finally:
         first.kill()
@@ -579,17 +607,16 @@ def test_the_saved_full_model_scores_the_last_compact_eval(run_a, text_file):
     assert result["val_bits_per_char"] == pytest.approx(final["val_bits_per_char"], rel=1e-5)
 
 
-def test_vocab_full_trains_every_row(tmp_path, text_file):
+def test_vocab_full_trains_every_row(tmp_path, text_file, run_a):
     out = tmp_path / "model"
     proc = run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1,
                      "--vocab", "full")
     assert "vocab:" not in proc.stderr  # no pass over the data: nothing to choose
     state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     assert state["vocab"] is None
-    proc = run_train("--input", text_file, "--output-dir", tmp_path / "auto", *TINY, "--max-steps", 2,
-                     "--eval-batches", 1)
+    auto = (run_a.parent / "train.stderr").read_text()  # run_a: the default --vocab auto, on the same text
     assert re.search(r"vocab: the training split uses [\d,]+ of the 50,257 token ids \(one pass, [\d.]+ s\): "
-                     r"training the corpus vocabulary", proc.stderr), proc.stderr[-2000:]
+                     r"training the corpus vocabulary", auto), auto[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
