@@ -98,14 +98,15 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
     assert short["dropout"] == 0.0 < long["dropout"]
     config = json.loads((tmp_path / "long" / "config.json").read_text())
     assert config["dropout"] == long["dropout"] == long_state["args"]["dropout"]
-    # --resume to 4x the steps keeps the recorded choice (the rule does not decide again mid-run); train.main() in
-    # this process, the runs above being real ones.
+    # --resume to 8x the steps keeps the recorded choice (the rule does not decide again mid-run), though 120 steps
+    # from the start would get dropout; train.main() in this process, the runs above being real ones.
+    assert regularization.dropout_for_epochs(regularization.run_epochs(120, 128, train_tokens)) > 0.0
     import train
 
     with one_thread():
-        code = train.main(["--output-dir", str(tmp_path / "short"), "--resume", "--max-steps", "60", "--report-to",
+        code = train.main(["--output-dir", str(tmp_path / "short"), "--resume", "--max-steps", "120", "--report-to",
                            "none"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     assert json.loads((tmp_path / "short" / "training_args.json").read_text())["dropout"] == 0.0
-    assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 60
+    assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 120
