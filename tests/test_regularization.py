@@ -110,3 +110,24 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
     assert code == 0, err[-3000:]
     assert json.loads((tmp_path / "short" / "training_args.json").read_text())["dropout"] == 0.0
     assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 120
+
+
+def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, capsys):
+    """--vocab full has no vocabulary pass: the run counts the split itself, only as far as the rule needs (4 steps:
+    65 tokens), and says that the count is a floor and the epochs a ceiling; train.main() in this process."""
+    import re
+
+    import train
+
+    with one_thread():
+        code = train.main(["--input", str(small_text), "--output-dir", str(tmp_path / "out"), *map(str, TINY),
+                           "--max-steps", "4", "--vocab", "full", "--eval-every", "1000", "--eval-batches", "1",
+                           "--checkpoint-every", "1000", "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    line = re.search(r"dropout 0: 4 steps of 128 tokens read the training split's ([\d,]+)\+ tokens \(counted that "
+                     r"far\) at most ([\d.]+) times", err)
+    assert line, err[-3000:]
+    counted = int(line[1].replace(",", ""))
+    assert counted >= regularization.tokens_worth_counting(4, 128)
+    assert float(line[2]) == round(regularization.run_epochs(4, 128, counted), 1)

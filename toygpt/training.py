@@ -281,25 +281,28 @@ def corpus_vocabulary(config: TrainingConfig, source, resume_from,
     return (vocab if use else None), vocab.train_tokens
 
 
-def training_split_tokens(config: TrainingConfig, source, counted: int | None, processes: Processes) -> int | None:
-    """The epochs rule's denominator, where the rule decides --dropout: the vocabulary pass's count, else a count
-    (rank 0's, shared) that stops where the rule no longer depends on it."""
+def training_split_tokens(config: TrainingConfig, source, counted: int | None,
+                          processes: Processes) -> tuple[int | None, bool]:
+    """The epochs rule's denominator, where the rule decides --dropout, and whether it is the whole split's: the
+    vocabulary pass's count, else a count (rank 0's, shared) that stops where the rule no longer depends on it."""
     if config.dropout is not None or counted is not None:
-        return counted
+        return counted, True
     needed = regularization.tokens_worth_counting(config.max_steps, config.step_tokens * processes.world_size)
-    return processes.from_main(sources.count_train_tokens(source, needed) if processes.is_main else 0)
+    counted = processes.from_main(sources.count_train_tokens(source, needed) if processes.is_main else 0)
+    return counted, counted < needed
 
 
 def choose_dropout(config: TrainingConfig, model, total_steps: int, train_tokens: int, tokens_per_step: int,
-                   is_main: bool) -> TrainingConfig:
+                   is_main: bool, counted_all: bool = True) -> TrainingConfig:
     """The epochs rule (regularization.py), applied to the model being trained and recorded as --dropout."""
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
     dropout = regularization.dropout_for_epochs(epochs)
     regularization.set_dropout(model, dropout)
     if is_main:
+        split = f"{train_tokens:,} tokens" if counted_all else f"{train_tokens:,}+ tokens (counted that far) at most"
         tqdm.write(f"dropout {dropout:g}: {total_steps:,} steps of {tokens_per_step:,} tokens read the training split's "
-                   f"{train_tokens:,} tokens {epochs:.1f} times (the epochs rule, toygpt/regularization.py; --dropout "
-                   "sets it)", file=sys.stderr)
+                   f"{split} {epochs:.1f} times (the epochs rule, toygpt/regularization.py; --dropout sets it)",
+                   file=sys.stderr)
     return replace(config, dropout=dropout)
 
 
@@ -315,6 +318,7 @@ class Run:
     state: RunState
     best: BestModel | None  # --keep-best, rank 0: the best eval so far
     train_tokens: int | None  # the training split's length, where the epochs rule needs it (--dropout not given)
+    train_tokens_counted_all: bool  # False: a long split's count stopped early (training_split_tokens)
 
 
 def build_run(config: TrainingConfig, source, resume_from, init_model, processes: Processes) -> Run:
@@ -322,7 +326,7 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
 
     With the corpus vocabulary the model trained is the compact one (toygpt/corpus_vocab.py); the full one is saved."""
     vocab, train_tokens = corpus_vocabulary(config, source, resume_from, processes)
-    train_tokens = training_split_tokens(config, source, train_tokens, processes)
+    train_tokens, counted_all = training_split_tokens(config, source, train_tokens, processes)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     random.seed(config.seed)
     model_config = config.model_config()
@@ -350,7 +354,7 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
     best = None
     if config.keep_best and processes.is_main:  # the best as the checkpoint left it (best_model.py)
         best = BestModel.load(resume_from.parents[1], state.step) if resume_from is not None else BestModel()
-    return Run(loss_model, optimizer, scheduler, stream, val, state, best, train_tokens)
+    return Run(loss_model, optimizer, scheduler, stream, val, state, best, train_tokens, counted_all)
 
 
 def train(config: TrainingConfig) -> dict:
@@ -399,7 +403,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     tokens_per_step = config.step_tokens * processes.world_size
     if config.dropout is None and budget_s is None:  # the epochs rule: a --max-steps run knows its steps now
         config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens, tokens_per_step,
-                                processes.is_main)
+                                processes.is_main, r.train_tokens_counted_all)
 
     bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
                                  enabled=processes.is_main)
@@ -426,7 +430,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
                 if config.dropout is None:  # the epochs rule, once the budget's step count is known
                     config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens,
-                                            tokens_per_step, processes.is_main)
+                                            tokens_per_step, processes.is_main, r.train_tokens_counted_all)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
         if not stop.is_set():
