@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configuration_toygpt import PRESETS, ToyGPTConfig  # noqa: E402
 from toygpt.gpt2_conversion import toygpt_to_gpt2  # noqa: E402
+from toygpt.quantization import NoEndOfText  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 
 PROMPT_TOKENS = 16
@@ -41,16 +42,6 @@ TARGET_VS_GPT2, TARGET_VS_NO_CACHE = 1.0, 4.0
 END_OF_TEXT = ToyGPTConfig().eos_token_id  # read once: building a config costs ~0.9 ms, a tiny model's whole token
 
 
-class NoEndOfText(LogitsProcessor):
-    """<|endoftext|> never wins, so generation runs its full length (as llama.cpp's ignore_eos). transformers'
-    min_new_tokens does the same but re-derives a vocabulary-sized mask every step (~0.5 ms, more than a whole tiny
-    model's compiled step), which would be timed as decode."""
-
-    def __call__(self, input_ids, scores):
-        scores[:, END_OF_TEXT] = -float("inf")
-        return scores
-
-
 def generate_tokens(model, prompt, new_tokens, **cache_kwargs):
     # Exactly `new_tokens` greedy steps: no sampling, and no early stop at <|endoftext|>.
     config = GenerationConfig(
@@ -59,7 +50,8 @@ def generate_tokens(model, prompt, new_tokens, **cache_kwargs):
     )
     with torch.inference_mode():
         start = time.perf_counter()
-        output = model.generate(prompt, generation_config=config, logits_processor=LogitsProcessorList([NoEndOfText()]))
+        output = model.generate(prompt, generation_config=config,
+                                logits_processor=LogitsProcessorList([NoEndOfText(END_OF_TEXT)]))
         seconds = time.perf_counter() - start
     assert output.shape[1] == prompt.shape[1] + new_tokens
     return output[0, prompt.shape[1]:].tolist(), seconds

@@ -318,6 +318,26 @@ def test_int_mm_runs_where_it_sums_in_int32_and_fbgemm_where_it_would_saturate(m
     assert relative_error(per_token, exact) < relative_error(per_tensor, exact) < 0.05
 
 
+def test_speed_runs_are_kept_from_ending_at_end_of_text_without_min_new_tokens():
+    """quantization.NoEndOfText (quantize.py's tokens/s, the decode benchmarks): a model that always prefers
+    <|endoftext|> still generates every token asked for, none of them <|endoftext|>; without it, generate() stops."""
+    from transformers import LogitsProcessorList
+
+    from toygpt.bpe import EOT_ID
+
+    model = random_model().eval()
+    favour_end = lambda module, args, logits: logits.index_add(  # noqa: E731  (+1e4 on <|endoftext|>'s logit)
+        -1, torch.tensor([EOT_ID]), torch.full((*logits.shape[:-1], 1), 1e4))
+    model.lm_head.register_forward_hook(favour_end)
+    ids = torch.arange(5)[None]
+    with torch.no_grad():
+        kept = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=EOT_ID, eos_token_id=EOT_ID,
+                              logits_processor=LogitsProcessorList([quantization.NoEndOfText(EOT_ID)]))
+        plain = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=EOT_ID, eos_token_id=EOT_ID)
+    assert kept.shape[1] == 5 + 8 and EOT_ID not in kept[0, 5:].tolist()
+    assert plain[0, 5:].tolist() == [EOT_ID]
+
+
 def test_int_mm_packing_sums_rows_without_a_widened_copy():
     """The packed row sums are exact, and packing allocates far less than the int8 weight itself: a sum(dtype=int32)
     would first widen all of it (4 bytes a weight: 154 MB for the 124M embedding, the peak of its first forward)."""
