@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from int8_toygpt import dequantize_rows  # noqa: E402
 from toygpt import quantization  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -36,13 +37,14 @@ def round_rows(w, group=None, clip="absmax"):
         g = w.view(w.shape[0], -1, group)
         scale = (g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127).half().float()
         return (torch.round(g / scale).clamp(-127, 127) * scale).view_as(w)
+    if clip == "absmax":
+        return dequantize_rows(*quantization.quantize_rows(w))  # exactly what quantize.py stores
     absmax = w.abs().amax(1, keepdim=True).clamp(min=1e-12)
     best = absmax / 127
-    if clip == "mse":
-        error = lambda s: ((torch.round(w / s).clamp(-127, 127) * s - w) ** 2).sum(1, keepdim=True)  # noqa: E731
-        for fraction in torch.linspace(0.70, 1.0, 31):
-            scale = absmax * fraction / 127
-            best = torch.where(error(scale) < error(best), scale, best)
+    error = lambda s: ((torch.round(w / s).clamp(-127, 127) * s - w) ** 2).sum(1, keepdim=True)  # noqa: E731
+    for fraction in torch.linspace(0.70, 1.0, 31):
+        scale = absmax * fraction / 127
+        best = torch.where(error(scale) < error(best), scale, best)
     return torch.round(w / best).clamp(-127, 127) * best
 
 
