@@ -2,25 +2,31 @@
 
 Travels to the Hub beside modeling_toygpt.py, which imports it when config.quantization is set.
 
-Scheme: each Linear of the blocks, and the token embedding (which is also the tied lm_head), keeps int8 weights
-with one fp32 scale per output row (symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms, biases and
-positions stay fp32. Activations are quantized per call at run time (dynamic): no calibration data. Version 2 (the
-quantization config's "version") rounds them per token, 8 bits where the kernel sums in int32 (IntMMKernel); version
-1 dirs hold the same tensors and run the same way.
-state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale` (fp32), nothing else.
-Compute: torch._int_mm (int8 x int8 -> int32) on the int8 rows as stored, else PyTorch's fbgemm/x86 int8 GEMM
-(torch.ops.quantized, activations per tensor, 7 bits) with weights packed on first use; a packed copy then replaces
-the int8 rows in memory (release_file_pages), so a loaded model holds each weight once.
-Where those ops are missing (or TOYGPT_INT8_KERNEL=fallback, or weights are not on the CPU) the weights are
-dequantized to fp32 instead, with a warning: same results up to activation rounding, at fp32 speed and memory.
-Quantizing fp32 weights (rows and scales) is quantize.py's job, not this file's.
+Scheme (version 3, quantize.py today): each Linear of the blocks, and the token embedding (which is also the tied
+lm_head), and the position embedding keep int8 weights with one fp16 scale per 32 weights of a row (llama.cpp's
+q8_0 rounding: symmetric, w ~= q * scale, q in [-127, 127]); LayerNorms and biases stay fp32. Activations are rounded
+per call at run time (dynamic, no calibration data). Versions 1 and 2 (one fp32 scale per row, fp32 positions) load
+and run here too.
+state_dict() and model.safetensors hold `<module>.weight` (int8) + `<module>.weight_scale`, nothing else.
+Compute (int8_kernel): BlockInt8Kernel, a small C kernel compiled on first use with the C++ compiler inductor uses
+(int16 activations per token against the int8 weights, int32 sums per 32 weights, each block scaled by its own
+scale); where no compiler works, for per-row scales, torch._int_mm or PyTorch's fbgemm int8 GEMM; else the weights
+dequantized to fp32, with a warning (same results up to activation rounding, at fp32 speed and memory). A packed
+copy replaces the int8 rows in memory (release_file_pages), so a loaded model holds each weight once.
+Quantizing fp32 weights is quantize.py's job, not this file's.
 """
 
 import copy
+import ctypes
 import functools
+import hashlib
 import os
+import platform
+import subprocess
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,21 +34,36 @@ from torch.nn import functional as F
 from transformers import CompileConfig
 
 INT8_METHOD = "toygpt-int8"
-INT8_VERSION = 2  # 1 (no "version" key): the same tensors, activations were quantized per tensor (fbgemm) at run time
+INT8_VERSION = 3  # 1, 2: one fp32 scale per row, fp32 positions (2 only changed how activations were rounded)
+GROUP_SIZE = 32  # weights per scale in a row (version 3), as llama.cpp's q8_0
 INT8_SCHEME = {
     "method": INT8_METHOD,
     "version": INT8_VERSION,
-    "weights": "int8 per-output-channel symmetric (one fp32 scale per row)",
-    "activations": "dynamic int8 per token (one scale and offset per row, at run time, no calibration data)",
+    "group_size": GROUP_SIZE,
+    "weights": f"int8 symmetric, one fp16 scale per {GROUP_SIZE} weights of a row",
+    "activations": "dynamic per token, at run time, no calibration data (int16 on the block kernel)",
     "modules": [
         "transformer.h.*.attn.c_attn",
         "transformer.h.*.attn.c_proj",
         "transformer.h.*.mlp.c_fc",
         "transformer.h.*.mlp.c_proj",
         "transformer.wte (stored once, shared with lm_head)",
+        "transformer.wpe",
     ],
-    "fp32": ["transformer.wpe", "LayerNorms", "biases"],
+    "fp32": ["LayerNorms", "biases"],
 }
+
+
+def group_size(config) -> int | None:
+    """Weights per scale: GROUP_SIZE for version 3 dirs, None (one scale per row) for versions 1 and 2."""
+    return config.quantization.get("group_size") if config.quantization.get("version", 1) >= 3 else None
+
+
+def dequantize(q, scale):
+    """fp32 weights from int8 rows and their scales: one per row (R,) or one per GROUP_SIZE columns (R, G)."""
+    if scale.dim() == 1:
+        return dequantize_rows(q, scale)
+    return q.float() * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, : q.shape[1]]
 
 
 def dequantize_rows(q, scale):
@@ -87,6 +108,8 @@ class FbgemmInt8Kernel:
     """torch.ops.quantized (fbgemm/x86): weights prepacked per output channel, inputs quantized per call."""
 
     name = "fbgemm"
+    quality = "fbgemm's int8 ops (activations quantized per tensor, 7 bits: lower quality)"
+    serves_rows = False
 
     def __init__(self, engine):
         self.engine = engine
@@ -121,6 +144,8 @@ class IntMMKernel:
     Chosen only where the probe (int_mm_exact) finds the int32 sums exact; `levels` 63 (7 bits) is for measuring."""
 
     name = "int_mm"
+    quality = "torch._int_mm (activations rounded per token to 8 bits: lower quality)"
+    serves_rows = False
 
     def __init__(self, levels=127):
         self.levels = levels
@@ -149,25 +174,287 @@ class IntMMKernel:
         return packed[0].t()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The block kernel: q8_0's weight rounding (a scale per 32 weights) at int8 speed, which no PyTorch CPU op offers
+
+BLOCK_KERNEL_SOURCE = r"""
+// y = x @ W.T + bias for int8 W with one scale per 32 columns of a row. x (m, k) fp32 is rounded per row to int16
+// (its own absmax / 32767); each 32-column block of a row sums 32 exact int32 products, then adds them times its
+// scale in fp32. W is packed as (groups of 16 rows, k blocks, 16 column pairs, 16 rows, 2 columns), scales as
+// (groups, k blocks, 16 rows) fp32: one vector multiply-add (vpdpwssd) takes a column pair of 16 rows at once.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX512BW__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#define ROWS 16
+#define BLOCK 32
+
+extern "C" int toygpt_block_simd(void) {  // 3: AVX-512 VNNI, 2: AVX-512 BW, 1: AVX2, 0: plain C
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return 3;
+#elif defined(__AVX512BW__)
+  return 2;
+#elif defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// out[16] = the 16 rows of one group against one int16 activation row, before the activation's scale
+static void group_dot(const int8_t *w, const float *s, const int16_t *xq, int64_t kb, float *out) {
+#if defined(__AVX512BW__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < kb; b++, w += ROWS * BLOCK, s += ROWS) {
+    const int32_t *xp = (const int32_t *)(xq + b * BLOCK);  // column pairs, broadcast to all 16 rows
+    __m512i sums[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int p = 0; p < BLOCK / 2; p++) {  // 4 independent sums: the multiply-adds overlap
+      __m512i wp = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 2 * ROWS)));
+#if defined(__AVX512VNNI__)
+      sums[p & 3] = _mm512_dpwssd_epi32(sums[p & 3], wp, _mm512_set1_epi32(xp[p]));
+#else
+      sums[p & 3] = _mm512_add_epi32(sums[p & 3], _mm512_madd_epi16(wp, _mm512_set1_epi32(xp[p])));
+#endif
+    }
+    __m512i sum = _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_loadu_ps(s), acc);
+  }
+  _mm512_storeu_ps(out, acc);
+#elif defined(__AVX2__)
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t b = 0; b < kb; b++, w += ROWS * BLOCK, s += ROWS) {
+    const int32_t *xp = (const int32_t *)(xq + b * BLOCK);
+    __m256i sum_lo = _mm256_setzero_si256(), sum_hi = _mm256_setzero_si256();
+    for (int p = 0; p < BLOCK / 2; p++) {
+      __m256i x = _mm256_set1_epi32(xp[p]);
+      __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * ROWS)));
+      __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + p * 2 * ROWS + ROWS)));
+      sum_lo = _mm256_add_epi32(sum_lo, _mm256_madd_epi16(w_lo, x));
+      sum_hi = _mm256_add_epi32(sum_hi, _mm256_madd_epi16(w_hi, x));
+    }
+    lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lo), _mm256_loadu_ps(s), lo);
+    hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_hi), _mm256_loadu_ps(s + 8), hi);
+  }
+  _mm256_storeu_ps(out, lo);
+  _mm256_storeu_ps(out + 8, hi);
+#else
+  for (int r = 0; r < ROWS; r++) out[r] = 0.0f;
+  for (int64_t b = 0; b < kb; b++, w += ROWS * BLOCK, s += ROWS) {
+    const int16_t *x = xq + b * BLOCK;
+    for (int r = 0; r < ROWS; r++) {
+      int32_t sum = 0;
+      for (int p = 0; p < BLOCK / 2; p++)
+        sum += w[p * 2 * ROWS + 2 * r] * x[2 * p] + w[p * 2 * ROWS + 2 * r + 1] * x[2 * p + 1];
+      out[r] += (float)sum * s[r];
+    }
+  }
+#endif
+}
+
+// One row of x to int16 (symmetric, its own absmax), zero-padded to whole blocks; returns its scale.
+static float round_row(const float *x, int64_t k, int64_t kb, int16_t *xq) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[i]));
+  float scale = amax > 0.0f ? amax / 32767.0f : 1.0f, inverse = 1.0f / scale;
+  for (int64_t i = 0; i < k; i++) xq[i] = (int16_t)lrintf(x[i] * inverse);
+  for (int64_t i = k; i < kb * BLOCK; i++) xq[i] = 0;
+  return scale;
+}
+
+// Returns 0, or 1 where memory ran out. Threads split the row groups, so the weights are read once whatever m is.
+extern "C" int toygpt_block_linear(const float *x, int64_t m, int64_t k, const int8_t *w, const float *s, int64_t n,
+                                   const float *bias, float *y, int threads) {
+  int64_t kb = (k + BLOCK - 1) / BLOCK, groups = (n + ROWS - 1) / ROWS;
+  if (m * n * kb * BLOCK < (1 << 17)) threads = 1;  // a few microseconds of work: waking threads costs more
+  int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(m * kb * BLOCK));
+  float *x_scale = (float *)malloc(sizeof(float) * (size_t)m);
+  if (!xq || !x_scale) {
+    free(xq);
+    free(x_scale);
+    return 1;
+  }
+  for (int64_t i = 0; i < m; i++) x_scale[i] = round_row(x + i * k, k, kb, xq + i * kb * BLOCK);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; g++) {
+    float out[ROWS];
+    int64_t rows = n - g * ROWS < ROWS ? n - g * ROWS : ROWS;
+    for (int64_t i = 0; i < m; i++) {
+      group_dot(w + g * kb * ROWS * BLOCK, s + g * kb * ROWS, xq + i * kb * BLOCK, kb, out);
+      float *y_row = y + i * n + g * ROWS;
+      for (int64_t r = 0; r < rows; r++) y_row[r] = out[r] * x_scale[i] + (bias ? bias[g * ROWS + r] : 0.0f);
+    }
+  }
+  free(xq);
+  free(x_scale);
+  return 0;
+}
+"""
+BLOCK_ROWS = 16  # rows the kernel takes at once (one AVX-512 register of int32 sums)
+KERNEL_CACHE_ENV = "TOYGPT_KERNEL_CACHE"  # where the compiled kernel is kept (default ~/.cache/toygpt/kernels)
+
+
+def _kernel_cache_dir() -> Path:
+    if os.environ.get(KERNEL_CACHE_ENV):
+        return Path(os.environ[KERNEL_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "toygpt" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """-march=native code runs only on CPUs with the same features: the cached file is keyed by them."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _compile_block_kernel() -> Path:
+    """The kernel's shared library, compiled once per source, compiler and CPU, and kept in the cache dir (written
+    to a temp file and renamed, so a concurrent or killed build never leaves a half-written library)."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = get_cpp_compiler()
+    key = hashlib.sha256("\0".join((BLOCK_KERNEL_SOURCE, compiler, _cpu_signature())).encode()).hexdigest()[:16]
+    cache = _kernel_cache_dir()
+    library = cache / f"toygpt_block_{key}.so"
+    if library.is_file():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as build:
+        source = Path(build) / "block.cpp"
+        source.write_text(BLOCK_KERNEL_SOURCE)
+        errors = []
+        # -fopenmp links libgomp.so.1, which torch has loaded already: the kernel shares torch's OpenMP threads
+        for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
+            built = Path(build) / "block.so"
+            result = subprocess.run([compiler, "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(built)],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(built, library)
+                return library
+            errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"])
+        raise RuntimeError(f"{compiler} failed: {errors[0][0]}")
+
+
+@functools.lru_cache(maxsize=None)
+def block_kernel_library():
+    """(the loaded kernel library, None) or (None, why it is unavailable); compiled on first use."""
+    try:
+        library = ctypes.CDLL(str(_compile_block_kernel()))
+        library.toygpt_block_linear.restype = ctypes.c_int
+        library.toygpt_block_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                                ctypes.c_int]
+        _define_block_linear_op(library)
+        return library, None
+    except Exception as err:  # no compiler, a failed build, a read-only home: any of them means "not this kernel"
+        return None, f"the block kernel could not be built ({type(err).__name__}: {err})"
+
+
+_BLOCK_OP = "block_linear_v1"  # versioned: a later kernel with other arguments registers a new name
+_OP_LIBRARIES = []  # a torch.library.Library must stay alive for its ops to stay registered
+
+
+def _define_block_linear_op(library):
+    """torch.ops.toygpt.block_linear_v1: the kernel as an operator, so a compiled decode step calls it in place
+    (a plain Python call would break the graph). Defined once per process: a second copy of this file (a model
+    loaded from another dir) reuses it, as the source and so the kernel are the same."""
+    if hasattr(torch.ops.toygpt, _BLOCK_OP):
+        return
+
+    def block_linear(x, weight, scale, bias, rows):
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        failed = library.toygpt_block_linear(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
+                                             scale.data_ptr(), rows, None if bias is None else bias.data_ptr(),
+                                             y.data_ptr(), torch.get_num_threads())
+        if failed:
+            raise MemoryError("ToyGPT int8: out of memory rounding the activations")
+        return y
+
+    op_library = torch.library.Library("toygpt", "FRAGMENT")
+    op_library.define(f"{_BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
+    op_library.impl(_BLOCK_OP, block_linear, "CPU")
+    op_library.impl(_BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
+    _OP_LIBRARIES.append(op_library)
+
+
+class BlockInt8Kernel:
+    """The C kernel above: weights with a scale per GROUP_SIZE columns (per-row scales are the same scale repeated
+    in every block), activations rounded per token to int16, so nearly all the error left is the weights' own
+    rounding: q8_0's, without q8_0's 8-bit activations. Packing interleaves 16 rows (a copy; the int8 rows as loaded
+    are released), and embedding lookups read the packed copy (rows), so each weight is held once."""
+
+    name = "block"
+    serves_rows = True
+
+    def __init__(self):
+        self.op = getattr(torch.ops.toygpt, _BLOCK_OP)
+
+    def pack(self, q, scale, bias):
+        rows, cols = q.shape
+        blocks = -(-cols // GROUP_SIZE)
+        groups = -(-rows // BLOCK_ROWS)
+        scale = scale.float()
+        if scale.dim() == 1:
+            scale = scale[:, None].expand(rows, blocks)
+        padded = torch.zeros(groups * BLOCK_ROWS, blocks * GROUP_SIZE, dtype=torch.int8)
+        padded[:rows, :cols] = q
+        release_file_pages(q)  # copied: its pages of a mapped model.safetensors need not stay in memory
+        weight = padded.view(groups, BLOCK_ROWS, blocks, GROUP_SIZE // 2, 2).permute(0, 2, 3, 1, 4).contiguous()
+        del padded
+        scales = torch.zeros(groups * BLOCK_ROWS, blocks)
+        scales[:rows] = scale
+        scales = scales.view(groups, BLOCK_ROWS, blocks).permute(0, 2, 1).contiguous()
+        return weight, scales, None if bias is None else bias.detach().float().contiguous(), rows, cols
+
+    def linear(self, x, packed):
+        weight, scales, bias, rows, cols = packed
+        y = self.op(x.reshape(-1, cols), weight, scales, bias, rows)
+        return y.reshape(*x.shape[:-1], rows)
+
+    def rows(self, packed, ids):
+        """fp32 rows `ids` of the packed weight (embedding lookups)."""
+        weight, scales, _, _, cols = packed
+        group, lane = ids // BLOCK_ROWS, ids % BLOCK_ROWS
+        q = weight[group, :, :, lane, :].reshape(*ids.shape, -1)[..., :cols]  # (..., blocks, pairs, 2) -> (..., cols)
+        scale = scales[group, :, lane].repeat_interleave(GROUP_SIZE, dim=-1)[..., :cols]
+        return q.float() * scale
+
+    def unpack(self, packed, scale):
+        weight, _, _, rows, cols = packed
+        groups, blocks = weight.shape[:2]
+        return weight.permute(0, 3, 1, 2, 4).reshape(groups * BLOCK_ROWS, blocks * GROUP_SIZE)[:rows, :cols].clone()
+
+
 class DequantizedKernel:
     """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
 
     name = "fallback"
+    serves_rows = False
 
     def pack(self, q, scale, bias):
-        return dequantize_rows(q, scale), bias
+        return dequantize(q, scale), bias
 
     def linear(self, x, packed):
         return F.linear(x, *packed)
 
     def unpack(self, packed, scale):
-        return torch.round(packed[0] / scale.float()[:, None]).to(torch.int8)
+        rows, cols = packed[0].shape
+        steps = scale.float()[:, None] if scale.dim() == 1 else scale.float().repeat_interleave(GROUP_SIZE, 1)[:, :cols]
+        return torch.round(packed[0] / steps).to(torch.int8)
 
 
-def int8_kernel(device_type="cpu"):
-    """THE place that chooses the int8 compute: TOYGPT_INT8_KERNEL=auto (default: int_mm, else fbgemm, else the
-    fallback), int_mm, fbgemm or fallback."""
-    return _choose_int8_kernel(device_type, os.environ.get("TOYGPT_INT8_KERNEL", "auto").strip().lower())
+KERNEL_ENV = "TOYGPT_INT8_KERNEL"
+
+
+def int8_kernel(device_type="cpu", grouped=False):
+    """THE place that chooses the int8 compute for weights with per-row scales, or per-group ones (`grouped`):
+    TOYGPT_INT8_KERNEL=auto (default: block, else for per-row scales int_mm, else fbgemm; else the fallback),
+    block, int_mm, fbgemm or fallback."""
+    return _choose_int8_kernel(device_type, os.environ.get(KERNEL_ENV, "auto").strip().lower(), grouped)
 
 
 def _probe(kernel, q, scale, x, expected, atol):
@@ -191,65 +478,98 @@ def int_mm_exact():
     return _probe(IntMMKernel(), q, scale, x, torch.full((1, 8), 127.0 * (k - 1)), 0.5) is None
 
 
+def block_kernel_problem():
+    """None if the block kernel builds here and computes right, else why not."""
+    library, problem = block_kernel_library()
+    if library is None:
+        return problem
+    q, scale = torch.full((20, 40), 127, dtype=torch.int8), torch.ones(20, 2)  # a partial group and block
+    scale[:, 1] = 0.5  # the second block's own scale
+    expected = torch.full((1, 20), 127.0 * (32 + 8 * 0.5))
+    problem = _probe(BlockInt8Kernel(), q, scale, torch.ones(1, 40), expected, 0.5)
+    return None if problem is None else f"the block kernel {problem}"
+
+
 @functools.lru_cache(maxsize=None)
-def _choose_int8_kernel(device_type, requested):
+def _choose_int8_kernel(device_type, requested, grouped=False):
     reasons = []
     if requested == "fallback":
-        reasons.append("TOYGPT_INT8_KERNEL=fallback is set")
+        reasons.append(f"{KERNEL_ENV}=fallback is set")
     elif device_type != "cpu":
         reasons.append(f"the int8 kernels run on the CPU only, and the weights are on {device_type}")
     else:
-        if requested in ("auto", "int_mm"):
-            if int_mm_exact():
-                return IntMMKernel()
-            reasons.append("torch._int_mm is unusable or saturates")
-        engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
-        engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
-        if engine is None:
-            reasons.append("this torch build has no fbgemm/x86 quantized engine")
-        else:
-            kernel = FbgemmInt8Kernel(engine)
-            q, scale = (127 * torch.eye(4)).to(torch.int8), torch.full((4,), 1 / 127)
-            problem = _probe(kernel, q, scale, torch.ones(1, 4), torch.ones(1, 4), 0.05)
+        if requested in ("auto", "block"):
+            problem = block_kernel_problem()
             if problem is None:
+                return BlockInt8Kernel()
+            reasons.append(problem)
+        if grouped:
+            reasons.append("torch's int8 kernels take one scale per row, and these weights have one per "
+                           f"{GROUP_SIZE} columns")
+        else:
+            kernel = _per_row_kernel(requested, reasons)
+            if kernel is not None:
                 if reasons:
-                    warnings.warn(f"ToyGPT int8: {'; '.join(reasons)}; using fbgemm's int8 ops (activations "
-                                  "quantized per tensor, 7 bits: lower quality).")
+                    warnings.warn(f"ToyGPT int8: {'; '.join(reasons)}; using {kernel.quality}.")
                 return kernel
-            reasons.append(f"torch.ops.quantized.linear_dynamic {problem}")
     warnings.warn(f"ToyGPT int8: {'; '.join(reasons)}; dequantizing the int8 weights to fp32 (same outputs, fp32 "
                   "speed and memory).")
     return DequantizedKernel()
+
+
+def _per_row_kernel(requested, reasons):
+    """torch._int_mm, else fbgemm's int8 ops, for weights with one scale per row; None (and why, in reasons)."""
+    if requested in ("auto", "int_mm"):
+        if int_mm_exact():
+            return IntMMKernel()
+        reasons.append("torch._int_mm is unusable or saturates")
+    if requested not in ("auto", "int_mm", "fbgemm"):
+        return None
+    engines = getattr(getattr(torch.backends, "quantized", None), "supported_engines", [])
+    engine = next((e for e in ("fbgemm", "x86") if e in engines), None)
+    if engine is None:
+        reasons.append("this torch build has no fbgemm/x86 quantized engine")
+        return None
+    kernel = FbgemmInt8Kernel(engine)
+    q, scale = (127 * torch.eye(4)).to(torch.int8), torch.full((4,), 1 / 127)
+    problem = _probe(kernel, q, scale, torch.ones(1, 4), torch.ones(1, 4), 0.05)
+    if problem is None:
+        return kernel
+    reasons.append(f"torch.ops.quantized.linear_dynamic {problem}")
+    return None
 
 
 _PACK_LOCK = threading.Lock()  # generate() may run in several threads (e.g. a Gradio app): pack each weight once
 
 
 class Int8Rows(nn.Module):
-    """An int8 (rows, cols) weight with one fp32 scale per row, and the kernel's packed form of it, built on first use.
+    """An int8 (rows, cols) weight with its scales, one fp32 per row, or (`group`) one fp16 per `group` columns of a
+    row, and the kernel's packed form of it, built on first use.
 
-    Packed fbgemm weights are not tensors: state_dict() unpacks them back to `weight` (int8) so save_pretrained
-    round-trips, and loading a state dict drops the packed form. Unless `keep_int8_rows` (the embedding needs its
-    rows for lookups), the int8 buffer is released once packed, so the weight is held once in memory.
+    Packed weights are not the rows as stored: state_dict() unpacks them back to `weight` (int8) so save_pretrained
+    round-trips, and loading a state dict drops the packed form. Once packed, the int8 buffer is released, so the
+    weight is held once in memory, unless `keep_int8_rows` (the embedding's lookups) and the kernel cannot serve
+    rows from its packed form.
     """
 
     keep_int8_rows = False
 
-    def __init__(self, rows, cols):
+    def __init__(self, rows, cols, group=None):
         super().__init__()
         self.register_buffer("weight", torch.zeros(rows, cols, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(rows))
+        scale_shape, scale_dtype = ((rows,), torch.float32) if group is None else ((rows, -(-cols // group)),
+                                                                                  torch.float16)
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype))
         self._kernel = self._packed = None
 
     def _int8_linear(self, x, bias=None):
         if self._packed is None:
             with _PACK_LOCK:
                 if self._packed is None:
-                    self._kernel = int8_kernel(self.weight_scale.device.type)
-                    packed = self._kernel.pack(self.weight, self.weight_scale, bias)
-                    if not self.keep_int8_rows:
+                    kernel = int8_kernel(self.weight_scale.device.type, grouped=self.weight_scale.dim() == 2)
+                    self._kernel, self._packed = kernel, kernel.pack(self.weight, self.weight_scale, bias)
+                    if not self.keep_int8_rows or kernel.serves_rows:
                         self.weight = None
-                    self._packed = packed
         return self._kernel.linear(x.float(), self._packed).to(x.dtype)
 
     def _unpack(self):
@@ -275,8 +595,8 @@ class Int8Rows(nn.Module):
 
 
 class Int8Linear(Int8Rows):
-    def __init__(self, in_features, out_features, bias=True):
-        super().__init__(out_features, in_features)
+    def __init__(self, in_features, out_features, bias=True, group=None):
+        super().__init__(out_features, in_features, group)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
@@ -285,14 +605,19 @@ class Int8Linear(Int8Rows):
 
 
 class Int8Embedding(Int8Rows):
-    keep_int8_rows = True  # lookups read the rows; the tied lm_head uses the packed copy
+    keep_int8_rows = True  # lookups read the rows (or the packed copy, where the kernel serves rows from it)
 
-    def __init__(self, num_embeddings, embedding_dim):
-        super().__init__(num_embeddings, embedding_dim)
+    def __init__(self, num_embeddings, embedding_dim, group=None):
+        super().__init__(num_embeddings, embedding_dim, group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids):
-        return self.weight[ids].to(self.weight_scale.dtype) * self.weight_scale[ids].unsqueeze(-1)
+        if self.weight is None:  # packed for the tied lm_head by a kernel that serves rows
+            return self._kernel.rows(self._packed, ids)
+        scale = self.weight_scale[ids].float()
+        if scale.dim() == ids.dim():  # one scale per row
+            return self.weight[ids].float() * scale.unsqueeze(-1)
+        return self.weight[ids].float() * scale.repeat_interleave(GROUP_SIZE, dim=-1)[..., : self.embedding_dim]
 
 
 class Int8TiedLMHead(nn.Module):
@@ -370,8 +695,8 @@ def inductor_problem():
 
 
 def check_quantization(config):
-    """Every version up to INT8_VERSION stores the same tensors (int8 rows + one scale per row), so each loads here;
-    how activations are rounded is this runtime's choice (int8_kernel)."""
+    """Every version up to INT8_VERSION loads here: 1 and 2 store int8 rows with one scale per row (fp32 positions),
+    3 one scale per GROUP_SIZE weights (int8 positions); how activations are rounded is this runtime's choice."""
     if not config.quantization:
         return
     if config.quantization.get("method") != INT8_METHOD:
@@ -385,20 +710,31 @@ def check_quantization(config):
             f"config.quantization version {version!r} is newer than this int8_toygpt.py reads (1..{INT8_VERSION}); "
             "load it with the int8_toygpt.py saved beside it, or re-run quantize.py on the fp32 model."
         )
+    if version >= 3 and config.quantization.get("group_size") != GROUP_SIZE:
+        raise ValueError(
+            f"config.quantization group_size {config.quantization.get('group_size')!r} is not the {GROUP_SIZE} "
+            "weights per scale this int8_toygpt.py computes with; re-run quantize.py on the fp32 model."
+        )
 
 
 def use_int8_modules(model):
-    """Swap ToyGPTModel's token embedding and every block Linear for empty int8 modules of the same shapes."""
-    model.wte = Int8Embedding(model.config.vocab_size, model.config.n_embd)
+    """Swap ToyGPTModel's token embedding (and, from version 3, its position embedding) and every block Linear for
+    empty int8 modules of the same shapes."""
+    config = model.config
+    group = group_size(config)
+    model.wte = Int8Embedding(config.vocab_size, config.n_embd, group)
+    if group is not None:
+        model.wpe = Int8Embedding(config.block_size, config.n_embd, group)
     for block in model.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
+                    setattr(parent, name, Int8Linear(child.in_features, child.out_features, child.bias is not None,
+                                                     group))
 
 
 def int8_lm_head(config, transformer):
     """The int8 model's lm_head: the tied embedding's int8 rows (stored once, as wte's), else its own int8 rows."""
     if config.tie_word_embeddings:
         return Int8TiedLMHead(transformer)
-    return Int8Linear(config.n_embd, config.vocab_size, bias=False)
+    return Int8Linear(config.n_embd, config.vocab_size, bias=False, group=group_size(config))

@@ -1,6 +1,6 @@
 """Quantize a ToyGPT model dir to int8: `python quantize.py SRC_DIR OUT_DIR [--overwrite] [--eval-input PATH]`.
 
-OUT_DIR is a complete int8 model directory (per-row int8 weights + fp32 scales, safetensors only) that
+OUT_DIR is a complete int8 model directory (int8 weights + an fp16 scale per 32 of them, safetensors only) that
 `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` loads; its quantization_report.json holds the
 figures measured before/after and the sha256 of SRC's model.safetensors. The work is toygpt/quantization.py's,
 imported after parsing so that `--help` is instant.

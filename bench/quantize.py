@@ -312,7 +312,7 @@ def main(argv=None):
             p.error(f"--parts {args.parts!r}: choose from 124m, trained")
         trained = args.trained_dir or ("trained" in parts and train_tiny(work, args.input))
         print(f"torch {torch.__version__}, {args.threads} threads, int8 kernel: "
-              f"{int8_kernel().name}")
+              f"{int8_kernel(grouped=True).name}")
 
         big = "124m" in parts and bench_124m(work, args.repeats, args.new_tokens, args.threads, args.decode_threads)
         if big:

@@ -18,9 +18,9 @@ PROMPT = torch.tensor([[5, 17, 42, 3, 60, 11, 29, 8]])
 
 @pytest.fixture(scope="module")
 def int8_model():
-    # A small vocabulary and a large init: no near-tie among the top logits (seed 11: the smallest top-2 gap over
-    # these tests' steps is 0.05), so int8's rounding, which a compiled graph may do in another order, flips no token.
-    torch.manual_seed(11)
+    # A small vocabulary and a large init: no near-tie among the top logits (seed 17: the smallest top-2 gap over
+    # these tests' steps is 0.10), so int8's rounding, which a compiled graph may do in another order, flips no token.
+    torch.manual_seed(17)
     return quantize_int8(ToyGPTForCausalLM(small_config(vocab_size=64, initializer_range=0.5)).eval())
 
 

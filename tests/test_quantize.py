@@ -31,6 +31,17 @@ def int8_dir(tiny_model_dir, shakespeare_path, tmp_path_factory):
     return out, figures
 
 
+@pytest.fixture(scope="module")
+def int8_v2_dir(int8_dir, tiny_model_dir, tmp_path_factory):
+    """An int8 dir as quantize.py wrote it before version 3 (one fp32 scale per row, fp32 positions): the same dir
+    with those tensors and that config."""
+    out = tmp_path_factory.mktemp("quantized-v2") / "tiny-int8-v2"
+    shutil.copytree(int8_dir[0], out)
+    quantize_int8(ToyGPTForCausalLM.from_pretrained(tiny_model_dir), group_size=None).save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["quantization"]["version"] == 2
+    return out
+
+
 @pytest.fixture
 def fresh_kernel_choice():
     """Forget the cached kernel choice before and after a test that changes what the probe sees."""
@@ -60,14 +71,17 @@ def test_output_dir_holds_int8_safetensors_and_the_scheme(int8_dir, tiny_model_d
 
     tensors = load_file(out / "model.safetensors")
     n_layer = config["n_layer"]
-    int8_names = {"transformer.wte.weight"} | {f"transformer.h.{i}.{m}.weight" for i in range(n_layer)
-                                                for m in INT8_LINEARS}
+    int8_names = {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        f"transformer.h.{i}.{m}.weight" for i in range(n_layer) for m in INT8_LINEARS}
+    scale_names = {name.replace(".weight", ".weight_scale") for name in int8_names}
     assert {k for k, v in tensors.items() if v.dtype == torch.int8} == int8_names
-    for name in int8_names:  # one fp32 scale per output row
-        assert tensors[name.replace(".weight", ".weight_scale")].shape == (tensors[name].shape[0],)
+    for name in int8_names:  # one fp16 scale per 32 weights of a row, as q8_0
+        rows, cols = tensors[name].shape
+        assert tensors[name.replace(".weight", ".weight_scale")].shape == (rows, -(-cols // 32))
+    assert {k for k, v in tensors.items() if v.dtype == torch.float16} == scale_names
     assert "lm_head.weight" not in tensors  # the tied embedding is stored once
-    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k not in int8_names)
-    assert tensors["transformer.wpe.weight"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k not in int8_names | scale_names)
+    assert config["quantization"]["version"] == 3 and config["quantization"]["group_size"] == 32
 
     assert figures["size_int8"] == (out / "model.safetensors").stat().st_size
     assert figures["size_int8"] < 0.3 * figures["size_fp32"]
@@ -125,7 +139,8 @@ c_attn = model.transformer.h[0].attn.c_attn
 print(json.dumps({
     "info": {k: sorted(map(str, v)) for k, v in info.items()},
     "messages": messages + [str(w.message) for w in caught],
-    "int8": [str(model.transformer.wte.weight.dtype), type(c_attn).__name__, type(model.lm_head).__name__],
+    "int8": [str(model.state_dict()["transformer.wte.weight"].dtype), type(c_attn).__name__,
+             type(model.lm_head).__name__],
     "kernel": c_attn._kernel.name,
     "cached": cached.tolist(), "uncached": uncached.tolist(), "text": text[0]["generated_text"],
     "logits_rel_err": ((logits - logits_fp32).norm() / logits_fp32.norm()).item(),
@@ -142,7 +157,7 @@ def test_round_trip_fresh_process(int8_dir, tiny_model_dir, tmp_path):
     assert result["info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert not [m for m in result["messages"] if "initialized" in m or "not used" in m or "tie" in m.lower()]
     assert result["int8"] == ["torch.int8", "Int8Linear", "Int8TiedLMHead"]
-    assert result["kernel"] == int8_kernel().name  # the fresh process chooses as this one does
+    assert result["kernel"] == int8_kernel(grouped=True).name == "block"  # the fresh process chooses as this one
     assert result["cached"] == result["uncached"] and len(result["cached"][0]) > 12
     assert result["text"].startswith("ROMEO:") and len(result["text"]) > len("ROMEO:")
     assert result["logits_rel_err"] < 0.05 and result["argmax_agree"] >= 0.8
@@ -166,9 +181,9 @@ def mapped_rss_kb(address):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
-def test_int_mm_computes_on_the_mapped_rows_without_a_copy(int8_dir, monkeypatch, fresh_kernel_choice):
+def test_int_mm_computes_on_the_mapped_rows_without_a_copy(int8_v2_dir, monkeypatch, fresh_kernel_choice):
     monkeypatch.setenv("TOYGPT_INT8_KERNEL", "int_mm")
-    model = ToyGPTForCausalLM.from_pretrained(int8_dir[0]).eval()
+    model = ToyGPTForCausalLM.from_pretrained(int8_v2_dir).eval()
     layer = model.transformer.h[0].mlp.c_fc
     if mapped_rss_kb(layer.weight.data_ptr()) is None:
         pytest.skip("this transformers does not mmap model.safetensors")
@@ -177,14 +192,17 @@ def test_int_mm_computes_on_the_mapped_rows_without_a_copy(int8_dir, monkeypatch
         model(torch.arange(12)[None])
     assert layer._kernel.name == "int_mm" and layer.weight is None  # packed: held once, by the packed form ...
     assert layer._packed[0].data_ptr() == address  # ... which is the file's int8 rows themselves, not a copy
-    assert torch.equal(layer.state_dict()["weight"], load_file(int8_dir[0] / "model.safetensors")[
+    assert torch.equal(layer.state_dict()["weight"], load_file(int8_v2_dir / "model.safetensors")[
         "transformer.h.0.mlp.c_fc.weight"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are released on Linux only")
-def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir, monkeypatch, fresh_kernel_choice):
-    monkeypatch.setenv("TOYGPT_INT8_KERNEL", "fbgemm")  # fbgemm copies the rows into its packed form
-    model = ToyGPTForCausalLM.from_pretrained(int8_dir[0]).eval()
+@pytest.mark.parametrize("kernel", ["block", "fbgemm"])  # both copy the rows into their packed form
+def test_packing_releases_the_mapped_file_pages_and_stays_correct(kernel, int8_dir, int8_v2_dir, monkeypatch,
+                                                                  fresh_kernel_choice):
+    monkeypatch.setenv("TOYGPT_INT8_KERNEL", kernel)
+    directory = int8_dir[0] if kernel == "block" else int8_v2_dir  # fbgemm takes one scale per row
+    model = ToyGPTForCausalLM.from_pretrained(directory).eval()
     wte = model.transformer.wte.weight
     if mapped_rss_kb(wte.data_ptr()) is None:
         pytest.skip("this transformers does not mmap model.safetensors")
@@ -193,10 +211,12 @@ def test_packing_releases_the_mapped_file_pages_and_stays_correct(int8_dir, monk
     with torch.no_grad():
         first = model(ids).logits
         assert mapped_rss_kb(wte.data_ptr()) * 1024 < wte.nbytes / 4  # packed: the int8 bytes are not resident twice
-        second = model(ids).logits  # looks up rows whose pages were dropped
-    assert torch.equal(first, second) and torch.equal(model.transformer.wte.weight, rows)  # re-read from the file
+        second = model(ids).logits  # looks up rows whose pages were dropped (fbgemm), or in the packed copy (block)
+    assert model.transformer.wte._kernel.name == kernel
+    assert torch.equal(first, second) and torch.equal(model.state_dict()["transformer.wte.weight"], rows)
 
-    other = quantize_int8(random_model(seed=1))  # new weights land in fresh memory, not in the mapped file ...
+    other = quantize_int8(random_model(seed=1), group_size=32 if kernel == "block" else None)  # new weights land in
+    # fresh memory, not in the mapped file ...
     model.load_state_dict(other.state_dict())
     with torch.no_grad():
         model(ids)  # ... so dropping pages at packing cannot revert them to the file's bytes
@@ -246,7 +266,8 @@ def test_quantized_model_logits_close_to_fp32():
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
     for module in int8.modules():
         if isinstance(module, Int8Rows):
-            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float32
+            assert module.weight.dtype == torch.int8 and module.weight_scale.dtype == torch.float16
+            assert module.weight_scale.shape == (module.weight.shape[0], -(-module.weight.shape[1] // 32))
     ids = torch.randint(0, 50257, (2, 24))
     with torch.no_grad():
         rel = relative_error(int8(ids).logits, model(ids).logits)
@@ -269,7 +290,7 @@ def test_forced_fallback_gives_close_logits(monkeypatch, fresh_kernel_choice):
     with pytest.warns(UserWarning, match="dequantizing the int8 weights to fp32"), torch.no_grad():
         slow_logits = slow(ids).logits
     assert slow.transformer.h[0].attn.c_attn._kernel.name == "fallback"
-    assert fast.transformer.h[0].attn.c_attn._kernel.name in ("int_mm", "fbgemm")
+    assert fast.transformer.h[0].attn.c_attn._kernel.name == "block"
     assert relative_error(slow_logits, exact) < 0.02  # weight rounding only
     assert relative_error(slow_logits, fast_logits) < 0.05
     fast_state, slow_state = fast.state_dict(), slow.state_dict()
@@ -282,14 +303,31 @@ def test_probe_failure_falls_back(monkeypatch, fresh_kernel_choice):
 
     monkeypatch.setattr(int8_toygpt.FbgemmInt8Kernel, "linear", broken)
     monkeypatch.setattr(int8_toygpt.IntMMKernel, "linear", broken)
-    with pytest.warns(UserWarning, match="unusable"):
+    monkeypatch.setattr(int8_toygpt.BlockInt8Kernel, "linear", broken)
+    with pytest.warns(UserWarning, match="block kernel is unusable.*linear_dynamic is unusable"):
         assert isinstance(int8_kernel(), DequantizedKernel)
+
+
+def without_block_kernel(monkeypatch):
+    monkeypatch.setattr(int8_toygpt, "block_kernel_library", lambda: (None, "no C++ compiler (simulated)"))
+
+
+def test_without_a_compiler_grouped_weights_are_dequantized_with_a_warning(monkeypatch, fresh_kernel_choice):
+    without_block_kernel(monkeypatch)
+    model = random_model()
+    int8 = quantize_int8(model)
+    ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*one scale per row.*dequantizing"), torch.no_grad():
+        logits = int8(ids).logits
+    assert int8.transformer.h[0].mlp.c_fc._kernel.name == "fallback"
+    assert relative_error(logits, model(ids).logits) < 0.02
 
 
 def test_without_int_mm_fbgemm_runs_with_a_warning(monkeypatch, fresh_kernel_choice):
     def broken(*args, **kwargs):
         raise RuntimeError("_int_mm is not available")
 
+    without_block_kernel(monkeypatch)
     monkeypatch.setattr(torch, "_int_mm", broken)
     with pytest.warns(UserWarning, match="_int_mm is unusable.*fbgemm"):
         assert int8_kernel().name == "fbgemm"
@@ -304,17 +342,18 @@ def uint8_int16_pair_sums(a, b):
 
 
 def test_int_mm_runs_where_it_sums_in_int32_and_fbgemm_where_it_would_saturate(monkeypatch, fresh_kernel_choice):
+    without_block_kernel(monkeypatch)  # per-row scales (version 2 dirs) on a machine without a C++ compiler
     assert int8_kernel().name == "int_mm"  # this torch's _int_mm on this CPU: exact in int32
     model = random_model()
     ids = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        exact, per_token = model(ids).logits, quantize_int8(model)(ids).logits
+        exact, per_token = model(ids).logits, quantize_int8(model, group_size=None)(ids).logits
     int8_toygpt._choose_int8_kernel.cache_clear()
     monkeypatch.setattr(torch, "_int_mm", uint8_int16_pair_sums)
     with pytest.warns(UserWarning, match="saturates.*fbgemm"):
         assert int8_kernel().name == "fbgemm"
     with torch.no_grad():
-        per_tensor = quantize_int8(model)(ids).logits
+        per_tensor = quantize_int8(model, group_size=None)(ids).logits
     assert relative_error(per_token, exact) < relative_error(per_tensor, exact) < 0.05
 
 
@@ -351,10 +390,10 @@ def test_int_mm_packing_sums_rows_without_a_widened_copy():
     assert allocated < q.numel() / 8
 
 
-def test_int8_dirs_of_version_1_load_and_unknown_versions_are_refused(int8_dir, tmp_path):
+def test_int8_dirs_of_version_1_load_and_unknown_versions_are_refused(int8_v2_dir, tmp_path):
     old, new = tmp_path / "v1", tmp_path / "v99"
     for directory, version in ((old, None), (new, 99)):
-        shutil.copytree(int8_dir[0], directory)
+        shutil.copytree(int8_v2_dir, directory)
         config = json.loads((directory / "config.json").read_text())
         config["quantization"].pop("version")
         if version is not None:
@@ -633,3 +672,133 @@ def test_kld_chunks_cut_the_held_out_split_and_score_the_second_half(shakespeare
     figures = quantization.logit_quality(model, {"int8": quantize_int8(model), "same": model}, chunks[:2])
     assert figures["same"]["mean_kld"] == pytest.approx(0, abs=1e-9)
     assert 0 < figures["int8"]["mean_kld"] < 0.01 and figures["int8"]["positions"] == 2 * 31
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The block kernel (one scale per 32 weights, int16 activations) and version 3's rounding
+
+
+def test_group_rounding_keeps_an_outlier_to_its_own_32_weights():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 100) * 0.02  # 100 columns: 3 whole groups and a partial one
+    weight[3, 40] = 5.0  # an outlier coarsens the rounding of its own group of 32 only
+    q, scale = quantization.quantize_groups(weight)
+    assert q.shape == (40, 100) and scale.shape == (40, 4) and scale.dtype == torch.float16
+    steps = scale.float().repeat_interleave(32, dim=1)[:, :100]
+    error = int8_toygpt.dequantize(q, scale) - weight
+    assert (error.abs() <= steps / 2 + 1e-7).all()  # at most half a step per element, with the fp16 scale as stored
+    assert steps[3, 40] > 50 * steps[3, 0] and steps[3, 0] < 2 * steps[:, 0].median()  # the row's other groups
+    assert relative_error(int8_toygpt.dequantize(q, scale)[:, 64:], weight[:, 64:]) < 0.01
+
+
+def packed_block(rows, cols, seed=0, per_row=False):
+    torch.manual_seed(seed)
+    weight = torch.randn(rows, cols) * 0.05
+    q, scale = quantize_rows(weight) if per_row else quantization.quantize_groups(weight)
+    return q, scale, int8_toygpt.BlockInt8Kernel()
+
+
+@pytest.mark.parametrize("rows, cols, per_row", [(37, 100, False), (64, 128, False), (50, 70, True)])
+def test_block_kernel_computes_the_dequantized_matmul(rows, cols, per_row):
+    """Partial groups of 16 rows and blocks of 32 columns, several activation rows, a bias; per-row scales (version
+    2 dirs) run as the same scale in every block. What is left is the int16 rounding of the activations."""
+    q, scale, kernel = packed_block(rows, cols, per_row=per_row)
+    bias = torch.randn(rows)
+    x = torch.randn(2, 3, cols) * 4
+    x[0, 0, 5] = 300.0  # an outlier token rounds coarser, on its own row only
+    y = kernel.linear(x, kernel.pack(q, scale, bias))
+    exact = F.linear(x, int8_toygpt.dequantize(q, scale), bias)
+    assert y.shape == (2, 3, rows)
+    assert relative_error(y[0, 0], exact[0, 0]) < 1e-3 and relative_error(y[1], exact[1]) < 1e-4
+
+
+def test_block_kernel_serves_rows_and_unpacks_to_the_stored_int8():
+    q, scale, kernel = packed_block(45, 96)
+    packed = kernel.pack(q, scale, None)
+    ids = torch.tensor([[0, 15, 16, 44], [44, 3, 3, 31]])
+    assert torch.equal(kernel.rows(packed, ids), int8_toygpt.dequantize(q, scale)[ids])
+    assert torch.equal(kernel.unpack(packed, scale), q)
+
+
+def test_block_kernel_gives_the_same_bits_on_any_thread_count():
+    """Threads split the groups of rows; each output is summed in one order whatever the thread count."""
+    q, scale, kernel = packed_block(1000, 256)
+    packed = kernel.pack(q, scale, None)
+    x = torch.randn(3, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel.linear(x, packed)
+        torch.set_num_threads(2)
+        two = kernel.linear(x, packed)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path):
+    """The source has an AVX-512 VNNI, an AVX-512 BW, an AVX2 and a plain C path; build each this CPU can run (as a
+    CPU without the wider instructions would) and compare them on the same packed weights."""
+    import ctypes
+    import subprocess
+
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    source = tmp_path / "block.cpp"
+    source.write_text(int8_toygpt.BLOCK_KERNEL_SOURCE)
+    q, scale, kernel = packed_block(100, 160)
+    weight, scales, _, rows, cols = kernel.pack(q, scale, None)
+    x = torch.randn(2, cols)
+    results = {}
+    for flags in (["-march=native"], ["-march=native", "-mno-avx512vnni"], ["-march=native", "-mno-avx512f"], []):
+        library = tmp_path / f"block{len(results)}.so"
+        built = subprocess.run([get_cpp_compiler(), "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(library)],
+                               capture_output=True)
+        if built.returncode != 0:
+            continue  # a compiler without these flags (not x86): the native build is tested elsewhere
+        lib = ctypes.CDLL(str(library))
+        y = torch.empty(2, rows)
+        lib.toygpt_block_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                            ctypes.c_int]
+        assert lib.toygpt_block_linear(x.data_ptr(), 2, cols, weight.data_ptr(), scales.data_ptr(), rows, None,
+                                       y.data_ptr(), 1) == 0
+        results[lib.toygpt_block_simd()] = y
+    assert 0 in results  # the plain C path builds everywhere
+    exact = F.linear(x, int8_toygpt.dequantize(q, scale))
+    for simd, y in results.items():
+        assert relative_error(y, exact) < 1e-4, simd
+        assert torch.allclose(y, results[0], rtol=1e-5, atol=1e-5), simd  # int32 sums are exact: only fp32 order
+
+
+def test_the_compiled_kernel_is_kept_and_reused(tmp_path):
+    code = ("import os, torch, int8_toygpt\n"
+            "library, problem = int8_toygpt.block_kernel_library()\n"
+            "assert problem is None, problem\n"
+            "print(library._name)")
+    env = {"TOYGPT_KERNEL_CACHE": str(tmp_path / "cache")}
+    first = run_python(code, cwd=REPO, env=env).strip().splitlines()[-1]
+    stamp = os.stat(first).st_mtime_ns
+    second = run_python(code, cwd=REPO, env=env).strip().splitlines()[-1]
+    assert first == second and os.stat(second).st_mtime_ns == stamp  # built once, loaded after
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [os.path.basename(first)]  # no temp files left
+
+
+def test_version_2_dirs_run_on_the_block_kernel_and_unknown_group_sizes_are_refused(int8_v2_dir, tmp_path,
+                                                                                     tiny_model_dir):
+    """Dirs written by the previous quantize.py (per-row scales) load and run on the block kernel, pickle-free."""
+    old = ToyGPTForCausalLM.from_pretrained(int8_v2_dir).eval()
+    fp32 = ToyGPTForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert relative_error(old(ids).logits, fp32(ids).logits) < 0.05
+    assert old.transformer.h[0].attn.c_attn._kernel.name == "block"
+    assert old.transformer.wpe.weight.dtype == torch.float32  # version 2: fp32 positions
+
+    odd = tmp_path / "group64"
+    shutil.copytree(int8_v2_dir, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["quantization"].update(version=3, group_size=64)
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="group_size 64 is not the 32"):
+        ToyGPTForCausalLM.from_pretrained(odd)

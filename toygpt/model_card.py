@@ -348,12 +348,13 @@ def int8_sections(records: Records) -> list[str]:
     source_note = f"\n\nQuantized from the fp32 `model.safetensors` with sha256 `{sha256}`." if sha256 else ""
     return [f"""## int8 quantized variant
 
-Produced by `python quantize.py {report['source']} <out>` from the fp32 model: the weights of every Linear layer and
-of the token embedding (shared with the tied LM head, stored once) are int8 with one fp32 scale per output row
-(symmetric); LayerNorms, biases and position embeddings stay fp32. Activations are quantized per call at run time
-(dynamic, no calibration data). The int8 matrix products use PyTorch's fbgemm/x86 kernels on CPU (int8 kernel used
-here: `{report['kernel']}`); without them the weights are dequantized to fp32 at load, with a warning. Weights are in
-`model.safetensors` (int8 tensors + fp32 scales; no pickle), the scheme in `config.json` under `quantization`.{source_note}
+Produced by `python quantize.py {report['source']} <out>` from the fp32 model: the weights of every Linear layer, of
+the token embedding (shared with the tied LM head, stored once) and of the position embedding are int8 with one fp16
+scale per 32 weights of a row (symmetric, llama.cpp's q8_0 rounding); LayerNorms and biases stay fp32. Activations
+are rounded per token at run time (dynamic, no calibration data). The int8 matrix products run on a small C kernel
+that `int8_toygpt.py` compiles on first use with the C++ compiler PyTorch's inductor uses (int8 kernel used here:
+`{report['kernel']}`); without a compiler the weights are dequantized to fp32 at load, with a warning. Weights are in
+`model.safetensors` (int8 tensors + fp16 scales; no pickle), the scheme in `config.json` under `quantization`.{source_note}
 
 {table}
 

@@ -1,8 +1,9 @@
 """fp32 ToyGPT model dir -> int8 model dir: quantizing, measuring before/after, the report, and the record of which
 fp32 weights an int8 dir came from.
 
-Weights of every Linear and of the tied token embedding / lm_head become int8 with one fp32 scale per output row;
-activations are quantized at run time, per token (no calibration data). Quality is measured as llama.cpp measures
+Weights of every Linear, of the tied token embedding / lm_head and of the position embedding become int8 with one
+fp16 scale per 32 weights of a row (q8_0's rounding); activations are rounded at run time, per token (no calibration
+data). Quality is measured as llama.cpp measures
 it (LogitQuality: mean KLD, same top token, PPL ratio over kld_chunks), one implementation for bench and tests. The int8 dir is a complete model directory (safetensors
 only, config.quantization records the scheme) that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
 loads as an int8 model. The measured figures (size, val loss, tokens/s before and after) and the sha256 of the source
@@ -25,7 +26,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from int8_toygpt import INT8_SCHEME, Int8Rows, compile_allowed, int8_kernel
+from int8_toygpt import GROUP_SIZE, INT8_SCHEME, Int8Rows, compile_allowed, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt import model_card, progress
 from toygpt.dataset_source import file_sha256
@@ -47,16 +48,37 @@ class QuantizeError(UsageError):
 
 
 def quantize_rows(weight):
-    """Symmetric per-row int8: (q (R, K) int8, scale (R,) fp32) with weight ~= q * scale[:, None]."""
+    """Symmetric per-row int8 (int8 dirs of versions 1 and 2): (q (R, K) int8, scale (R,) fp32), weight ~= q * scale."""
     scale = (weight.detach().float().abs().amax(dim=1) / 127).clamp(min=1e-12)  # an all-zero row takes any scale
     q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
-def quantize_int8(model):
-    """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32."""
+def quantize_groups(weight, group=GROUP_SIZE):
+    """Symmetric int8 with one fp16 scale per `group` columns of a row (llama.cpp's q8_0): (q (R, K) int8,
+    scale (R, ceil(K / group)) fp16), weight ~= q * scale repeated over each group. The scale is rounded to fp16
+    before the weights are divided by it, so the stored pair reproduces what was rounded."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w, (0, -cols % group)).view(rows, -1, group)
+    # 2**-24: fp16's smallest step; a group whose weights are all below it is stored as zeros
+    scale = (padded.abs().amax(dim=2) / 127).clamp(min=2**-24).half()
+    q = torch.round(padded / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(rows, -1)[:, :cols].contiguous(), scale
+
+
+ROW_SCALED_SCHEME = {"method": INT8_SCHEME["method"], "version": 2}  # what quantize.py wrote before version 3
+
+
+def quantize_int8(model, group_size: int | None = GROUP_SIZE):
+    """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32.
+    group_size=None writes the version-2 layout instead (one scale per row, fp32 positions): what int8 dirs of
+    earlier releases hold, for measuring the two against each other and testing that such dirs still load."""
     config = copy.deepcopy(model.config)
-    config.quantization = copy.deepcopy(INT8_SCHEME)
+    config.quantization = copy.deepcopy(INT8_SCHEME if group_size else ROW_SCALED_SCHEME)
+    if group_size not in (None, GROUP_SIZE):
+        raise ValueError(f"group_size {group_size}: the int8 runtime computes with {GROUP_SIZE} weights per scale")
+    quantize = quantize_groups if group_size else quantize_rows
     with torch.device("meta"):  # no throwaway fp32 init: every tensor is assigned below
         qmodel = ToyGPTForCausalLM(config)
     int8_modules = {name for name, module in qmodel.named_modules() if isinstance(module, Int8Rows)}
@@ -65,7 +87,7 @@ def quantize_int8(model):
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
         if module_name in int8_modules and leaf == "weight":
-            state[name], state[module_name + ".weight_scale"] = quantize_rows(tensor)
+            state[name], state[module_name + ".weight_scale"] = quantize(tensor)
         elif name in wanted:  # lm_head.weight is not: the int8 head reads wte's rows
             state[name] = tensor.detach().float().clone()
     qmodel.load_state_dict(state, strict=True, assign=True)
@@ -332,7 +354,7 @@ def quantization_report(src: Path, source_sha256: str, sizes: dict, before: dict
         "source": src.name, SOURCE_SHA256: source_sha256,
         "n_params": model_card.parameter_count(src / "model.safetensors"),
         "size_fp32": sizes["fp32"], "size_int8": sizes["int8"], "before": before, "after": after, "eval": evaluated,
-        "kernel": int8_kernel().name, "threads": torch.get_num_threads(), "speed_tokens": speed_tokens,
+        "kernel": int8_kernel(grouped=True).name, "threads": torch.get_num_threads(), "speed_tokens": speed_tokens,
     }
 
 
