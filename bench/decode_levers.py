@@ -35,7 +35,7 @@ from toygpt import quantization  # noqa: E402
 from toygpt.model_dir import save_model_dir  # noqa: E402
 from generate import PROMPT_TOKENS, generate_tokens  # noqa: E402
 
-MATMULS = ("toygpt::block_linear_v1", "aten::_int_mm", "aten::mm", "aten::addmm", "aten::linear", "quantized::linear_dynamic")
+MATMULS = ("toygpt::block_linear_v2", "aten::_int_mm", "aten::mm", "aten::addmm", "aten::linear", "quantized::linear_dynamic")
 ATTENTION = "scaled_dot_product"
 
 

@@ -3,9 +3,10 @@ weight stays in cache: ms per token, in one run, contenders taking turns.
 
     flock -x /tmp/toygpt-cpu.lock python bench/int8_matvec.py [--threads 1] [--repeats 10]
 
-torch._int_mm at 1 and 2 activation rows (the kernel ToyGPT's int8 uses; 2 rows is what a second activation pass
-would cost), torch.ops.aten._weight_int8pack_mm with bf16 activations (weight-only int8), and a per-32-block dot
-product (q8_0's rounding) written as torch ops and compiled by inductor.
+ToyGPT's block kernel (int8_toygpt: q8_0's per-32 fp16 weight scales, int16 activations; what an int8 dir runs),
+torch._int_mm at 1 and 2 activation rows (the kernel of version-2 int8 dirs before it; 2 rows is what a second
+activation pass would cost), torch.ops.aten._weight_int8pack_mm with bf16 activations (weight-only int8), and a
+per-32-block dot product (q8_0's rounding) written as torch ops and compiled by inductor.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import argparse
 import sys
 import time
 
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from int8_toygpt import BlockInt8Kernel, block_kernel_library  # noqa: E402
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in); the head last
 
@@ -41,7 +47,12 @@ def main(argv=None):
     x_bf16 = {k: torch.randn(1, k, generator=g).bfloat16() for k in (768, 3072)}
     x_blocks = {k: torch.rand(k // 32, generator=g) for k in (768, 3072)}
     compiled = torch.compile(block_matvec, dynamic=False)
+    library, problem = block_kernel_library()
+    block = BlockInt8Kernel() if library else None
+    packed = [block.pack(w, s, None) for w, s in zip(weights, block_scales)] if block else []
+    x_float = {k: torch.randn(1, k, generator=g) for k in (768, 3072)}
     runs = {
+        "ToyGPT block kernel (int8_toygpt)": lambda: [block.linear(x_float[p[4]], p) for p in packed],
         "torch._int_mm, 1 row": lambda: [torch._int_mm(x[1][w.shape[1]], w.t()) for w in weights],
         "torch._int_mm, 2 rows": lambda: [torch._int_mm(x[2][w.shape[1]], w.t()) for w in weights],
         "_weight_int8pack_mm, bf16 activations": lambda: [
@@ -49,6 +60,9 @@ def main(argv=None):
         "per-32 blocks, inductor": lambda: [
             compiled(x[1][w.shape[1]][0], x_blocks[w.shape[1]], w, s) for w, s in zip(weights, block_scales)],
     }
+    if block is None:
+        print(f"skipping ToyGPT's block kernel: {problem}")
+        del runs["ToyGPT block kernel (int8_toygpt)"]
     for run in runs.values():
         run()  # warm-up (compiles)
     seconds = {name: 0.0 for name in runs}

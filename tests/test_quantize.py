@@ -390,6 +390,20 @@ def test_int_mm_packing_sums_rows_without_a_widened_copy():
     assert allocated < q.numel() / 8
 
 
+def test_block_packing_writes_the_packed_weight_once_without_a_whole_copy():
+    """Packing interleaves a few row groups at a time straight into the packed tensor: one allocation the size of the
+    weight (the result), none other above a chunk (a padded or permuted copy of the whole weight was the 124M
+    embedding's first-forward peak: 37 MB more than it holds after)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, scale = quantization.quantize_groups(torch.randn(4096, 256))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        weight, scales, _, _, _ = int8_toygpt.BlockInt8Kernel().pack(q, scale, None)
+    large = sorted(event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 2**19)
+    assert large == [q.numel()] and weight.numel() == q.numel()
+    assert scales.dtype == torch.float16 and scales.numel() == scale.numel()  # kept as stored: no fp32 copy
+
+
 def test_int8_dirs_of_version_1_load_and_unknown_versions_are_refused(int8_v2_dir, tmp_path):
     old, new = tmp_path / "v1", tmp_path / "v99"
     for directory, version in ((old, None), (new, 99)):
@@ -736,9 +750,11 @@ def test_block_kernel_gives_the_same_bits_on_any_thread_count():
     assert torch.equal(one, two)
 
 
-def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path):
-    """The source has an AVX-512 VNNI, an AVX-512 BW, an AVX2 and a plain C path; build each this CPU can run (as a
-    CPU without the wider instructions would) and compare them on the same packed weights."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path, per_row):
+    """The source has an AVX-512 VNNI, an AVX-512 BW, an AVX2 (with and without F16C) and a plain C path; build each
+    this CPU can run (as a CPU without the wider instructions would) and compare them on the same packed weights,
+    with fp16 group scales and with fp32 row scales (version 2 dirs)."""
     import ctypes
     import subprocess
 
@@ -746,11 +762,13 @@ def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path):
 
     source = tmp_path / "block.cpp"
     source.write_text(int8_toygpt.BLOCK_KERNEL_SOURCE)
-    q, scale, kernel = packed_block(100, 160)
+    q, scale, kernel = packed_block(100, 160, per_row=per_row)
     weight, scales, _, rows, cols = kernel.pack(q, scale, None)
+    assert scales.dtype == (torch.float32 if per_row else torch.float16)
     x = torch.randn(2, cols)
     results = {}
-    for flags in (["-march=native"], ["-march=native", "-mno-avx512vnni"], ["-march=native", "-mno-avx512f"], []):
+    for flags in (["-march=native"], ["-march=native", "-mno-avx512vnni"], ["-march=native", "-mno-avx512f"],
+                  ["-march=native", "-mno-avx512f", "-mno-f16c"], []):
         library = tmp_path / f"block{len(results)}.so"
         built = subprocess.run([get_cpp_compiler(), "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(library)],
                                capture_output=True)
@@ -758,17 +776,15 @@ def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path):
             continue  # a compiler without these flags (not x86): the native build is tested elsewhere
         lib = ctypes.CDLL(str(library))
         y = torch.empty(2, rows)
-        lib.toygpt_block_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                            ctypes.c_int]
-        assert lib.toygpt_block_linear(x.data_ptr(), 2, cols, weight.data_ptr(), scales.data_ptr(), rows, None,
-                                       y.data_ptr(), 1) == 0
-        results[lib.toygpt_block_simd()] = y
-    assert 0 in results  # the plain C path builds everywhere
+        lib.toygpt_block_linear.argtypes = int8_toygpt.BLOCK_LINEAR_ARGTYPES
+        assert lib.toygpt_block_linear(x.data_ptr(), 2, cols, weight.data_ptr(), scales.data_ptr(), not per_row,
+                                       rows, None, y.data_ptr(), 1) == 0
+        results[" ".join(flags) or "plain C"] = (lib.toygpt_block_simd(), y)
+    assert results["plain C"][0] == 0  # the plain C path builds everywhere
     exact = F.linear(x, int8_toygpt.dequantize(q, scale))
-    for simd, y in results.items():
-        assert relative_error(y, exact) < 1e-4, simd
-        assert torch.allclose(y, results[0], rtol=1e-5, atol=1e-5), simd  # int32 sums are exact: only fp32 order
+    for name, (simd, y) in results.items():
+        assert relative_error(y, exact) < 1e-4, name
+        assert torch.allclose(y, results["plain C"][1], rtol=1e-5, atol=1e-5), name  # exact int32 sums: fp32 order
 
 
 def test_the_compiled_kernel_is_kept_and_reused(tmp_path):
