@@ -20,9 +20,11 @@ import copy
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -59,15 +61,17 @@ def group_size(config) -> int | None:
     return config.quantization.get("group_size") if config.quantization.get("version", 1) >= 3 else None
 
 
+def scale_steps(scale, cols, grouped):
+    """Each weight's fp32 step, ready to broadcast against (..., cols) int8 rows: the row's one scale, or (`grouped`,
+    scales of shape (..., ceil(cols / GROUP_SIZE))) the scale of its own GROUP_SIZE columns."""
+    if not grouped:
+        return scale.float().unsqueeze(-1)
+    return scale.float().repeat_interleave(GROUP_SIZE, dim=-1)[..., :cols]
+
+
 def dequantize(q, scale):
     """fp32 weights from int8 rows and their scales: one per row (R,) or one per GROUP_SIZE columns (R, G)."""
-    if scale.dim() == 1:
-        return dequantize_rows(q, scale)
-    return q.float() * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, : q.shape[1]]
-
-
-def dequantize_rows(q, scale):
-    return q.float() * scale.float()[:, None]
+    return q.float() * scale_steps(scale, q.shape[1], grouped=scale.dim() == 2)
 
 
 def release_file_pages(tensor):
@@ -80,28 +84,44 @@ def release_file_pages(tensor):
     file, which holds the same bytes: Int8Rows never writes into such a view (see _load_from_state_dict). Linux
     only; memory that is not a mapping of a .safetensors file is left alone (dropping it would zero it).
     """
-    import ctypes
-    import mmap
-    import sys
+    if in_mapped_safetensors(tensor):
+        drop_resident_pages(tensor)
 
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
-        return
+
+def _page_span(tensor):
+    """The page-aligned address range wholly inside a contiguous tensor's bytes (empty: last <= first)."""
     start = tensor.data_ptr()
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last <= first:
-        return
+    return first, (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def in_mapped_safetensors(tensor) -> bool:
+    """Whether a CPU tensor lies in a mmapped .safetensors file (Linux; False where that cannot be read)."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return False
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 low, high = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
-                if low <= first and last <= high:
-                    if line.rstrip("\n").endswith(".safetensors"):
-                        madvise = ctypes.CDLL(None, use_errno=True).madvise
-                        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
-                    return
-    except (OSError, ValueError, AttributeError):  # no /proc or no libc: keep the pages, nothing else changes
+                if low <= start and end <= high:
+                    return line.rstrip("\n").endswith(".safetensors")
+    except (OSError, ValueError):  # no /proc: keep the pages, nothing else changes
+        pass
+    return False
+
+
+def drop_resident_pages(tensor):
+    """MADV_DONTNEED on the pages wholly inside `tensor`, which must lie in a mapped file (in_mapped_safetensors):
+    they are read back from the file on the next access."""
+    first, last = _page_span(tensor)
+    if last <= first:
         return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # no libc: keep the pages
+        return
+    madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4 = MADV_DONTNEED
 
 
 class FbgemmInt8Kernel:
@@ -394,7 +414,7 @@ def block_kernel_library():
         return None, f"the block kernel could not be built ({type(err).__name__}: {err})"
 
 
-_BLOCK_OP = "block_linear_v2"  # versioned: a later kernel with other arguments registers a new name
+BLOCK_OP = "block_linear_v2"  # versioned: a later kernel with other arguments registers a new name
 _OP_LIBRARIES = []  # a torch.library.Library must stay alive for its ops to stay registered
 
 
@@ -402,23 +422,24 @@ def _define_block_linear_op(library):
     """torch.ops.toygpt.block_linear_v2: the kernel as an operator, so a compiled decode step calls it in place
     (a plain Python call would break the graph). Defined once per process: a second copy of this file (a model
     loaded from another dir) reuses it, as the source and so the kernel are the same."""
-    if hasattr(torch.ops.toygpt, _BLOCK_OP):
+    if hasattr(torch.ops.toygpt, BLOCK_OP):
         return
 
     def block_linear(x, weight, scale, bias, rows):
         x = x.contiguous()
         y = torch.empty(x.shape[0], rows, dtype=torch.float32)
         failed = library.toygpt_block_linear(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
-                                             scale.data_ptr(), scale.dtype == torch.float16, rows, None if bias is None else bias.data_ptr(),
-                                             y.data_ptr(), torch.get_num_threads())
+                                             scale.data_ptr(), scale.dtype == torch.float16, rows,
+                                             None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                             torch.get_num_threads())
         if failed:
             raise MemoryError("ToyGPT int8: out of memory rounding the activations")
         return y
 
     op_library = torch.library.Library("toygpt", "FRAGMENT")
-    op_library.define(f"{_BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
-    op_library.impl(_BLOCK_OP, block_linear, "CPU")
-    op_library.impl(_BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
+    op_library.define(f"{BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
+    op_library.impl(BLOCK_OP, block_linear, "CPU")
+    op_library.impl(BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
     _OP_LIBRARIES.append(op_library)
 
 
@@ -435,7 +456,7 @@ class BlockInt8Kernel:
         library, problem = block_kernel_library()  # compiled and registered once per process
         if library is None:
             raise RuntimeError(problem)
-        self.op = getattr(torch.ops.toygpt, _BLOCK_OP)
+        self.op = getattr(torch.ops.toygpt, BLOCK_OP)
 
     def pack(self, q, scale, bias):
         """Interleaved straight into the packed tensors, a few row groups at a time: no whole padded copy of the
@@ -445,8 +466,9 @@ class BlockInt8Kernel:
         stored_scale, scale = scale, scale[:, None].expand(rows, blocks) if scale.dim() == 1 else scale
         weight = torch.empty(groups, blocks, GROUP_SIZE // 2, BLOCK_ROWS, 2, dtype=torch.int8)
         scales = torch.empty(groups, blocks, BLOCK_ROWS, dtype=scale.dtype)
-        # row groups per chunk: about 256 KB of int8 (1 MB chunks measured 15 MB more peak RSS at the 124M shape)
+        # row groups per chunk: about 256 KB of int8; small chunks leave less freed heap behind them in RSS
         step = max(1, (1 << 18) // (BLOCK_ROWS * blocks * GROUP_SIZE))
+        file_backed = in_mapped_safetensors(q)  # looked up once: /proc/self/maps is read, not the chunks
         for first in range(0, groups, step):
             last = min(groups, first + step)
             row_slice = slice(first * BLOCK_ROWS, min(rows, last * BLOCK_ROWS))
@@ -456,9 +478,11 @@ class BlockInt8Kernel:
             chunk_scales = scale.new_zeros((last - first) * BLOCK_ROWS, blocks)
             chunk_scales[: row_slice.stop - row_slice.start] = scale[row_slice]
             scales[first:last] = chunk_scales.view(last - first, BLOCK_ROWS, blocks).transpose(1, 2)
-            release_file_pages(q[row_slice])  # copied: its pages of a mapped model.safetensors need not stay resident
-        for stored in (q, stored_scale):  # the pages the chunks straddled, and the scales
-            release_file_pages(stored)
+            if file_backed:  # copied: its pages of a mapped model.safetensors need not stay resident
+                drop_resident_pages(q[row_slice])
+        if file_backed:
+            drop_resident_pages(q)  # the pages the chunks straddled
+        release_file_pages(stored_scale)
         return weight, scales, None if bias is None else bias.detach().float().contiguous(), rows, cols
 
     def linear(self, x, packed):
@@ -471,8 +495,7 @@ class BlockInt8Kernel:
         weight, scales, _, _, cols = packed
         group, lane = ids // BLOCK_ROWS, ids % BLOCK_ROWS
         q = weight[group, :, :, lane, :].reshape(*ids.shape, -1)[..., :cols]  # (..., blocks, pairs, 2) -> (..., cols)
-        scale = scales[group, :, lane].float().repeat_interleave(GROUP_SIZE, dim=-1)[..., :cols]
-        return q.float() * scale
+        return q.float() * scale_steps(scales[group, :, lane], cols, grouped=True)
 
     def unpack(self, packed, scale):
         weight, _, _, rows, cols = packed
@@ -493,9 +516,8 @@ class DequantizedKernel:
         return F.linear(x, *packed)
 
     def unpack(self, packed, scale):
-        rows, cols = packed[0].shape
-        steps = scale.float()[:, None] if scale.dim() == 1 else scale.float().repeat_interleave(GROUP_SIZE, 1)[:, :cols]
-        return torch.round(packed[0] / steps).to(torch.int8)
+        weight = packed[0]
+        return torch.round(weight / scale_steps(scale, weight.shape[1], grouped=scale.dim() == 2)).to(torch.int8)
 
 
 KERNEL_ENV = "TOYGPT_INT8_KERNEL"
@@ -665,10 +687,8 @@ class Int8Embedding(Int8Rows):
     def forward(self, ids):
         if self.weight is None:  # packed for the tied lm_head by a kernel that serves rows
             return self._kernel.rows(self._packed, ids)
-        scale = self.weight_scale[ids].float()
-        if scale.dim() == ids.dim():  # one scale per row
-            return self.weight[ids].float() * scale.unsqueeze(-1)
-        return self.weight[ids].float() * scale.repeat_interleave(GROUP_SIZE, dim=-1)[..., : self.embedding_dim]
+        grouped = self.weight_scale.dim() == 2
+        return self.weight[ids].float() * scale_steps(self.weight_scale[ids], self.embedding_dim, grouped)
 
 
 class Int8TiedLMHead(nn.Module):

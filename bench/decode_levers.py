@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from configuration_toygpt import ToyGPTConfig  # noqa: E402
-from int8_toygpt import decode_compile_config  # noqa: E402
+from int8_toygpt import BLOCK_OP, decode_compile_config  # noqa: E402
 from modeling_toygpt import ToyGPTForCausalLM  # noqa: E402
 from toygpt import quantization  # noqa: E402
 from toygpt.model_dir import save_model_dir  # noqa: E402
 from generate import PROMPT_TOKENS, generate_tokens  # noqa: E402
 
-MATMULS = ("toygpt::block_linear_v2", "aten::_int_mm", "aten::mm", "aten::addmm", "aten::linear", "quantized::linear_dynamic")
+MATMULS = (f"toygpt::{BLOCK_OP}", "aten::_int_mm", "aten::mm", "aten::addmm", "aten::linear",
+           "quantized::linear_dynamic")
 ATTENTION = "scaled_dot_product"
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from int8_toygpt import dequantize_rows  # noqa: E402
+from int8_toygpt import dequantize  # noqa: E402
 from toygpt import quantization  # noqa: E402
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -38,7 +38,7 @@ def round_rows(w, group=None, clip="absmax"):
         scale = (g.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127).half().float()
         return (torch.round(g / scale).clamp(-127, 127) * scale).view_as(w)
     if clip == "absmax":
-        return dequantize_rows(*quantization.quantize_rows(w))  # exactly what quantize.py stores
+        return dequantize(*quantization.quantize_rows(w))  # exactly what quantize.py stores
     absmax = w.abs().amax(1, keepdim=True).clamp(min=1e-12)
     best = absmax / 127
     error = lambda s: ((torch.round(w / s).clamp(-127, 127) * s - w) ** 2).sum(1, keepdim=True)  # noqa: E731

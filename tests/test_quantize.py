@@ -16,7 +16,7 @@ import int8_toygpt
 import quantize
 from toygpt import quantization
 from conftest import REPO, run_python, small_config
-from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize_rows, int8_kernel
+from int8_toygpt import DequantizedKernel, Int8Embedding, Int8Linear, Int8Rows, dequantize, int8_kernel
 from modeling_toygpt import ToyGPTForCausalLM
 from toygpt.quantization import quantize_int8, quantize_rows
 
@@ -234,9 +234,9 @@ def test_int8_weight_reconstruction_bound(shape):
     weight[3] *= 50  # an outlier row must not cost the other rows precision (per-row scales)
     q, scale = quantize_rows(weight)
     assert q.dtype == torch.int8 and scale.shape == (shape[0],) and int(q.abs().max()) == 127
-    error = dequantize_rows(q, scale) - weight
+    error = dequantize(q, scale) - weight
     assert (error.abs() <= scale[:, None] / 2 + 1e-7).all()  # rounding: at most half a step per element
-    assert relative_error(dequantize_rows(q, scale)[4:], weight[4:]) < 0.01
+    assert relative_error(dequantize(q, scale)[4:], weight[4:]) < 0.01
 
 
 def test_int8_linear_and_embedding_output_bounds():
@@ -256,7 +256,7 @@ def test_int8_linear_and_embedding_output_bounds():
     embedding = Int8Embedding(50, 16)
     embedding.load_state_dict({"weight": q, "weight_scale": scale})
     ids = torch.tensor([[0, 7, 49]])
-    assert torch.allclose(embedding(ids), dequantize_rows(q, scale)[ids])
+    assert torch.allclose(embedding(ids), dequantize(q, scale)[ids])
 
 
 def test_quantized_model_logits_close_to_fp32():

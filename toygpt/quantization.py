@@ -74,10 +74,10 @@ def quantize_int8(model, group_size: int | None = GROUP_SIZE):
     """An int8 copy of an fp32 ToyGPTForCausalLM: int8 weights + scales, everything else copied in fp32.
     group_size=None writes the version-2 layout instead (one scale per row, fp32 positions): what int8 dirs of
     earlier releases hold, for measuring the two against each other and testing that such dirs still load."""
-    config = copy.deepcopy(model.config)
-    config.quantization = copy.deepcopy(INT8_SCHEME if group_size else ROW_SCALED_SCHEME)
     if group_size not in (None, GROUP_SIZE):
         raise ValueError(f"group_size {group_size}: the int8 runtime computes with {GROUP_SIZE} weights per scale")
+    config = copy.deepcopy(model.config)
+    config.quantization = copy.deepcopy(INT8_SCHEME if group_size else ROW_SCALED_SCHEME)
     quantize = quantize_groups if group_size else quantize_rows
     with torch.device("meta"):  # no throwaway fp32 init: every tensor is assigned below
         qmodel = ToyGPTForCausalLM(config)
