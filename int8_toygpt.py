@@ -130,6 +130,7 @@ class FbgemmInt8Kernel:
     name = "fbgemm"
     quality = "fbgemm's int8 ops (activations quantized per tensor, 7 bits: lower quality)"
     serves_rows = False
+    traceable = False  # its prepacked weight is a TorchScript object, which torch.compile cannot trace
 
     def __init__(self, engine):
         self.engine = engine
@@ -164,6 +165,7 @@ class IntMMKernel:
     Chosen only where the probe (int_mm_exact) finds the int32 sums exact; `levels` 63 (7 bits) is for measuring."""
 
     name = "int_mm"
+    traceable = True
     quality = "torch._int_mm (activations rounded per token to 8 bits: lower quality)"
     serves_rows = False
 
@@ -351,6 +353,33 @@ extern "C" int toygpt_block_linear(const float *x, int64_t m, int64_t k, const i
   free(x_scale);
   return failed;
 }
+
+#if defined(TOYGPT_TORCH_OP)
+// Built against torch's headers where they compile: the operator's CPU implementation in C++, so each matrix product
+// of a compiled decode step goes from the dispatcher to the kernel without a Python frame. Its schema and Meta
+// implementation are defined from Python before this library is loaded (block_kernel_library).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+static at::Tensor block_linear_op(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &scale,
+                                  const std::optional<at::Tensor> &bias, int64_t rows) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ToyGPT int8: x must be 2-D float32");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(), "ToyGPT int8: weight must be packed int8");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat, "ToyGPT int8: scales fp16/fp32");
+  at::Tensor xc = x.contiguous(), y = at::empty({xc.size(0), rows}, xc.options());
+  const float *b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  int failed = toygpt_block_linear(xc.data_ptr<float>(), xc.size(0), xc.size(1), weight.data_ptr<int8_t>(),
+                                   scale.data_ptr(), scale.scalar_type() == at::kHalf, rows, b, y.data_ptr<float>(),
+                                   at::get_num_threads());
+  TORCH_CHECK(!failed, "ToyGPT int8: out of memory rounding the activations");
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(toygpt, CPU, m) { m.impl(TOYGPT_TORCH_OP, block_linear_op); }
+extern "C" int toygpt_block_op_in_cpp(void) { return 1; }
+#endif
 """
 BLOCK_ROWS = 16  # rows the kernel takes at once (one AVX-512 register of int32 sums)
 BLOCK_LINEAR_ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -373,18 +402,30 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
-def _compile_block_kernel() -> Path:
-    """The kernel's shared library, compiled once per source, compiler and CPU, and kept in the cache dir (written
-    to a temp file and renamed, so a concurrent or killed build never leaves a half-written library)."""
+def _torch_op_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) that build the source's C++ operator against this torch (as inductor does)."""
+    from torch.utils.cpp_extension import TORCH_LIB_PATH, include_paths
+
+    compile_flags = ["-std=c++20", "-w", f'-DTOYGPT_TORCH_OP="{BLOCK_OP}"',
+                     f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+                     *(f"-I{path}" for path in include_paths())]
+    return compile_flags, [f"-L{TORCH_LIB_PATH}", "-ltorch_cpu", "-lc10"]
+
+
+def _compile_block_kernel(torch_op: bool) -> Path:
+    """The kernel's shared library, compiled once per source, compiler, torch, CPU and variant (torch_op: with the
+    C++ operator, built against torch's headers), kept in the cache dir (written to a temp file and renamed, so a
+    concurrent or killed build never leaves a half-written library)."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     compiler = get_cpp_compiler()
-    key = hashlib.sha256("\0".join((BLOCK_KERNEL_SOURCE, compiler, _cpu_signature())).encode()).hexdigest()[:16]
+    parts = (BLOCK_KERNEL_SOURCE, compiler, torch.__version__, _cpu_signature(), str(torch_op))
     cache = _kernel_cache_dir()
-    library = cache / f"toygpt_block_{key}.so"
+    library = cache / f"toygpt_block_{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
     if library.is_file():
         return library
     cache.mkdir(parents=True, exist_ok=True)
+    compile_flags, link_flags = _torch_op_flags() if torch_op else ([], [])
     with tempfile.TemporaryDirectory(dir=cache) as build:
         source = Path(build) / "block.cpp"
         source.write_text(BLOCK_KERNEL_SOURCE)
@@ -392,38 +433,57 @@ def _compile_block_kernel() -> Path:
         # -fopenmp links libgomp.so.1, which torch has loaded already: the kernel shares torch's OpenMP threads
         for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
             built = Path(build) / "block.so"
-            result = subprocess.run([compiler, "-O3", "-fPIC", "-shared", *flags, str(source), "-o", str(built)],
-                                    capture_output=True, text=True)
+            result = subprocess.run([compiler, "-O3", "-fPIC", "-shared", *compile_flags, *flags, str(source),
+                                     *link_flags, "-o", str(built)], capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(built, library)
                 return library
             errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"])
-        raise RuntimeError(f"{compiler} failed: {errors[0][0]}")
+            if torch_op:
+                break  # the plain kernel's own build tries the rest
+        raise RuntimeError(f"{compiler} failed: {errors[-1][0]}")
 
 
 @functools.lru_cache(maxsize=None)
 def block_kernel_library():
-    """(the loaded kernel library, None) or (None, why it is unavailable); compiled on first use."""
+    """(the loaded kernel library, None) or (None, why it is unavailable); compiled on first use. First choice: the
+    operator's CPU implementation in C++ (torch's headers: a few seconds more to build, once); where that does not
+    build or load, the plain kernel behind a Python implementation of the operator (a few microseconds a call)."""
     try:
-        library = ctypes.CDLL(str(_compile_block_kernel()))
+        defined_here = _define_block_linear_op()  # first: the C++ implementation registers as its library loads
+        try:
+            library = ctypes.CDLL(str(_compile_block_kernel(torch_op=True)))
+        except (OSError, RuntimeError):
+            library = ctypes.CDLL(str(_compile_block_kernel(torch_op=False)))
         library.toygpt_block_linear.restype = ctypes.c_int
         library.toygpt_block_linear.argtypes = BLOCK_LINEAR_ARGTYPES
-        _define_block_linear_op(library)
+        if defined_here and not hasattr(library, "toygpt_block_op_in_cpp"):
+            _python_block_linear_impl(library, _OP_LIBRARIES[-1])
         return library, None
     except Exception as err:  # no compiler, a failed build, a read-only home: any of them means "not this kernel"
         return None, f"the block kernel could not be built ({type(err).__name__}: {err})"
 
 
-BLOCK_OP = "block_linear_v2"  # versioned: a later kernel with other arguments registers a new name
+# The operator is named for its source, so two versions of this file in one process (models loaded from two dirs)
+# never share or override each other's kernel; two copies of the same source share one library and one operator.
+BLOCK_OP = "block_linear_" + hashlib.sha256(BLOCK_KERNEL_SOURCE.encode()).hexdigest()[:12]
 _OP_LIBRARIES = []  # a torch.library.Library must stay alive for its ops to stay registered
 
 
-def _define_block_linear_op(library):
-    """torch.ops.toygpt.block_linear_v2: the kernel as an operator, so a compiled decode step calls it in place
-    (a plain Python call would break the graph). Defined once per process: a second copy of this file (a model
-    loaded from another dir) reuses it, as the source and so the kernel are the same."""
+def _define_block_linear_op() -> bool:
+    """Defines torch.ops.toygpt.<BLOCK_OP>, the kernel as an operator, so a compiled decode step calls it in place
+    (a plain Python call would break the graph); False where another copy of this file defined it already."""
     if hasattr(torch.ops.toygpt, BLOCK_OP):
-        return
+        return False
+    op_library = torch.library.Library("toygpt", "FRAGMENT")
+    op_library.define(f"{BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
+    op_library.impl(BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
+    _OP_LIBRARIES.append(op_library)
+    return True
+
+
+def _python_block_linear_impl(library, op_library):
+    """The operator's CPU implementation where the kernel was built without torch's headers: the kernel via ctypes."""
 
     def block_linear(x, weight, scale, bias, rows):
         x = x.contiguous()
@@ -436,11 +496,7 @@ def _define_block_linear_op(library):
             raise MemoryError("ToyGPT int8: out of memory rounding the activations")
         return y
 
-    op_library = torch.library.Library("toygpt", "FRAGMENT")
-    op_library.define(f"{BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
     op_library.impl(BLOCK_OP, block_linear, "CPU")
-    op_library.impl(BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
-    _OP_LIBRARIES.append(op_library)
 
 
 class BlockInt8Kernel:
@@ -450,6 +506,7 @@ class BlockInt8Kernel:
     are released), and embedding lookups read the packed copy (rows), so each weight is held once."""
 
     name = "block"
+    traceable = True
     serves_rows = True
 
     def __init__(self):
@@ -507,6 +564,7 @@ class DequantizedKernel:
     """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
 
     name = "fallback"
+    traceable = True
     serves_rows = False
 
     def pack(self, q, scale, bias):
@@ -728,6 +786,8 @@ def fast_decode_kwargs(model, kwargs):
         return kwargs
     if (chosen["num_beams"] or 1) > 1 or chosen["prompt_lookup_num_tokens"] or kwargs.get("assistant_model"):
         return kwargs  # beams and candidate verification: one token a step is what the compiled step is for
+    if not int8_kernel(model.device.type, grouped=group_size(model.config) is not None).traceable:
+        return kwargs  # fbgemm's kernel: eager, with transformers' dynamic cache
     problem = inductor_problem()
     if problem is not None:
         warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
@@ -746,9 +806,10 @@ def fast_decode_kwargs(model, kwargs):
 
 def decode_compile_config():
     # size_asserts off: inductor re-checks every extern kernel's output sizes and strides on each call (int_mm, SDPA);
-    # the trace already derived those shapes, so on every step the checks only cost time. No mode: transformers'
-    # default, "reduce-overhead", is CUDA graphs, and torch.compile takes a mode or options, not both.
-    config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False})
+    # the trace already derived those shapes, so on every step the checks only cost time. cpp_wrapper: the step's
+    # ~100 kernel calls are made from C++, not from a Python function calling each op through the boxed dispatcher.
+    # No mode: transformers' default, "reduce-overhead", is CUDA graphs; torch.compile takes a mode or options.
+    config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False, "cpp_wrapper": True})
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return config
 

@@ -4,6 +4,7 @@ Shapes: B batch, T new tokens, P tokens already in the KV cache, S keys each lay
 cache and no mask, its allocated length, slots P + T .. S-1 still empty), C n_embd, nh heads, hs = C // nh.
 """
 
+import inspect
 import math
 
 import torch
@@ -293,6 +294,10 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
+
+# generate() re-reads forward's signature every step for remote-code models (its cache_position check,
+# huggingface/transformers#44816): a stored signature makes that lookup cheap.
+ToyGPTForCausalLM.forward.__signature__ = inspect.signature(ToyGPTForCausalLM.forward)
 
 ToyGPTConfig.register_for_auto_class()
 ToyGPTModel.register_for_auto_class("AutoModel")

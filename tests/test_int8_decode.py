@@ -101,3 +101,20 @@ def test_without_a_cpp_compiler_generate_warns_once_and_decodes_eagerly(no_compi
         assert out.sequences.tolist() == greedy(model, cache_implementation="dynamic").sequences.tolist()
     finally:
         int8_toygpt.inductor_problem.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["block", "int_mm", "fbgemm", "fallback"])
+def test_the_compiled_step_runs_every_kernel_with_the_eager_greedy_tokens(kernel, monkeypatch):
+    """The compiled step (inductor's C++ wrapper) calls each kernel's ops: the block kernel's operator, torch._int_mm,
+    F.linear; fbgemm's prepacked weights cannot be traced, so that kernel decodes eagerly. Per-row scales (version 2)
+    so that every kernel applies."""
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    monkeypatch.setenv(int8_toygpt.KERNEL_ENV, kernel)
+    torch.manual_seed(17)
+    model = quantize_int8(ToyGPTForCausalLM(small_config(vocab_size=64, initializer_range=0.5)).eval(),
+                          group_size=None)
+    eager = greedy(model, cache_implementation="dynamic")
+    assert model.transformer.h[0].mlp.c_fc._kernel.name == kernel
+    fast = greedy(model)
+    assert hasattr(model, "_compiled_call") == (kernel != "fbgemm")
+    assert fast.sequences.tolist() == eager.sequences.tolist()

@@ -787,6 +787,41 @@ def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path, per_row
         assert torch.allclose(y, results["plain C"][1], rtol=1e-5, atol=1e-5), name  # exact int32 sums: fp32 order
 
 
+BLOCK_OP_RUN = """
+import torch, int8_toygpt
+from safetensors.torch import save_file
+if {implementation!r} == "Python":  # as where torch's headers do not build
+    plain_build = int8_toygpt._compile_block_kernel
+    int8_toygpt._compile_block_kernel = lambda torch_op: plain_build(torch_op=False)
+library, problem = int8_toygpt.block_kernel_library()
+assert problem is None, problem
+assert hasattr(library, "toygpt_block_op_in_cpp") == ({implementation!r} == "C++")
+torch.manual_seed(0)
+kernel = int8_toygpt.BlockInt8Kernel()
+weight, scales, bias, rows, cols = kernel.pack(torch.randint(-127, 128, (40, 96), dtype=torch.int8),
+                                               torch.rand(40, 3).half(), torch.randn(40))
+save_file({{"y": kernel.op(torch.randn(3, 96), weight, scales, bias, rows)}}, {out!r})
+try:
+    kernel.op(torch.randn(3, 96, dtype=torch.float64), weight, scales, bias, rows)
+except RuntimeError as err:
+    print("refused:", err)
+"""
+
+
+def test_the_operator_in_cpp_and_in_python_computes_the_same_bits(tmp_path):
+    """The block kernel's operator is implemented in C++ where torch's headers build (no Python frame a call), else in
+    Python around the same kernel (ctypes): the same bits either way, and the C++ one refuses a bad input with an
+    error, not a crash. Each in a fresh process: the operator is process-wide."""
+    results, printed = {}, {}
+    for implementation in ("C++", "Python"):
+        out = str(tmp_path / f"{implementation}.safetensors")
+        printed[implementation] = run_python(BLOCK_OP_RUN.format(implementation=implementation, out=out), cwd=REPO)
+        results[implementation] = load_file(out)["y"]
+    assert results["C++"].shape == (3, 40) and torch.isfinite(results["C++"]).all()
+    assert torch.equal(results["C++"], results["Python"])
+    assert "refused: ToyGPT int8: x must be 2-D float32" in printed["C++"]
+
+
 def test_the_compiled_kernel_is_kept_and_reused(tmp_path):
     code = ("import os, torch, int8_toygpt\n"
             "library, problem = int8_toygpt.block_kernel_library()\n"
