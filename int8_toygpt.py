@@ -165,9 +165,9 @@ class IntMMKernel:
     Chosen only where the probe (int_mm_exact) finds the int32 sums exact; `levels` 63 (7 bits) is for measuring."""
 
     name = "int_mm"
-    traceable = True
     quality = "torch._int_mm (activations rounded per token to 8 bits: lower quality)"
     serves_rows = False
+    traceable = True
 
     def __init__(self, levels=127):
         self.levels = levels
@@ -403,13 +403,13 @@ def _cpu_signature() -> str:
 
 
 def _torch_op_flags() -> tuple[list[str], list[str]]:
-    """(compile flags, link flags) that build the source's C++ operator against this torch (as inductor does)."""
-    from torch.utils.cpp_extension import TORCH_LIB_PATH, include_paths
-
+    """(compile flags, link flags) that build the source's C++ operator against this torch: its headers and libraries
+    where torch.utils.cpp_extension finds them (not imported here: it needs setuptools, which a Space may lack)."""
+    root = Path(torch.__file__).parent
     compile_flags = ["-std=c++20", "-w", f'-DTOYGPT_TORCH_OP="{BLOCK_OP}"',
                      f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-                     *(f"-I{path}" for path in include_paths())]
-    return compile_flags, [f"-L{TORCH_LIB_PATH}", "-ltorch_cpu", "-lc10"]
+                     f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    return compile_flags, [f"-L{root / 'lib'}", "-ltorch_cpu", "-lc10"]
 
 
 def _compile_block_kernel(torch_op: bool) -> Path:
@@ -453,7 +453,7 @@ def block_kernel_library():
         defined_here = _define_block_linear_op()  # first: the C++ implementation registers as its library loads
         try:
             library = ctypes.CDLL(str(_compile_block_kernel(torch_op=True)))
-        except (OSError, RuntimeError):
+        except Exception:  # torch's headers missing or not building here, the library not loading: the plain kernel
             library = ctypes.CDLL(str(_compile_block_kernel(torch_op=False)))
         library.toygpt_block_linear.restype = ctypes.c_int
         library.toygpt_block_linear.argtypes = BLOCK_LINEAR_ARGTYPES
@@ -506,8 +506,8 @@ class BlockInt8Kernel:
     are released), and embedding lookups read the packed copy (rows), so each weight is held once."""
 
     name = "block"
-    traceable = True
     serves_rows = True
+    traceable = True
 
     def __init__(self):
         library, problem = block_kernel_library()  # compiled and registered once per process
@@ -564,8 +564,8 @@ class DequantizedKernel:
     """No int8 kernels: w = q * scale in fp32 and F.linear. Correct, at fp32 speed and memory."""
 
     name = "fallback"
-    traceable = True
     serves_rows = False
+    traceable = True
 
     def pack(self, q, scale, bias):
         return dequantize(q, scale), bias

@@ -790,9 +790,8 @@ def test_every_simd_path_of_the_block_kernel_computes_the_same(tmp_path, per_row
 BLOCK_OP_RUN = """
 import torch, int8_toygpt
 from safetensors.torch import save_file
-if {implementation!r} == "Python":  # as where torch's headers do not build
-    plain_build = int8_toygpt._compile_block_kernel
-    int8_toygpt._compile_block_kernel = lambda torch_op: plain_build(torch_op=False)
+if {implementation!r} == "Python":  # as where torch's headers are missing: the build with the operator fails
+    int8_toygpt._torch_op_flags = lambda: ([f'-DTOYGPT_TORCH_OP="{{int8_toygpt.BLOCK_OP}}"'], [])
 library, problem = int8_toygpt.block_kernel_library()
 assert problem is None, problem
 assert hasattr(library, "toygpt_block_op_in_cpp") == ({implementation!r} == "C++")
@@ -810,12 +809,15 @@ except RuntimeError as err:
 
 def test_the_operator_in_cpp_and_in_python_computes_the_same_bits(tmp_path):
     """The block kernel's operator is implemented in C++ where torch's headers build (no Python frame a call), else in
-    Python around the same kernel (ctypes): the same bits either way, and the C++ one refuses a bad input with an
-    error, not a crash. Each in a fresh process: the operator is process-wide."""
+    Python around the same kernel (ctypes), chosen by itself: the same bits either way, and the C++ one refuses a bad
+    input with an error, not a crash. Each in a fresh process (the operator is process-wide); the Python one with an
+    empty kernel cache, so that its failing build is really tried."""
     results, printed = {}, {}
     for implementation in ("C++", "Python"):
         out = str(tmp_path / f"{implementation}.safetensors")
-        printed[implementation] = run_python(BLOCK_OP_RUN.format(implementation=implementation, out=out), cwd=REPO)
+        env = {"TOYGPT_KERNEL_CACHE": str(tmp_path / "cache")} if implementation == "Python" else None
+        printed[implementation] = run_python(BLOCK_OP_RUN.format(implementation=implementation, out=out), cwd=REPO,
+                                             env=env)
         results[implementation] = load_file(out)["y"]
     assert results["C++"].shape == (3, 40) and torch.isfinite(results["C++"]).all()
     assert torch.equal(results["C++"], results["Python"])
