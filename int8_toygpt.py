@@ -450,15 +450,15 @@ def block_kernel_library():
     operator's CPU implementation in C++ (torch's headers: a few seconds more to build, once); where that does not
     build or load, the plain kernel behind a Python implementation of the operator (a few microseconds a call)."""
     try:
-        defined_here = _define_block_linear_op()  # first: the C++ implementation registers as its library loads
+        op_library = _define_block_linear_op()  # first: the C++ implementation registers as its library loads
         try:
             library = ctypes.CDLL(str(_compile_block_kernel(torch_op=True)))
         except Exception:  # torch's headers missing or not building here, the library not loading: the plain kernel
             library = ctypes.CDLL(str(_compile_block_kernel(torch_op=False)))
         library.toygpt_block_linear.restype = ctypes.c_int
         library.toygpt_block_linear.argtypes = BLOCK_LINEAR_ARGTYPES
-        if defined_here and not hasattr(library, "toygpt_block_op_in_cpp"):
-            _python_block_linear_impl(library, _OP_LIBRARIES[-1])
+        if op_library is not None and not hasattr(library, "toygpt_block_op_in_cpp"):
+            _python_block_linear_impl(library, op_library)
         return library, None
     except Exception as err:  # no compiler, a failed build, a read-only home: any of them means "not this kernel"
         return None, f"the block kernel could not be built ({type(err).__name__}: {err})"
@@ -470,16 +470,17 @@ BLOCK_OP = "block_linear_" + hashlib.sha256(BLOCK_KERNEL_SOURCE.encode()).hexdig
 _OP_LIBRARIES = []  # a torch.library.Library must stay alive for its ops to stay registered
 
 
-def _define_block_linear_op() -> bool:
+def _define_block_linear_op():
     """Defines torch.ops.toygpt.<BLOCK_OP>, the kernel as an operator, so a compiled decode step calls it in place
-    (a plain Python call would break the graph); False where another copy of this file defined it already."""
+    (a plain Python call would break the graph); returns its library, or None where another copy of this file defined
+    it already."""
     if hasattr(torch.ops.toygpt, BLOCK_OP):
-        return False
+        return None
     op_library = torch.library.Library("toygpt", "FRAGMENT")
     op_library.define(f"{BLOCK_OP}(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int rows) -> Tensor")
     op_library.impl(BLOCK_OP, lambda x, weight, scale, bias, rows: x.new_empty(x.shape[0], rows), "Meta")
     _OP_LIBRARIES.append(op_library)
-    return True
+    return op_library
 
 
 def _python_block_linear_impl(library, op_library):
