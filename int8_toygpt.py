@@ -368,6 +368,12 @@ static at::Tensor block_linear_op(const at::Tensor &x, const at::Tensor &weight,
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "ToyGPT int8: x must be 2-D float32");
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(), "ToyGPT int8: weight must be packed int8");
   TORCH_CHECK(scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat, "ToyGPT int8: scales fp16/fp32");
+  int64_t groups = (rows + ROWS - 1) / ROWS, blocks = (x.size(1) + BLOCK - 1) / BLOCK;
+  TORCH_CHECK(weight.numel() == groups * blocks * BLOCK * ROWS && scale.is_contiguous() &&
+                  scale.numel() == groups * blocks * ROWS,
+              "ToyGPT int8: weight and scales must be packed for rows x x's columns");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == rows),
+              "ToyGPT int8: bias must be float32, one per row");
   at::Tensor xc = x.contiguous(), y = at::empty({xc.size(0), rows}, xc.options());
   const float *b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   int failed = toygpt_block_linear(xc.data_ptr<float>(), xc.size(0), xc.size(1), weight.data_ptr<int8_t>(),
@@ -422,8 +428,11 @@ def _compile_block_kernel(torch_op: bool) -> Path:
     parts = (BLOCK_KERNEL_SOURCE, compiler, torch.__version__, _cpu_signature(), str(torch_op))
     cache = _kernel_cache_dir()
     library = cache / f"toygpt_block_{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:16]}.so"
+    failed = library.with_suffix(".failed")  # a build that failed is not retried in every process (1-7 s each)
     if library.is_file():
         return library
+    if failed.is_file():
+        raise RuntimeError(f"{failed.read_text().strip()} (an earlier build; delete {failed} to try again)")
     cache.mkdir(parents=True, exist_ok=True)
     compile_flags, link_flags = _torch_op_flags() if torch_op else ([], [])
     with tempfile.TemporaryDirectory(dir=cache) as build:
@@ -441,7 +450,11 @@ def _compile_block_kernel(torch_op: bool) -> Path:
             errors.append(result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"])
             if torch_op:
                 break  # the plain kernel's own build tries the rest
-        raise RuntimeError(f"{compiler} failed: {errors[-1][0]}")
+        problem = f"{compiler} failed: {errors[-1][0]}"
+        marker = Path(build) / "failed"
+        marker.write_text(problem + "\n")
+        os.replace(marker, failed)
+        raise RuntimeError(problem)
 
 
 @functools.lru_cache(maxsize=None)
@@ -487,6 +500,17 @@ def _python_block_linear_impl(library, op_library):
     """The operator's CPU implementation where the kernel was built without torch's headers: the kernel via ctypes."""
 
     def block_linear(x, weight, scale, bias, rows):
+        # the C++ implementation's checks, same messages: a bad input is an error, never a read out of bounds
+        groups, blocks = -(-rows // BLOCK_ROWS), -(-x.shape[-1] // GROUP_SIZE)
+        torch._check(x.dim() == 2 and x.dtype == torch.float32, lambda: "ToyGPT int8: x must be 2-D float32")
+        torch._check(weight.dtype == torch.int8 and weight.is_contiguous(),
+                     lambda: "ToyGPT int8: weight must be packed int8")
+        torch._check(scale.dtype in (torch.float16, torch.float32), lambda: "ToyGPT int8: scales fp16/fp32")
+        torch._check(weight.numel() == groups * blocks * GROUP_SIZE * BLOCK_ROWS and scale.is_contiguous()
+                     and scale.numel() == groups * blocks * BLOCK_ROWS,
+                     lambda: "ToyGPT int8: weight and scales must be packed for rows x x's columns")
+        torch._check(bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.numel() == rows),
+                     lambda: "ToyGPT int8: bias must be float32, one per row")
         x = x.contiguous()
         y = torch.empty(x.shape[0], rows, dtype=torch.float32)
         failed = library.toygpt_block_linear(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),

@@ -30,8 +30,8 @@ then: python quantize.py out/toygpt out/toygpt-int8"""
 def preset_default(name: str) -> str:
     """Each preset's value of `name` (and --init-from's, where it sets one): "default: tiny 0.004, gpt2 0.0006"."""
     def show(value):
-        if value is None:  # the presets' two unset defaults
-            return "by the epochs the run trains (README)" if name == "dropout" else "= --lr"
+        if value is None:  # the presets' unset defaults
+            return "by the epochs the run trains (README)" if name in ("dropout", "weight_decay") else "= --lr"
         return format(value, "g") if isinstance(value, float) else str(value)
 
     per_preset = {preset: show({**PRESETS[preset], **TRAINING_DEFAULTS[preset]}[name])
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"({preset_default('max_steps')})")
     add("--time-budget-min", type=float, help="wall-clock budget in minutes; the schedule is fitted to it "
         "(default: none, --max-steps steps)")
-    add("--weight-decay", type=float, help=f"AdamW weight decay on matrices (dim >= 2) only ({preset_default('weight_decay')})")
+    add("--weight-decay", type=float, help=f"weight decay on matrices and embeddings (dim >= 2), never gains/biases "
+        f"({preset_default('weight_decay')})")
     add("--grad-clip", type=float, help=f"max gradient norm, 0 disables clipping ({preset_default('grad_clip')})")
     add("--eval-every", type=int, help="optimizer steps between evals, half that in the last 30%% of the steps where "
         f"the learning rate decays ({preset_default('eval_every')})")

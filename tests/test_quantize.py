@@ -800,18 +800,41 @@ kernel = int8_toygpt.BlockInt8Kernel()
 weight, scales, bias, rows, cols = kernel.pack(torch.randint(-127, 128, (40, 96), dtype=torch.int8),
                                                torch.rand(40, 3).half(), torch.randn(40))
 save_file({{"y": kernel.op(torch.randn(3, 96), weight, scales, bias, rows)}}, {out!r})
-try:
-    kernel.op(torch.randn(3, 96, dtype=torch.float64), weight, scales, bias, rows)
-except RuntimeError as err:
-    print("refused:", err)
+bad = {{"float64 x": (torch.randn(3, 96, dtype=torch.float64), weight, scales, bias, rows),
+        "x wider than the weight": (torch.randn(3, 128), weight, scales, bias, rows),
+        "more rows than packed": (torch.randn(3, 96), weight, scales, None, 56),
+        "short bias": (torch.randn(3, 96), weight, scales, bias[:8], rows)}}
+for name, args in bad.items():
+    try:
+        kernel.op(*args)
+        print(name, "accepted")
+    except RuntimeError as err:
+        print(name, "refused:", str(err).splitlines()[0])
+"""
+REFUSALS = ("float64 x refused: ToyGPT int8: x must be 2-D float32",
+            "x wider than the weight refused: ToyGPT int8: weight and scales must be packed for rows x x's columns",
+            "more rows than packed refused: ToyGPT int8: weight and scales must be packed for rows x x's columns",
+            "short bias refused: ToyGPT int8: bias must be float32, one per row")
+# A process whose operator build would fail again: with the failure kept in the cache it is not retried.
+BUILD_NOT_RETRIED = """
+import subprocess, int8_toygpt
+real_run = subprocess.run
+def run(command, *args, **kwargs):
+    assert not any("TOYGPT_TORCH_OP" in part for part in command), "the failed build was tried again"
+    return real_run(command, *args, **kwargs)
+subprocess.run = run
+library, problem = int8_toygpt.block_kernel_library()
+assert problem is None and not hasattr(library, "toygpt_block_op_in_cpp"), problem
+print("not retried")
 """
 
 
 def test_the_operator_in_cpp_and_in_python_computes_the_same_bits(tmp_path):
     """The block kernel's operator is implemented in C++ where torch's headers build (no Python frame a call), else in
-    Python around the same kernel (ctypes), chosen by itself: the same bits either way, and the C++ one refuses a bad
-    input with an error, not a crash. Each in a fresh process (the operator is process-wide); the Python one with an
-    empty kernel cache, so that its failing build is really tried."""
+    Python around the same kernel (ctypes), chosen by itself: the same bits either way, and both refuse a bad input
+    with the same error, not a crash or a read past the weights. Each in a fresh process (the operator is
+    process-wide); the Python one with an empty kernel cache, so that its failing build is really tried, and kept as
+    failed: the next process does not try it again."""
     results, printed = {}, {}
     for implementation in ("C++", "Python"):
         out = str(tmp_path / f"{implementation}.safetensors")
@@ -821,7 +844,10 @@ def test_the_operator_in_cpp_and_in_python_computes_the_same_bits(tmp_path):
         results[implementation] = load_file(out)["y"]
     assert results["C++"].shape == (3, 40) and torch.isfinite(results["C++"]).all()
     assert torch.equal(results["C++"], results["Python"])
-    assert "refused: ToyGPT int8: x must be 2-D float32" in printed["C++"]
+    for implementation in ("C++", "Python"):
+        assert all(refusal in printed[implementation] for refusal in REFUSALS), printed[implementation]
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()].count(".failed") == 1
+    assert "not retried" in run_python(BUILD_NOT_RETRIED, cwd=REPO, env={"TOYGPT_KERNEL_CACHE": str(tmp_path / "cache")})
 
 
 def test_the_compiled_kernel_is_kept_and_reused(tmp_path):

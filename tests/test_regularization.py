@@ -1,6 +1,6 @@
-"""toygpt/regularization.py and train.py's epochs rule (issue 18.2): the tiny preset's dropout follows the epochs a run
-trains, never falls as the run gets longer (a faster machine, a longer budget), is recorded as --dropout, and
---resume keeps it.
+"""toygpt/regularization.py and train.py's epochs rules (issue 18.2): the tiny preset's dropout and weight decay follow
+the epochs a run trains, never fall as the run gets longer (a faster machine, a longer budget), are recorded as
+--dropout and --weight-decay, reach the model and the optimizer, and --resume keeps them.
 
 Faster machines are simulated with step counts, as the issue asks: on tiny Shakespeare's training split, the tiny
 preset's 10-minute run on the development machine (about 2,000 steps) and those of machines 2x, 4x and 8x faster.
@@ -14,33 +14,42 @@ import torch
 from conftest import one_thread, small_config
 from test_train import TINY, metrics, run_train
 from toygpt import regularization
-from toygpt.defaults import EPOCH_DROPOUT, TRAINING_DEFAULTS
+from toygpt.defaults import EPOCH_RULES, FINE_TUNING_DEFAULTS, TRAINING_DEFAULTS
 
 TINY_SHAKESPEARE_TRAIN_TOKENS = 301_966  # its training split in GPT-2 tokens (the vocab pass counts them)
 TINY_STEP_TOKENS = 4 * 256  # the tiny preset's batch x context
 
 
-def test_more_steps_never_get_less_dropout():
-    steps = [2_000, 4_000, 8_000, 16_000]  # 10 minutes here, and on machines 2x, 4x, 8x faster
+def dropout_for(epochs):
+    return regularization.by_epochs(epochs, EPOCH_RULES["dropout"])
+
+
+@pytest.mark.parametrize("name", sorted(EPOCH_RULES))
+def test_more_steps_never_get_less_regularisation(name):
+    rule = EPOCH_RULES[name]
+    steps = [600, 2_000, 4_000, 8_000, 16_000]  # 3 and 10 minutes here, 10 on machines 2x, 4x, 8x faster
     epochs = [regularization.run_epochs(n, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS) for n in steps]
-    assert epochs == pytest.approx([6.78, 13.56, 27.13, 54.26], abs=0.01)
-    dropouts = [regularization.dropout_for_epochs(e) for e in epochs]
-    assert dropouts == sorted(dropouts) and dropouts[-1] > dropouts[0], dropouts
+    assert epochs == pytest.approx([2.03, 6.78, 13.56, 27.13, 54.26], abs=0.01)
+    values = [regularization.by_epochs(e, rule) for e in epochs]
+    assert values == sorted(values) and values[-1] > values[0], values
     # Over a fine grid: non-decreasing, continuous (no step larger than the steepest segment allows), within [0, 1).
     grid = [i / 10 for i in range(0, 1000)]
-    values = [regularization.dropout_for_epochs(e) for e in grid]
+    values = [regularization.by_epochs(e, rule) for e in grid]
     assert all(a <= b for a, b in zip(values, values[1:]))
-    steepest = max((y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(EPOCH_DROPOUT, EPOCH_DROPOUT[1:]))
+    steepest = max((y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(rule, rule[1:]))
     assert max(b - a for a, b in zip(values, values[1:])) <= steepest * 0.1 + 1e-3
     assert 0.0 <= min(values) and max(values) < 1.0
+    for x, y in rule:  # the points are the rule
+        assert regularization.by_epochs(x, rule) == pytest.approx(y)
+    assert regularization.by_epochs(0.0, rule) == regularization.first_value(rule)
+    assert TRAINING_DEFAULTS["tiny"][name] is None  # the tiny preset uses the rule
 
 
-def test_one_epoch_needs_no_dropout_and_the_points_are_the_rule():
-    assert regularization.dropout_for_epochs(0.5) == regularization.dropout_for_epochs(1.0) == 0.0
-    for x, y in EPOCH_DROPOUT:
-        assert regularization.dropout_for_epochs(x) == pytest.approx(y)
-    assert TRAINING_DEFAULTS["tiny"]["dropout"] is None  # the tiny preset uses the rule
+def test_short_runs_keep_the_defaults_that_were_measured_there():
+    assert dropout_for(0.5) == dropout_for(1.0) == 0.0
+    assert regularization.by_epochs(1.0, EPOCH_RULES["weight_decay"]) == 0.1  # what every run had before the rule
     assert "dropout" not in TRAINING_DEFAULTS["gpt2"]  # gpt2 keeps its architecture's 0.0
+    assert TRAINING_DEFAULTS["gpt2"]["weight_decay"] == FINE_TUNING_DEFAULTS["weight_decay"] == 0.1
 
 
 def test_set_dropout_reaches_every_dropout_of_the_model():
@@ -59,11 +68,17 @@ def test_set_dropout_reaches_every_dropout_of_the_model():
     assert torch.equal(model.eval()(ids).logits, model(ids).logits)  # evals never drop
 
 
-def test_counting_stops_where_the_rule_no_longer_depends_on_it():
-    needed = regularization.tokens_worth_counting(20_000, TINY_STEP_TOKENS)
-    # A split that long trains at most the rule's no-dropout epochs, however long the run.
-    assert regularization.dropout_for_epochs(regularization.run_epochs(20_000, TINY_STEP_TOKENS, needed)) == 0.0
-    assert regularization.dropout_for_epochs(regularization.run_epochs(20_000, TINY_STEP_TOKENS, needed // 2)) > 0.0
+@pytest.mark.parametrize("names", [("dropout",), ("weight_decay",), tuple(EPOCH_RULES)])
+def test_counting_stops_where_the_rules_no_longer_depend_on_it(names):
+    needed = regularization.tokens_worth_counting(20_000, TINY_STEP_TOKENS, names)
+    # A split that long trains at most each rule's first-value epochs, however long the run; half of it does not.
+    for name in names:
+        rule = EPOCH_RULES[name]
+        assert regularization.by_epochs(regularization.run_epochs(20_000, TINY_STEP_TOKENS, needed), rule) == \
+            regularization.first_value(rule)
+    assert any(regularization.by_epochs(regularization.run_epochs(20_000, TINY_STEP_TOKENS, needed // 2),
+                                        EPOCH_RULES[name]) != regularization.first_value(EPOCH_RULES[name])
+               for name in names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,7 +100,14 @@ def rule_run(out, text, steps, *flags):
     return proc, args, state
 
 
-def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text, capsys):
+def decayed_groups(out):
+    """The weight decay of every parameter group that decays, as the run's last checkpoint saved its optimizer."""
+    directory = next((out / "checkpoint").glob("step-*"))
+    groups = json.loads((directory / "optimizer.json").read_text())["optimizers"]
+    return {group["weight_decay"] for optimizer in groups for group in optimizer if group["weight_decay"] != 0.0}
+
+
+def test_a_longer_run_gets_more_regularisation_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text, capsys):
     short_proc, short, state = rule_run(tmp_path / "short", small_text, 15)
     # The full vocabulary has no vocabulary pass: the run counts the split itself.
     long_proc, long, long_state = rule_run(tmp_path / "long", small_text, 120, "--vocab", "full")
@@ -93,14 +115,19 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
     assert 1_000 < train_tokens < 2_000 and long_state["vocab"] is None
     for proc, args, steps in ((short_proc, short, 15), (long_proc, long, 120)):
         epochs = regularization.run_epochs(steps, 128, train_tokens)
-        assert args["dropout"] == regularization.dropout_for_epochs(epochs)
-        assert f"read the training split's {train_tokens:,} tokens {epochs:.1f} times" in proc.stderr
-    assert short["dropout"] == 0.0 < long["dropout"]
+        for name, rule in EPOCH_RULES.items():
+            assert args[name] == regularization.by_epochs(epochs, rule)
+        assert (f"dropout {args['dropout']:g}, weight decay {args['weight_decay']:g}: {steps} steps of 128 tokens "
+                f"read the training split's {train_tokens:,} tokens {epochs:.1f} times") in proc.stderr
+    assert short["dropout"] == 0.0 < long["dropout"] and short["weight_decay"] == 0.1 < long["weight_decay"]
     config = json.loads((tmp_path / "long" / "config.json").read_text())
     assert config["dropout"] == long["dropout"] == long_state["args"]["dropout"]
-    # --resume to 8x the steps keeps the recorded choice (the rule does not decide again mid-run), though 120 steps
-    # from the start would get dropout; train.main() in this process, the runs above being real ones.
-    assert regularization.dropout_for_epochs(regularization.run_epochs(120, 128, train_tokens)) > 0.0
+    assert long_state["args"]["weight_decay"] == long["weight_decay"]
+    # The optimizer trained with the chosen weight decay (Muon's matrices and AdamW's embeddings; gains/biases 0).
+    assert decayed_groups(tmp_path / "short") == {0.1} and decayed_groups(tmp_path / "long") == {long["weight_decay"]}
+    # --resume to 8x the steps keeps the recorded choices (the rules do not decide again mid-run), though 120 steps
+    # from the start would get more; train.main() in this process, the runs above being real ones.
+    assert long["dropout"] == dropout_for(regularization.run_epochs(120, 128, train_tokens)) > 0.0
     import train
 
     with one_thread():
@@ -108,26 +135,31 @@ def test_a_longer_run_gets_more_dropout_recorded_everywhere_and_resume_keeps_it(
                            "none"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
-    assert json.loads((tmp_path / "short" / "training_args.json").read_text())["dropout"] == 0.0
+    resumed = json.loads((tmp_path / "short" / "training_args.json").read_text())
+    assert (resumed["dropout"], resumed["weight_decay"]) == (0.0, 0.1) and decayed_groups(tmp_path / "short") == {0.1}
     assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 120
 
 
 def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, capsys):
-    """--vocab full has no vocabulary pass: the run counts the split itself, only as far as the rule needs (4 steps:
-    65 tokens), and says that the count is a floor and the epochs a ceiling; train.main() in this process."""
+    """--vocab full has no vocabulary pass: the run counts the split itself, only as far as the rules it leaves
+    undecided need (--dropout given: the weight-decay rule's, 4 steps: 257 tokens), and says that the count is a floor
+    and the epochs a ceiling; train.main() in this process."""
     import re
 
     import train
 
     with one_thread():
         code = train.main(["--input", str(small_text), "--output-dir", str(tmp_path / "out"), *map(str, TINY),
-                           "--max-steps", "4", "--vocab", "full", "--eval-every", "1000", "--eval-batches", "1",
-                           "--checkpoint-every", "1000", "--report-to", "none"])
+                           "--max-steps", "4", "--vocab", "full", "--dropout", "0.05", "--eval-every", "1000",
+                           "--eval-batches", "1", "--checkpoint-every", "1000", "--report-to", "none"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
-    line = re.search(r"dropout 0: 4 steps of 128 tokens read the training split's ([\d,]+)\+ tokens \(counted that "
-                     r"far\) at most ([\d.]+) times", err)
+    line = re.search(r"weight decay 0.1: 4 steps of 128 tokens read the training split's ([\d,]+)\+ tokens \(counted "
+                     r"that far\) at most ([\d.]+) times \(the epochs rules, toygpt/regularization.py; --weight-decay "
+                     r"set them\)", err)
     assert line, err[-3000:]
     counted = int(line[1].replace(",", ""))
-    assert counted >= regularization.tokens_worth_counting(4, 128)
+    assert counted >= regularization.tokens_worth_counting(4, 128, ["weight_decay"])
     assert float(line[2]) == round(regularization.run_epochs(4, 128, counted), 1)
+    args = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert (args["dropout"], args["weight_decay"]) == (0.05, 0.1)

@@ -26,6 +26,7 @@ from conftest import REPO, one_thread, run_python
 from test_tracking import expected as expected_scalars, tensorboard_scalars
 from test_optim import scheduled_lrs
 from toygpt import regularization
+from toygpt.defaults import EPOCH_RULES
 
 TRAIN = REPO / "train.py"
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -210,9 +211,11 @@ def test_time_budget_fits_the_schedule_and_stops(tmp_path, text_file, training):
     fit_step = training.FIT_STEPS
     assert lrs[fit_step:] == pytest.approx(fitted[fit_step:len(lrs)], rel=1e-9)
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
-    # Issue 18: the epochs rule chose --dropout at the fit, from the fitted step count, and recorded it.
+    # Issue 18: the epochs rules chose --dropout and --weight-decay at the fit, from the fitted step count, and
+    # recorded them.
     epochs = regularization.run_epochs(state["total_steps"], 4 * 32, state["vocab"]["train_tokens"])
-    assert state["args"]["dropout"] == regularization.dropout_for_epochs(epochs)
+    assert state["args"]["dropout"] == regularization.by_epochs(epochs, EPOCH_RULES["dropout"])
+    assert state["args"]["weight_decay"] == regularization.by_epochs(epochs, EPOCH_RULES["weight_decay"])
     assert f"{state['total_steps']:,} steps of 128 tokens read the training split's" in proc.stderr
     # Issue 21: the bar's horizon is the budget from the first step (not 100000 steps), and it ends at 100%.
     bars = [line for line in re.split(r"[\r\n]", proc.stderr) if line.startswith("train:")]

@@ -252,7 +252,8 @@ context {c['block_size']} tokens, learned positions, pre-LayerNorm, GELU MLP (4x
 
 
 def optimizer_text(run: TrainingConfig) -> str:
-    decay = f"weight decay {run.weight_decay:g} on matrices and embeddings"
+    value = "by the epochs rule (not chosen yet)" if run.weight_decay is None else f"{run.weight_decay:g}"
+    decay = f"weight decay {value} on matrices and embeddings"
     if run.optimizer == "muon":
         return (f"Muon (orthogonalised momentum, AdamW-matched update size) for the blocks' weight matrices and AdamW "
                 f"(betas 0.9/0.95) for the embeddings, gains and biases, {decay}")

@@ -93,6 +93,14 @@ def build_optimizer(model, device: torch.device, *, optimizer: str, lr: float, w
     return Optimizers(torch.optim.AdamW([matrices, *adamw_groups], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
 
 
+def set_weight_decay(optimizer: Optimizers, weight_decay: float) -> None:
+    """The weight decay of every group that decays (matrices and embeddings: parameters of dim >= 2), in place; the
+    epochs rule (regularization.py) sets it once the run knows its step count."""
+    for group in optimizer.param_groups:
+        if any(p.dim() >= 2 for p in group["params"]):
+            group["weight_decay"] = weight_decay
+
+
 class Schedule:
     """One learning-rate scheduler per optimizer, all following the same curve."""
 

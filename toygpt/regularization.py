@@ -1,16 +1,17 @@
-"""Dropout by the epochs a run buys: how the tiny preset trains many epochs of a small corpus without memorising it.
+"""Dropout and weight decay by the epochs a run buys: how the tiny preset trains many epochs of a small corpus
+without memorising it.
 
-A short run sees its training split once or twice and needs no regularisation; a long one (more minutes, a faster
+A short run sees its training split once or twice and needs little regularisation; a long one (more minutes, a faster
 machine, a GPU) sees it many times, and past a few epochs memorises it: train loss keeps falling while validation
-loss rises. The presets whose TRAINING_DEFAULTS leave `dropout` None (tiny) choose it from
+loss rises. The presets whose TRAINING_DEFAULTS leave `dropout` or `weight_decay` None (tiny) choose them from
 
     epochs = total steps x tokens per step (all processes) / tokens in the training split
 
-by `dropout_for_epochs` (EPOCH_DROPOUT, measured on tiny Shakespeare: README, "Quality"), a piecewise-linear,
-non-decreasing rule: more epochs never get less dropout. A --max-steps run decides before its first step; a
---time-budget-min run once its schedule is first fitted to the budget (training.FIT_STEPS steps, inside the warmup),
-which is when it knows its step count. The choice is recorded as --dropout (training_args.json, checkpoints, the model
-config), so --resume keeps it.
+by EPOCH_RULES (toygpt/defaults.py, measured on tiny Shakespeare: README, "Quality"), each a piecewise-linear,
+non-decreasing rule: more epochs never get less regularisation. A --max-steps run decides before its first step; a
+--time-budget-min run once its schedule is first fitted to the budget (training.FIT_STEPS steps, inside the warmup,
+which run at the weight-decay rule's first value), which is when it knows its step count. The choices are recorded as
+--dropout and --weight-decay (training_args.json, checkpoints, the model config), so --resume keeps them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import bisect
 from torch import nn
 
 from modeling_toygpt import CausalSelfAttention
-from toygpt.defaults import EPOCH_DROPOUT
+from toygpt.defaults import EPOCH_RULES
 
 
 def run_epochs(total_steps: int, tokens_per_step: int, train_tokens: int) -> float:
@@ -28,8 +29,8 @@ def run_epochs(total_steps: int, tokens_per_step: int, train_tokens: int) -> flo
     return total_steps * tokens_per_step / max(train_tokens, 1)
 
 
-def dropout_for_epochs(epochs: float, points=EPOCH_DROPOUT) -> float:
-    """The rule: linear between the (epochs, dropout) points, flat outside them."""
+def by_epochs(epochs: float, points) -> float:
+    """A rule's value: linear between its (epochs, value) points, flat outside them."""
     xs = [x for x, _ in points]
     i = bisect.bisect_right(xs, epochs)
     if i == 0:
@@ -40,11 +41,21 @@ def dropout_for_epochs(epochs: float, points=EPOCH_DROPOUT) -> float:
     return round(y0 + (y1 - y0) * (epochs - x0) / (x1 - x0), 3)
 
 
-def tokens_worth_counting(max_steps: int, tokens_per_step: int, points=EPOCH_DROPOUT) -> int:
-    """A split with at least this many tokens gets the rule's first dropout however long the run (max_steps bounds
-    it): counting its tokens may stop there."""
-    no_dropout_until = max(x for x, y in points if y == points[0][1])
-    return int(max_steps * tokens_per_step / no_dropout_until) + 1
+def first_value(points) -> float:
+    """A rule's value for a run too short to have chosen yet (and for every run of fewer epochs than its first point)."""
+    return points[0][1]
+
+
+def undecided(config) -> list[str]:
+    """The fields of EPOCH_RULES that `config` (a TrainingConfig) leaves to the rules: those still None."""
+    return [name for name in EPOCH_RULES if getattr(config, name) is None]
+
+
+def tokens_worth_counting(max_steps: int, tokens_per_step: int, names=tuple(EPOCH_RULES)) -> int:
+    """A split with at least this many tokens gets the first value of each rule in `names` however long the run
+    (max_steps bounds it): counting its tokens may stop there."""
+    flat_until = min(max(x for x, y in EPOCH_RULES[name] if y == first_value(EPOCH_RULES[name])) for name in names)
+    return int(max_steps * tokens_per_step / flat_until) + 1
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

@@ -203,7 +203,7 @@ class TrainingConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise TrainError(f"{flag(name)} must be positive, got {getattr(self, name)}.")
         for name in ("lr", "embedding_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:  # weight_decay None: the epochs rule
                 raise TrainError(f"{flag(name)} must be >= 0, got {getattr(self, name)}.")
         if self.min_lr > self.lr:
             raise TrainError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr}).")

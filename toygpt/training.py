@@ -47,7 +47,8 @@ from toygpt.distributed import Processes
 from toygpt.best_model import BestModel, best_path, eval_due, prune
 from toygpt.evaluation import autocast, evaluate, validation_windows
 from toygpt.model_dir import OutputDir, write_model_files
-from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps
+from toygpt.defaults import EPOCH_RULES
+from toygpt.optim import build_optimizer, build_scheduler, fit_total_steps, set_weight_decay
 from toygpt.stream import TrainWindows, ValWindows
 from toygpt.errors import ToyGPTError
 from toygpt import progress
@@ -283,27 +284,36 @@ def corpus_vocabulary(config: TrainingConfig, source, resume_from,
 
 def training_split_tokens(config: TrainingConfig, source, counted: int | None,
                           processes: Processes) -> tuple[int | None, bool]:
-    """The epochs rule's denominator, where the rule decides --dropout, and whether it is the whole split's: the
-    vocabulary pass's count, else a count (rank 0's, shared) that stops where the rule no longer depends on it."""
-    if config.dropout is not None or counted is not None:
+    """The epochs rules' denominator, where a rule decides --dropout or --weight-decay, and whether it is the whole
+    split's: the vocabulary pass's count, else a count (rank 0's, shared) that stops where the rules no longer depend
+    on it."""
+    undecided = regularization.undecided(config)
+    if not undecided or counted is not None:
         return counted, True
-    needed = regularization.tokens_worth_counting(config.max_steps, config.step_tokens * processes.world_size)
+    needed = regularization.tokens_worth_counting(config.max_steps, config.step_tokens * processes.world_size,
+                                                  undecided)
     counted = processes.from_main(sources.count_train_tokens(source, needed) if processes.is_main else 0)
     return counted, counted < needed
 
 
-def choose_dropout(config: TrainingConfig, model, total_steps: int, train_tokens: int, tokens_per_step: int,
-                   is_main: bool, counted_all: bool = True) -> TrainingConfig:
-    """The epochs rule (regularization.py), applied to the model being trained and recorded as --dropout."""
+def choose_by_epochs(config: TrainingConfig, model, optimizer, total_steps: int, train_tokens: int,
+                     tokens_per_step: int, is_main: bool, counted_all: bool = True) -> TrainingConfig:
+    """The epochs rules (regularization.py) for the fields the run leaves to them, applied to the model and optimizer
+    being trained and recorded as --dropout and --weight-decay."""
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
-    dropout = regularization.dropout_for_epochs(epochs)
-    regularization.set_dropout(model, dropout)
+    chosen = {name: regularization.by_epochs(epochs, EPOCH_RULES[name]) for name in regularization.undecided(config)}
+    if "dropout" in chosen:
+        regularization.set_dropout(model, chosen["dropout"])
+    if "weight_decay" in chosen:
+        set_weight_decay(optimizer, chosen["weight_decay"])
     if is_main:
+        choices = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in chosen.items())
+        flags = " and ".join(f"--{name.replace('_', '-')}" for name in chosen)
         split = f"{train_tokens:,} tokens" if counted_all else f"{train_tokens:,}+ tokens (counted that far) at most"
-        tqdm.write(f"dropout {dropout:g}: {total_steps:,} steps of {tokens_per_step:,} tokens read the training split's "
-                   f"{split} {epochs:.1f} times (the epochs rule, toygpt/regularization.py; --dropout sets it)",
+        tqdm.write(f"{choices}: {total_steps:,} steps of {tokens_per_step:,} tokens read the training split's {split} "
+                   f"{epochs:.1f} times (the epochs rules, toygpt/regularization.py; {flags} set them)",
                    file=sys.stderr)
-    return replace(config, dropout=dropout)
+    return replace(config, **chosen)
 
 
 @dataclass
@@ -317,7 +327,7 @@ class Run:
     val: ValWindows
     state: RunState
     best: BestModel | None  # --keep-best, rank 0: the best eval so far
-    train_tokens: int | None  # the training split's length, where the epochs rule needs it (--dropout not given)
+    train_tokens: int | None  # the training split's length, where the epochs rules need it (undecided flags)
     train_tokens_counted_all: bool  # False: a long split's count stopped early (training_split_tokens)
 
 
@@ -338,8 +348,11 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
         vocab.init_compact(model)
     model = model.to(processes.device).train()
     loss_model = CausalLMLoss(model, vocab=None if vocab is None else vocab.to(processes.device))
+    weight_decay = config.weight_decay  # None: the rule's first value until the run knows its epochs
+    if weight_decay is None:
+        weight_decay = regularization.first_value(EPOCH_RULES["weight_decay"])
     optimizer = build_optimizer(model, processes.device, optimizer=config.optimizer, lr=config.lr,
-                                weight_decay=config.weight_decay, embedding_lr=config.embedding_lr)
+                                weight_decay=weight_decay, embedding_lr=config.embedding_lr)
     stream = TrainWindows(source, config.block_size, seed=config.seed, rank=processes.rank,
                           world_size=processes.world_size)
     val = validation_windows(source, config.block_size, config.eval_batches, config.batch_size)
@@ -401,9 +414,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
         batches = log_first_batch(batches, processes.rank)
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     tokens_per_step = config.step_tokens * processes.world_size
-    if config.dropout is None and budget_s is None:  # the epochs rule: a --max-steps run knows its steps now
-        config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens, tokens_per_step,
-                                processes.is_main, r.train_tokens_counted_all)
+    if regularization.undecided(config) and budget_s is None:  # the epochs rules: a --max-steps run knows its steps
+        config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
+                                  tokens_per_step, processes.is_main, r.train_tokens_counted_all)
 
     bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
                                  enabled=processes.is_main)
@@ -428,9 +441,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                                                          metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
-                if config.dropout is None:  # the epochs rule, once the budget's step count is known
-                    config = choose_dropout(config, loss_model.model, state.total_steps, r.train_tokens,
-                                            tokens_per_step, processes.is_main, r.train_tokens_counted_all)
+                if regularization.undecided(config):  # the epochs rules, once the budget's step count is known
+                    config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
+                                              tokens_per_step, processes.is_main, r.train_tokens_counted_all)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
         if not stop.is_set():
