@@ -214,6 +214,7 @@ BLOCK_KERNEL_SOURCE = r"""
 #endif
 #define ROWS 16
 #define BLOCK 32
+#define PREFETCH_AHEAD 4096  // bytes of weights requested ahead of the block in use (hardware prefetch alone stalls)
 
 static inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, subnormals included
   uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
@@ -262,6 +263,7 @@ static void group_dot(const int8_t *w, const S *s, const int16_t *xq, int64_t kb
 #if defined(__AVX512BW__)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t b = 0; b < kb; b++, w += ROWS * BLOCK, s += ROWS) {
+    for (int line = 0; line < ROWS * BLOCK; line += 64) _mm_prefetch((const char *)w + PREFETCH_AHEAD + line, _MM_HINT_T0);
     const int32_t *xp = (const int32_t *)(xq + b * BLOCK);  // column pairs, broadcast to all 16 rows
     __m512i sums[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int p = 0; p < BLOCK / 2; p++) {  // 4 independent sums: the multiply-adds overlap
@@ -279,6 +281,7 @@ static void group_dot(const int8_t *w, const S *s, const int16_t *xq, int64_t kb
 #elif defined(__AVX2__)
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
   for (int64_t b = 0; b < kb; b++, w += ROWS * BLOCK, s += ROWS) {
+    for (int line = 0; line < ROWS * BLOCK; line += 64) _mm_prefetch((const char *)w + PREFETCH_AHEAD + line, _MM_HINT_T0);
     const int32_t *xp = (const int32_t *)(xq + b * BLOCK);
     __m256i sum_lo = _mm256_setzero_si256(), sum_hi = _mm256_setzero_si256();
     for (int p = 0; p < BLOCK / 2; p++) {

@@ -156,7 +156,7 @@ def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, ca
     assert code == 0, err[-3000:]
     line = re.search(r"weight decay 0.1: 4 steps of 128 tokens read the training split's ([\d,]+)\+ tokens \(counted "
                      r"that far\) at most ([\d.]+) times \(the epochs rules, toygpt/regularization.py; --weight-decay "
-                     r"set them\)", err)
+                     r"sets it\)", err)
     assert line, err[-3000:]
     counted = int(line[1].replace(",", ""))
     assert counted >= regularization.tokens_worth_counting(4, 128, ["weight_decay"])

@@ -309,9 +309,10 @@ def choose_by_epochs(config: TrainingConfig, model, optimizer, total_steps: int,
     if is_main:
         choices = ", ".join(f"{name.replace('_', ' ')} {value:g}" for name, value in chosen.items())
         flags = " and ".join(f"--{name.replace('_', '-')}" for name in chosen)
+        flags += " sets it" if len(chosen) == 1 else " set them"
         split = f"{train_tokens:,} tokens" if counted_all else f"{train_tokens:,}+ tokens (counted that far) at most"
         tqdm.write(f"{choices}: {total_steps:,} steps of {tokens_per_step:,} tokens read the training split's {split} "
-                   f"{epochs:.1f} times (the epochs rules, toygpt/regularization.py; {flags} set them)",
+                   f"{epochs:.1f} times (the epochs rules, toygpt/regularization.py; {flags})",
                    file=sys.stderr)
     return replace(config, **chosen)
 
