@@ -50,3 +50,16 @@ def test_validation_windows_are_the_whole_held_out_split_or_the_stated_subset(tm
     assert len(evaluation.validation_windows(path, 16, eval_batches=10**6, batch_size=4).windows) == len(whole.windows)
     monkeypatch.setattr(evaluation, "VAL_MAX_TOKENS", 16 * 5)
     assert torch.equal(evaluation.validation_windows(path, 16).windows, whole.windows[:5])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_evaluate_leaves_the_model_in_the_mode_it_found_it(tmp_path, training):
+    """A model in eval mode (loaded for quantize.py, for the app) stays in it: with dropout in its config, a model
+    left in training mode would give different logits on every call (quantize.py's reload check caught it)."""
+    torch.manual_seed(0)
+    model = ToyGPTForCausalLM(small_config(dropout=0.1)).train(training)
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    val = val_windows(path, model.config.block_size)
+    evaluate(CausalLMLoss(model), val, batch_size=2)
+    assert all(module.training == training for module in model.modules())

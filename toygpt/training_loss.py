@@ -136,6 +136,7 @@ class CausalLMLoss(nn.Module):
         self.ignore_index = ignore_index
         self.chunk_rows = chunk_rows  # None: chunk_rows_for(the device)
         self.vocab = vocab  # a corpus_vocab.CorpusVocab: `model` is the compact model, ids arrive as GPT-2 ids
+        self.training = model.training  # the model's mode, not nn.Module's default (True): evaluate() restores it
 
     def forward(self, input_ids, targets, reduction="mean"):
         offset = None
