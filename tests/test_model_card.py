@@ -126,6 +126,10 @@ def test_a_muon_wsd_run_card_says_muon_wsd_and_the_corpus_vocabulary():
     assert "Vocabulary: the corpus vocabulary" in words and "saved as the full 50,257 rows" in words
     assert "Validation used the last 10% of its characters, never trained on" in words
     assert "AdamW (betas 0.9/0.95), weight decay" not in words and "with 20 warmup steps and cosine" not in words
+    assert "gains and biases, weight decay 0.1 on matrices and embeddings" in words
+    # A budget run stopped before the epochs rule chose (weight_decay None) trained at the rule's first value.
+    words = training_words({**TINY_RUN, "weight_decay": None})
+    assert "weight decay 0.1 (the epochs rule's first; the run ended before it chose) on matrices" in words
 
 
 def test_an_adamw_cosine_run_card_says_adamw_cosine_and_the_full_vocabulary():
