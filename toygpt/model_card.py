@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from toygpt import regularization
 from toygpt.defaults import EPOCH_RULES
 from toygpt.optim import WSD_DECAY_FRACTION
 from toygpt.run_log import read_metrics
@@ -254,7 +255,8 @@ context {c['block_size']} tokens, learned positions, pre-LayerNorm, GELU MLP (4x
 
 def optimizer_text(run: TrainingConfig) -> str:
     if run.weight_decay is None:  # the run ended before the epochs rule chose: it trained at the rule's first value
-        value = f"{EPOCH_RULES['weight_decay'][0][1]:g} (the epochs rule's first; the run ended before it chose)"
+        first = regularization.first_value(EPOCH_RULES["weight_decay"])
+        value = f"{first:g} (the epochs rule's first; the run ended before it chose)"
     else:
         value = f"{run.weight_decay:g}"
     decay = f"weight decay {value} on matrices and embeddings"
