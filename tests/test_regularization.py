@@ -163,3 +163,77 @@ def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, ca
     assert float(line[2]) == round(regularization.run_epochs(4, 128, counted), 1)
     args = json.loads((tmp_path / "out" / "training_args.json").read_text())
     assert (args["dropout"], args["weight_decay"]) == (0.05, 0.1)
+
+
+def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
+    """A budget run's first fit guesses its step count from 10 steps; each later fit decides again from its own count
+    (the development machine's 30-minute run first fitted 8,437 steps). Moves under MIN_CHANGE are left alone."""
+    from modeling_toygpt import ToyGPTForCausalLM
+    from toygpt.optim import build_optimizer
+    from toygpt.train_config import TrainingConfig
+    from toygpt.training import choose_by_epochs
+
+    model = ToyGPTForCausalLM(small_config(dropout=0.0)).train()
+    optimizer = build_optimizer(model, torch.device("cpu"), optimizer="muon", lr=4e-3, weight_decay=0.1)
+
+    def choose(config, steps):
+        return choose_by_epochs(config, model, optimizer, steps, TINY_SHAKESPEARE_TRAIN_TOKENS, TINY_STEP_TOKENS,
+                                is_main=True, names=list(EPOCH_RULES))
+
+    def decays():
+        return {group["weight_decay"] for group in optimizer.param_groups if group["weight_decay"] != 0.0}
+
+    first = choose(TrainingConfig(), 8_437)  # 28.6 epochs
+    assert (first.dropout, first.weight_decay) == (0.15, 0.3) and decays() == {0.3}
+    assert "dropout 0.15, weight decay 0.3: 8,437 steps" in capsys.readouterr().err
+    # 4,437 steps (where that run ended, 15.0 epochs): the dropout rule moves by 0.045, the weight-decay rule not at all
+    later = choose(first, 4_437)
+    epochs = regularization.run_epochs(4_437, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS)
+    assert later.dropout == dropout_for(epochs) and first.dropout - later.dropout >= regularization.MIN_CHANGE
+    assert later.weight_decay == 0.3 and model.config.dropout == later.dropout
+    assert all(block.attn.dropout == later.dropout for block in model.transformer.h)
+    err = capsys.readouterr().err
+    assert f"dropout {later.dropout:g}: 4,437 steps" in err and "--dropout sets it" in err
+    # 4,300 steps: the rule moves dropout by less than MIN_CHANGE: nothing changes, nothing is printed.
+    assert abs(dropout_for(regularization.run_epochs(4_300, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS))
+               - later.dropout) < regularization.MIN_CHANGE
+    assert choose(later, 4_300) is later and capsys.readouterr().err == ""
+    shorter = choose(later, 500)  # 1.7 epochs: both rules back at their first values
+    assert (shorter.dropout, shorter.weight_decay) == (0.0, 0.1) and decays() == {0.1}
+
+
+def test_a_budget_run_follows_its_latest_fit(tmp_path, small_text, capsys, monkeypatch):
+    """The fits of a real budget run (train.main() in this process) with the pace faked: the first fit says 120 steps
+    (10 epochs of the 6 kB text), the refit at step 20 says 30 (2.5 epochs); the run ends at 30 with the rules'
+    values for 30 steps, in the model, the optimizer and the record."""
+    import train
+    from toygpt import training
+
+    real_refit, fits = training.refit_schedule, iter([120, 30])
+
+    def faked_refit(state, *args, **kwargs):
+        scheduler = real_refit(state, *args, **kwargs)
+        state.total_steps = next(fits)
+        return scheduler
+
+    monkeypatch.setattr(training, "refit_schedule", faked_refit)
+    out = tmp_path / "out"
+    with one_thread():
+        code = train.main(["--input", str(small_text), "--output-dir", str(out), *map(str, TINY), "--max-steps",
+                           "100000", "--time-budget-min", "30", "--eval-every", "20", "--eval-batches", "1",
+                           "--checkpoint-every", "1000", "--report-to", "none"])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
+    train_tokens, args = state["vocab"]["train_tokens"], json.loads((out / "training_args.json").read_text())
+    assert state["step"] == 30 and metrics(out)[-1]["step"] == 30
+    at_first_fit = {name: regularization.by_epochs(regularization.run_epochs(120, 128, train_tokens), rule)
+                    for name, rule in EPOCH_RULES.items()}
+    at_end = {name: regularization.by_epochs(regularization.run_epochs(30, 128, train_tokens), rule)
+              for name, rule in EPOCH_RULES.items()}
+    assert at_first_fit["dropout"] > at_end["dropout"] + regularization.MIN_CHANGE
+    assert f"dropout {at_first_fit['dropout']:g}, weight decay {at_first_fit['weight_decay']:g}: 120 steps" in err
+    assert f"dropout {at_end['dropout']:g}, weight decay {at_end['weight_decay']:g}: 30 steps" in err
+    assert {name: args[name] for name in EPOCH_RULES} == at_end == {name: state["args"][name] for name in EPOCH_RULES}
+    assert json.loads((out / "config.json").read_text())["dropout"] == at_end["dropout"]
+    assert decayed_groups(out) == {at_end["weight_decay"]}

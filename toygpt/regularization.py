@@ -10,8 +10,11 @@ loss rises. The presets whose TRAINING_DEFAULTS leave `dropout` or `weight_decay
 by EPOCH_RULES (toygpt/defaults.py, measured on tiny Shakespeare: README, "Quality"), each a piecewise-linear,
 non-decreasing rule: more epochs never get less regularisation. A --max-steps run decides before its first step; a
 --time-budget-min run once its schedule is first fitted to the budget (training.FIT_STEPS steps, inside the warmup,
-which run at the weight-decay rule's first value), which is when it knows its step count. The choices are recorded as
---dropout and --weight-decay (training_args.json, checkpoints, the model config), so --resume keeps them.
+which run at the weight-decay rule's first value), which is when it knows its step count, and again at every later
+fit: the first fit is a guess from FIT_STEPS steps and a machine's pace drifts (on the development machine a 30-minute
+run first fitted 8,437 steps and ran 4,437), so the rules go by the latest fit's count. A value
+changes only where the rule moves it by MIN_CHANGE or more. The choices are recorded as --dropout and --weight-decay
+(training_args.json, checkpoints, the model config), so --resume keeps them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from torch import nn
 
 from modeling_toygpt import CausalSelfAttention
 from toygpt.defaults import EPOCH_RULES
+
+
+# Smaller moves are left alone: each change of dropout makes a compiled training step recompile (dynamo guards its p),
+# and 0.02 of either is within the measured noise of a run (README, "Quality").
+MIN_CHANGE = 0.02
 
 
 def run_epochs(total_steps: int, tokens_per_step: int, train_tokens: int) -> float:

@@ -297,11 +297,18 @@ def training_split_tokens(config: TrainingConfig, source, counted: int | None,
 
 
 def choose_by_epochs(config: TrainingConfig, model, optimizer, total_steps: int, train_tokens: int,
-                     tokens_per_step: int, is_main: bool, counted_all: bool = True) -> TrainingConfig:
-    """The epochs rules (regularization.py) for the fields the run leaves to them, applied to the model and optimizer
-    being trained and recorded as --dropout and --weight-decay."""
+                     tokens_per_step: int, is_main: bool, counted_all: bool = True, names=None) -> TrainingConfig:
+    """The epochs rules (regularization.py) for `names` (default: the fields the run leaves to them), applied to the
+    model and optimizer being trained and recorded as --dropout and --weight-decay. A value chosen before (a budget
+    run's earlier fit) changes only where the rule now moves it by regularization.MIN_CHANGE or more."""
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
-    chosen = {name: regularization.by_epochs(epochs, EPOCH_RULES[name]) for name in regularization.undecided(config)}
+    chosen = {}
+    for name in regularization.undecided(config) if names is None else names:
+        value, before = regularization.by_epochs(epochs, EPOCH_RULES[name]), getattr(config, name)
+        if before is None or abs(value - before) >= regularization.MIN_CHANGE:
+            chosen[name] = value
+    if not chosen:
+        return config
     if "dropout" in chosen:
         regularization.set_dropout(model, chosen["dropout"])
     if "weight_decay" in chosen:
@@ -415,7 +422,10 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
         batches = log_first_batch(batches, processes.rank)
     budget_s = config.time_budget_min * 60 if config.time_budget_min else None
     tokens_per_step = config.step_tokens * processes.world_size
-    if regularization.undecided(config) and budget_s is None:  # the epochs rules: a --max-steps run knows its steps
+    # The epochs rules decide what the run leaves to them: a --max-steps run now, a budget run at each fit of its
+    # step count (a resumed run keeps what its checkpoint recorded: the fields are set by then).
+    by_rules = regularization.undecided(config)
+    if by_rules and budget_s is None:
         config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
                                   tokens_per_step, processes.is_main, r.train_tokens_counted_all)
 
@@ -442,9 +452,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                                                          metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
-                if regularization.undecided(config):  # the epochs rules, once the budget's step count is known
+                if by_rules:  # the step count the rules go by is the latest fit's, not the first 10 steps' guess
                     config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
-                                              tokens_per_step, processes.is_main, r.train_tokens_counted_all)
+                                              tokens_per_step, processes.is_main, r.train_tokens_counted_all, by_rules)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
         if not stop.is_set():
