@@ -177,8 +177,8 @@ def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
     optimizer = build_optimizer(model, torch.device("cpu"), optimizer="muon", lr=4e-3, weight_decay=0.1)
 
     def choose(config, steps):
-        return choose_by_epochs(config, model, optimizer, steps, TINY_SHAKESPEARE_TRAIN_TOKENS, TINY_STEP_TOKENS,
-                                is_main=True, names=list(EPOCH_RULES))
+        return choose_by_epochs(config, list(EPOCH_RULES), model, optimizer, steps, TINY_SHAKESPEARE_TRAIN_TOKENS,
+                                TINY_STEP_TOKENS, is_main=True)
 
     def decays():
         return {group["weight_decay"] for group in optimizer.param_groups if group["weight_decay"] != 0.0}

@@ -12,9 +12,9 @@ non-decreasing rule: more epochs never get less regularisation. A --max-steps ru
 --time-budget-min run once its schedule is first fitted to the budget (training.FIT_STEPS steps, inside the warmup,
 which run at the weight-decay rule's first value), which is when it knows its step count, and again at every later
 fit: the first fit is a guess from FIT_STEPS steps and a machine's pace drifts (on the development machine a 30-minute
-run first fitted 8,437 steps and ran 4,437), so the rules go by the latest fit's count. A value
-changes only where the rule moves it by MIN_CHANGE or more. The choices are recorded as --dropout and --weight-decay
-(training_args.json, checkpoints, the model config), so --resume keeps them.
+run first fitted 8,437 steps and ran 4,437), so the rules go by the latest fit's count. A value changes only where the
+rule moves it by MIN_CHANGE or more. The choices are recorded as --dropout and --weight-decay (training_args.json,
+checkpoints, the model config), so --resume keeps them.
 """
 
 from __future__ import annotations

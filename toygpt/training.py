@@ -296,14 +296,14 @@ def training_split_tokens(config: TrainingConfig, source, counted: int | None,
     return counted, counted < needed
 
 
-def choose_by_epochs(config: TrainingConfig, model, optimizer, total_steps: int, train_tokens: int,
-                     tokens_per_step: int, is_main: bool, counted_all: bool = True, names=None) -> TrainingConfig:
-    """The epochs rules (regularization.py) for `names` (default: the fields the run leaves to them), applied to the
-    model and optimizer being trained and recorded as --dropout and --weight-decay. A value chosen before (a budget
-    run's earlier fit) changes only where the rule now moves it by regularization.MIN_CHANGE or more."""
+def choose_by_epochs(config: TrainingConfig, names, model, optimizer, total_steps: int, train_tokens: int,
+                     tokens_per_step: int, is_main: bool, counted_all: bool = True) -> TrainingConfig:
+    """The epochs rules (regularization.py) for `names`, the fields the run left to them, applied to the model and
+    optimizer being trained and recorded as --dropout and --weight-decay. A value chosen before (a budget run's
+    earlier fit) changes only where the rule now moves it by regularization.MIN_CHANGE or more."""
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
     chosen = {}
-    for name in regularization.undecided(config) if names is None else names:
+    for name in names:
         value, before = regularization.by_epochs(epochs, EPOCH_RULES[name]), getattr(config, name)
         if before is None or abs(value - before) >= regularization.MIN_CHANGE:
             chosen[name] = value
@@ -426,7 +426,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     # step count (a resumed run keeps what its checkpoint recorded: the fields are set by then).
     by_rules = regularization.undecided(config)
     if by_rules and budget_s is None:
-        config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
+        config = choose_by_epochs(config, by_rules, loss_model.model, optimizer, state.total_steps, r.train_tokens,
                                   tokens_per_step, processes.is_main, r.train_tokens_counted_all)
 
     bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
@@ -453,8 +453,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
                 if by_rules:  # the step count the rules go by is the latest fit's, not the first 10 steps' guess
-                    config = choose_by_epochs(config, loss_model.model, optimizer, state.total_steps, r.train_tokens,
-                                              tokens_per_step, processes.is_main, r.train_tokens_counted_all, by_rules)
+                    config = choose_by_epochs(config, by_rules, loss_model.model, optimizer, state.total_steps,
+                                              r.train_tokens, tokens_per_step, processes.is_main,
+                                              r.train_tokens_counted_all)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
                 checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
         if not stop.is_set():
