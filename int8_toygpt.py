@@ -796,11 +796,12 @@ def compile_allowed() -> bool:
     return os.environ.get(COMPILE_ENV, "1").strip() != "0"
 
 
-def fast_decode_kwargs(model, kwargs):
+def fast_decode_kwargs(model, kwargs, inputs=None):
     """generate()'s defaults for the int8 model on the CPU: a static KV cache, whose one-token decode step
     transformers compiles (inductor). Batch-1 decode of a small model is bound by per-op overhead, which a compiled
     step mostly removes; the first call compiles (seconds, cached on disk by inductor), later ones reuse the graph.
-    The cache holds block_size tokens, so every call reuses one graph; the step reads only the filled slots.
+    The cache holds the call's tokens rounded up to a power of two (static_cache_length); the step reads only the
+    filled slots. `inputs`: generate()'s positional prompt, if it was given one.
     The caller's choice wins: cache_implementation (e.g. "dynamic"), disable_compile=True, a cache of their own,
     use_cache=False, or TOYGPT_INT8_COMPILE=0 all keep transformers' eager default, as do beam search, assisted and
     prompt-lookup decoding."""
@@ -821,8 +822,8 @@ def fast_decode_kwargs(model, kwargs):
         warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
                       f"per token. Install a C++ compiler (e.g. g++), or set {COMPILE_ENV}=0 to silence this.")
         return kwargs
-    fast = {"cache_implementation": "static", "max_cache_len": model.config.block_size,
-            "compile_config": decode_compile_config()}
+    fast = {"cache_implementation": "static", "compile_config": decode_compile_config(),
+            "max_cache_len": static_cache_length(model.config.block_size, config, kwargs, inputs)}
     if kwargs.get("generation_config") is None:
         return {**fast, **kwargs}
     config = copy.deepcopy(config)  # a given config object takes them itself: transformers deprecates config + kwargs
@@ -830,6 +831,25 @@ def fast_decode_kwargs(model, kwargs):
         if name not in kwargs and getattr(config, name, None) is None:
             setattr(config, name, value)
     return {**kwargs, "generation_config": config}
+
+
+STATIC_CACHE_FLOOR = 256  # the fewest slots a static cache gets: short calls share one size, so one graph
+
+
+def static_cache_length(block_size: int, config, kwargs, inputs=None) -> int:
+    """Slots for this call's static cache: its prompt + new tokens rounded up to a power of two, at least
+    STATIC_CACHE_FLOOR, at most block_size (the whole context where the call's length is unknown). A block_size cache
+    for every call held 75 MB at 124M for a one-token reply; sizes by powers of two mean at most a few graphs, and
+    transformers never shrinks a model's static cache, so a long call's size serves every later, shorter one."""
+    prompt = kwargs.get("input_ids", kwargs.get("inputs", inputs))
+    new_tokens = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if not torch.is_tensor(prompt):
+        return block_size
+    needed = prompt.shape[-1] + new_tokens if new_tokens is not None else kwargs.get("max_length", config.max_length)
+    slots = STATIC_CACHE_FLOOR
+    while slots < needed:
+        slots *= 2
+    return min(slots, block_size)
 
 
 def decode_compile_config():

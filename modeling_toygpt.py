@@ -244,7 +244,7 @@ class ToyGPTForCausalLM(ToyGPTPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         if self.config.quantization:  # int8: a static cache and a compiled decode step unless the caller says otherwise
-            kwargs = fast_decode_kwargs(self, kwargs)
+            kwargs = fast_decode_kwargs(self, kwargs, args[0] if args else None)
         return super().generate(*args, **kwargs)
 
     def create_masks_for_generate(self, inputs_embeds, attention_mask=None, cache=None, **kwargs):

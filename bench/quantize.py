@@ -113,8 +113,8 @@ def bench_124m(work: Path, repeats: int, new_tokens: int, threads: int, decode_t
     sizes = {k: (d / "model.safetensors").stat().st_size for k, d in dirs.items()}
 
     rss = {k: load_rss(d, threads) for k, d in dirs.items()}
-    # int8's default generate() allocates a block_size static cache and loads torch.compile: the eager path's figure
-    # is the weights' share alone
+    # int8's default generate() allocates a static cache (256 slots for this call) and loads torch.compile: the eager
+    # path's figure is the weights' share alone
     rss["int8 eager"] = load_rss(int8_dir, threads, compile_decode=False)
 
     models = {k: load(d) for k, d in dirs.items()}

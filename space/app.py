@@ -448,13 +448,16 @@ def generate_stream(loaded: LoadedModel, prompt, max_new_tokens, temperature, to
 def warm_up(loaded: LoadedModel) -> float:
     """One short generation before serving; returns its seconds. The int8 model's generate() compiles its decode step
     on its first call (seconds; inductor caches it on disk, so later starts are quicker): done here, that is no
-    visitor's wait, and no status line's tokens/s counts it. A batch of another size compiles once more, on first
-    use."""
+    visitor's wait, and no status line's tokens/s counts it. Its static cache holds the whole context, as a visitor's
+    longest call needs (int8 sizes it per call otherwise, and a longer call would compile again); a batch of another
+    size compiles once more, on first use."""
     start = time.perf_counter()
     ids = torch.tensor([loaded.tokenizer(EXAMPLES[1], verbose=False)["input_ids"]], device=loaded.device)
+    whole_context = {"max_cache_len": loaded.context} if loaded.precision == "int8" else {}
     with torch.inference_mode():
         loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
-                              pad_token_id=loaded.tokenizer.eos_token_id, **sampling_kwargs(0.8, 50, 1.0))
+                              pad_token_id=loaded.tokenizer.eos_token_id, **sampling_kwargs(0.8, 50, 1.0),
+                              **whole_context)
     return time.perf_counter() - start
 
 

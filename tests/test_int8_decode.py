@@ -2,10 +2,12 @@
 eager fallback without a C++ compiler. conftest.py turns the fast path off for the rest of the suite (compiling
 costs seconds); these tests turn it back on where they need it."""
 
+import functools
 import warnings
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import int8_toygpt
 from conftest import small_config
@@ -32,9 +34,9 @@ def no_compiled_step(int8_model):
     int8_model.__dict__.pop("_compiled_call", None)
 
 
-def greedy(model, **kwargs):
+def greedy(model, max_new_tokens=24, **kwargs):
     with torch.inference_mode():
-        return model.generate(PROMPT, max_new_tokens=24, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        return model.generate(PROMPT, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                               output_logits=True, **kwargs)
 
 
@@ -53,12 +55,40 @@ def test_int8_generate_compiles_a_static_decode_step_with_the_eager_greedy_token
         torch.testing.assert_close(a, b, rtol=0, atol=0.02, msg=f"step {step}")
     with pytest.raises(ValueError, match="exceeds the model's context block_size=64"):  # past the cache: said eagerly
         model.generate(PROMPT, max_new_tokens=100, do_sample=False, pad_token_id=0)
-    # A longer prompt and more tokens reuse the block_size cache and the same graph: still the eager tokens.
+    # A longer prompt and more tokens reuse the cache (block_size here: under STATIC_CACHE_FLOOR): the eager tokens.
     longer = dict(max_new_tokens=30)
     with torch.inference_mode():
         ids = torch.cat([PROMPT, PROMPT], dim=1)
         assert model.generate(ids, do_sample=False, pad_token_id=0, **longer).tolist() == \
             model.generate(ids, do_sample=False, pad_token_id=0, cache_implementation="dynamic", **longer).tolist()
+
+
+def test_the_static_cache_holds_the_call_rounded_up_to_a_power_of_two():
+    config = GenerationConfig(max_length=20)
+    prompt = torch.zeros(1, 300, dtype=torch.long)
+    length = functools.partial(int8_toygpt.static_cache_length, 1024, config)
+    assert length({"max_new_tokens": 1}, torch.zeros(1, 16, dtype=torch.long)) == 256  # the floor
+    assert length({"max_new_tokens": 1}, prompt) == 512
+    assert length({"input_ids": prompt, "max_new_tokens": 212}) == 512  # 300 + 212: exactly full
+    assert length({"input_ids": prompt, "max_new_tokens": 213}) == 1024
+    assert length({"inputs": prompt, "max_new_tokens": 5000}) == 1024  # at most the context (generate refuses more)
+    assert length({"max_length": 700}, prompt) == 1024  # max_length counts the prompt already
+    assert length({}, prompt) == 256  # generation_config's max_length: 20
+    assert length({"inputs_embeds": torch.zeros(1, 4, 8)}) == 1024  # no ids to count: the whole context
+
+
+def test_a_longer_call_grows_the_cache_and_keeps_the_eager_tokens(no_compiled_step, monkeypatch):
+    """Calls that outgrow the cache get the next power of two (one more compile: dynamo makes the length dynamic);
+    transformers keeps the larger cache for later, shorter calls."""
+    model = no_compiled_step
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    monkeypatch.setattr(int8_toygpt, "STATIC_CACHE_FLOOR", 16)
+    monkeypatch.delattr(model, "_previous_max_cache_length", raising=False)
+    for new_tokens, slots in [(4, 16), (24, 32), (40, 64), (4, 64)]:  # the prompt has 8 tokens
+        fast = greedy(model, max_new_tokens=new_tokens)
+        assert fast.past_key_values.layers[0].max_cache_len == slots
+        eager = greedy(model, max_new_tokens=new_tokens, cache_implementation="dynamic")
+        assert fast.sequences.tolist() == eager.sequences.tolist(), f"{new_tokens} new tokens"
 
 
 @pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache", "beams", "lookup"])

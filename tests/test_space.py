@@ -19,7 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from transformers import TextIteratorStreamer
 
-from conftest import REPO, one_thread, run_python
+from conftest import REPO, one_thread, run_python, small_config
 
 SPACE = REPO / "space"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -420,3 +420,22 @@ def test_top_k_sampler_draws_from_temperature_top_k_and_top_p_as_generate_would(
     torch.testing.assert_close(frequencies(1.0, 4, 0.7), torch.tensor([0.625, 0.375, 0, 0]), rtol=0, atol=0.03)
     sharp = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
     torch.testing.assert_close(frequencies(0.5, 4, 1.0), sharp / sharp.sum(), rtol=0, atol=0.03)
+
+
+def test_the_int8_warm_up_compiles_for_the_whole_context(tmp_path, monkeypatch):
+    """int8's generate() sizes its static cache per call (256 slots at least); the app's warm-up asks for the whole
+    context, so no visitor's longer call compiles again."""
+    from modeling_toygpt import ToyGPTForCausalLM
+    from toygpt.model_dir import save_model_dir
+    from toygpt.quantization import quantize_dir
+
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    torch.manual_seed(0)
+    fp32 = save_model_dir(ToyGPTForCausalLM(small_config(block_size=512)), tmp_path / "fp32")
+    quantize_dir(fp32, tmp_path / "int8", speed_tokens=0, log=lambda message: None)
+    app = import_app()
+    loaded = app.load_model(str(tmp_path / "int8"))
+    assert loaded.precision == "int8"
+    with one_thread():
+        app.warm_up(loaded)
+    assert loaded.model._previous_max_cache_length == 512
