@@ -881,3 +881,20 @@ def test_version_2_dirs_run_on_the_block_kernel_and_unknown_group_sizes_are_refu
     (odd / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="group_size 64 is not the 32"):
         ToyGPTForCausalLM.from_pretrained(odd)
+
+
+def test_the_speed_warm_up_compiles_the_graph_the_timed_call_runs(monkeypatch):
+    """int8's static cache is sized per call: the warm-up's 2 tokens must get the timed call's size, or the timed
+    call would compile again (the graph per cache size) inside its measurement."""
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    model = quantize_int8(ToyGPTForCausalLM(small_config(block_size=1024)).eval())
+    calls = []
+
+    def spy(ids, **kwargs):  # records the caches the calls would get; nothing is compiled
+        fast = int8_toygpt.fast_decode_kwargs(model, kwargs, ids)
+        calls.append(max(fast["max_cache_len"], ids.shape[1] + kwargs["max_new_tokens"]))
+        return torch.cat([ids, ids.new_zeros(1, kwargs["max_new_tokens"])], dim=1)
+
+    monkeypatch.setattr(model, "generate", spy)
+    quantization.greedy_tokens_per_second(model, new_tokens=300)
+    assert calls == [512, 512]  # the prompt and 300 new tokens: over 256 slots
