@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the first eval-batches x batch-size held-out windows (default: the whole held-out split, up to 1M tokens)")
     add("--keep-best", action=argparse.BooleanOptionalAction, default=None, help="write the weights of the eval with "
         "the lowest val loss as the model, not the last step's (default: on; kept on the CPU and beside checkpoints)")
+    add("--ema-decay", type=float, help="evals, the best model and the model dir use an exponential moving average of "
+        "the weights, decaying at most by this per step (diffusers' EMAModel warm-up: (1+n)/(10+n) after n steps); "
+        f"0: the trained weights themselves ({preset_default('ema_decay')})")
     add("--checkpoint-every", type=int, help=f"optimizer steps between checkpoints ({preset_default('checkpoint_every')})")
     add("--seed", type=int, default=None, help=f"makes CPU runs reproducible (default: {RUN_DEFAULTS['seed']})")
     add("--device", default=None, help=f"auto, cpu, cuda, cuda:N, mps (default: {RUN_DEFAULTS['device']})")

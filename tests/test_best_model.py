@@ -17,6 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from test_train import TINY, metrics, run_train, train_cmd, train_env
+from toygpt.defaults import TRAINING_DEFAULTS
+
+TINY_EMA_DECAY = TRAINING_DEFAULTS["tiny"]["ema_decay"]  # the average the tiny preset evaluates and saves
 
 STEPS = 40
 OVERFIT = TINY + ["--max-steps", str(STEPS), "--eval-every", "4", "--lr", "3e-2", "--min-lr", "3e-2",
@@ -63,7 +66,8 @@ def test_a_run_that_ends_worse_saves_its_best_eval(overfit_run, small_text):
     # To 1e-6 of the eval (float32 sums: the run evaluated the compact corpus-vocabulary model, this the full one).
     assert saved_val_loss(overfit_run, small_text) == pytest.approx(steps[best_step], rel=1e-6)
     card = " ".join((overfit_run / "README.md").read_text().split())
-    assert f"The weights are those of step {best_step}, the eval with the lowest validation loss" in card
+    assert (f"The weights are an exponential moving average of the trained weights (decay {TINY_EMA_DECAY:g}), as it "
+            f"was at step {best_step}, the eval with the lowest validation loss") in card  # the tiny preset's average
     assert f"| validation loss | {steps[best_step]:.4f} |" in card
     # The checkpoint kept for --resume has the best beside it.
     assert (overfit_run / "checkpoint" / f"best-for-step-{STEPS:08d}.safetensors").is_file()
@@ -76,7 +80,8 @@ def test_no_keep_best_saves_the_last_weights(tmp_path, overfit_run, small_text):
     final = metrics(out)[-1]
     assert "best_step" not in final and final["val_loss"] == evals(out)[-1][1]
     assert saved_val_loss(out, small_text) == pytest.approx(evals(out)[-1][1], rel=1e-6)
-    assert "The weights are those of step" not in (out / "README.md").read_text()
+    card = " ".join((out / "README.md").read_text().split())
+    assert "the eval with the lowest" not in card and f"(decay {TINY_EMA_DECAY:g}), as it was at the last step." in card
     assert not list((out / "checkpoint").glob("best-*"))
 
 

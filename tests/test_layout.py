@@ -19,6 +19,7 @@ FLOW = {
     "configuration_toygpt": 3, "int8_toygpt": 3, "modeling_toygpt": 3,  # model
     "toygpt.training_loss": 3, "toygpt.distributed": 3, "toygpt.evaluation": 3, "toygpt.optim": 3,
     "toygpt.run_log": 3, "toygpt.tracking": 3, "toygpt.corpus_vocab": 3, "toygpt.regularization": 3,
+    "toygpt.weight_average": 3,
     "toygpt.checkpoint": 4, "toygpt.best_model": 4,  # checkpoint (and the best weights beside it)
     "toygpt.model_dir": 5, "toygpt.model_card": 5, "toygpt.train_config": 5,  # model dir
     "toygpt.training": 5,  # the training loop: a checkpoint becomes a model dir

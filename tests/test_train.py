@@ -118,6 +118,7 @@ BAD_FLAGS = {
     "min_lr_above_lr": (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr (0.001) must not exceed --lr (0.0001)"),
     "dropout_one": (["--dropout", "1.0"], "dropout"),
     "zero_budget": (["--time-budget-min", "0"], "--time-budget-min must be positive"),
+    "ema_one": (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0: no moving average), got 1.0"),
     "no_gpu": (["--device", "cuda"], "no CUDA GPU is available"),
     # Issue 17: each raised a traceback after the output dir was made.
     "negative_seed": (["--seed", "-1"], "--seed must be between 0 and 4294967295 (2**32 - 1), got -1"),

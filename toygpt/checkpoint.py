@@ -4,6 +4,7 @@ OUTPUT/checkpoint/step-NNNNNNNN/ holds
     config.json, model.safetensors        the model being trained
     optimizer.safetensors, optimizer.json  the optimizer's per-parameter tensors and its param groups
     rng.safetensors                        every rank's torch (and CUDA) RNG state
+    ema.safetensors                        the weights' moving average, where the run keeps one (weight_average.py)
     trainer_state.json                     step, schedule, budget, every rank's data-stream position, the args
 Each is written into a temp dir that is renamed into place once complete (trainer_state.json last), with the user's
 umask, then older checkpoints are deleted (one is kept). Nothing is pickled: loading works with torch.load disabled.
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from toygpt.errors import UsageError
 from toygpt.file_modes import give_umask, make_temp_dir
 from toygpt.optim import Optimizers
+from toygpt.weight_average import EMA_FILE
 
 CHECKPOINT_DIR = "checkpoint"
 # trainer_state.json's fields that a resume reads, as JSON types (anything else in it is passed through)
@@ -122,9 +124,10 @@ def restore_rng(rng: dict, python_state: list) -> None:
 
 
 def save_checkpoint(out_dir: Path, model, optimizer: Optimizers, scheduler, trainer_state: dict,
-                    rank_states: list[dict], rank_rngs: list[dict]) -> Path:
+                    rank_states: list[dict], rank_rngs: list[dict], averaged_model=None) -> Path:
     """Write OUTPUT/checkpoint/step-N atomically (temp + rename) with the user's umask; older checkpoints go once it
-    is in place. A full disk is an OSError that says so, with the space needed; the previous checkpoint stays."""
+    is in place. A full disk is an OSError that says so, with the space needed; the previous checkpoint stays.
+    `averaged_model`: the weights' moving average (its update count is the caller's, in trainer_state)."""
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # what a run killed mid-write or mid-delete left
@@ -134,6 +137,8 @@ def save_checkpoint(out_dir: Path, model, optimizer: Optimizers, scheduler, trai
     try:
         model.config.to_json_file(tmp / "config.json")
         save_model(model, str(tmp / "model.safetensors"))  # handles the tied lm_head/wte weight
+        if averaged_model is not None:
+            save_model(averaged_model, str(tmp / EMA_FILE))
         optimizer_to_files(optimizer, tmp)
         save_file({f"{rank}.{key}": value for rank, rngs in enumerate(rank_rngs) for key, value in rngs.items()},
                   tmp / "rng.safetensors")
@@ -224,9 +229,11 @@ def check_model(directory: Path, model) -> None:
                       + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
 
 
-def load_checkpoint(directory: Path, model, optimizer: Optimizers, rank: int, world_size: int) -> dict:
-    """Restore weights and optimizer in place; return trainer_state with this rank's `rank_state` and `rank_rng`.
-    A damaged or edited checkpoint is a CheckpointError naming the file."""
+def load_checkpoint(directory: Path, model, optimizer: Optimizers, rank: int, world_size: int,
+                    averaged_model=None) -> dict:
+    """Restore weights and optimizer in place (and `averaged_model`, where the checkpoint holds a moving average:
+    trainer_state's "ema_updates" says whether it does); return trainer_state with this rank's `rank_state` and
+    `rank_rng`. A damaged or edited checkpoint is a CheckpointError naming the file."""
     state = read_trainer_state(directory)
     if len(state["ranks"]) != world_size:
         raise CheckpointError(
@@ -237,6 +244,9 @@ def load_checkpoint(directory: Path, model, optimizer: Optimizers, rank: int, wo
     with reading(directory, "model.safetensors") as path:
         load_model(model, str(path), device=str(next(model.parameters()).device))
     optimizer_from_files(optimizer, directory)
+    if averaged_model is not None and state.get("ema_updates"):
+        with reading(directory, EMA_FILE) as path:
+            load_model(averaged_model, str(path), device=str(next(averaged_model.parameters()).device))
     with reading(directory, "rng.safetensors") as path:
         rngs = load_file(path)
     state["rank_state"] = state["ranks"][rank]

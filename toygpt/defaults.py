@@ -23,11 +23,12 @@ TRAINING_DEFAULTS = {
         batch_size=4, grad_accum=1, optimizer="muon", schedule="wsd", lr=4e-3, embedding_lr=8e-3, min_lr=4e-4,
         warmup_steps=20, max_steps=20000, weight_decay=None, grad_clip=1.0, eval_every=200, eval_batches=None,
         checkpoint_every=200, dropout=None,  # None: by the epochs the run buys (EPOCH_RULES)
+        ema_decay=0.995,  # a moving average of the weights (toygpt/weight_average.py): README, "Quality"
     ),
     "gpt2": dict(
         batch_size=16, grad_accum=32, optimizer="adamw", schedule="cosine", lr=6e-4, embedding_lr=None, min_lr=6e-5,
         warmup_steps=700, max_steps=20000, weight_decay=0.1, grad_clip=1.0, eval_every=500, eval_batches=None,
-        checkpoint_every=1000,
+        checkpoint_every=1000, ema_decay=0.0,  # unmeasured at this size: the trained weights
     ),
 }
 # The tiny preset's dropout by the epochs a run trains (toygpt/regularization.py): (epochs, dropout) points, linear
@@ -44,7 +45,7 @@ EPOCH_RULES = {"dropout": EPOCH_DROPOUT, "weight_decay": EPOCH_WEIGHT_DECAY}
 # AdamW for every weight (Muon's learning rates above are for training from scratch), and nanoGPT's weight decay
 # (the epochs rule was measured from scratch).
 FINE_TUNING_DEFAULTS = dict(optimizer="adamw", schedule="cosine", lr=6e-5, embedding_lr=None, min_lr=6e-6,
-                            weight_decay=0.1)
+                            weight_decay=0.1, ema_decay=0.0)
 # report_to: TensorBoard, a dependency already: offline, no account, and its event files travel in the model dir's runs/,
 # which the Hub shows as the model repo's training metrics.
 RUN_DEFAULTS = dict(seed=1337, device="auto", dtype="auto", compile=False, split="train", text_column="text",

@@ -309,11 +309,13 @@ def results(final: dict) -> str:
 
 def saved_weights(final: dict) -> str:
     """Which step's weights the model is, where train.py kept the best eval's (--keep-best)."""
+    average = (f" an exponential moving average of the trained weights (decay {final['ema_decay']:g}), as it was at"
+               if final.get("ema_decay") else "")
     if "best_step" not in final:
-        return ""
-    return (f"\nThe weights are those of step {final['best_step']}, the eval with the lowest validation loss (the "
-            f"figures above); the last step's weights (step {final['step']}) scored a validation loss of "
-            f"{final['last_val_loss']:.4f}.\n")
+        return f"\nThe weights are{average} the last step.\n" if average else ""
+    return (f"\nThe weights are{average or ' those of'} step {final['best_step']}, the eval with the lowest validation "
+            f"loss (the figures above); the last step's{' average' if average else ' weights'} (step {final['step']}) "
+            f"scored a validation loss of {final['last_val_loss']:.4f}.\n")
 
 
 def int8_sections(records: Records) -> list[str]:

@@ -70,11 +70,13 @@ def plot_loss_curve(records: list[dict], path: Path) -> None:
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r and not r.get("final")]
     val = validation_curve(records)
     best = next((r["best_step"] for r in reversed(records) if r.get("final") and "best_step" in r), None)
+    averaged = any(r.get("final") and r.get("ema_decay") for r in records)  # the evals read the moving average
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+        ax.plot(*zip(*val), "o-", label="validation (the weights' moving average)" if averaged else "validation",
+                markersize=3)
     if best is not None and best in dict(val):
         ax.plot([best], [dict(val)[best]], "*", markersize=12, label=f"saved: the best eval (step {best})")
     ax.set_xlabel("optimizer step")

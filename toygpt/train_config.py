@@ -40,7 +40,8 @@ TRAINING_ARGS = "training_args.json"
 # Records written before a run recorded these (optim.py's defaults then): what those runs used.
 LEGACY_DEFAULTS = dict(optimizer="adamw", schedule="cosine")
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-FLOAT_FIELDS = ("lr", "embedding_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget_min")
+FLOAT_FIELDS = ("lr", "embedding_lr", "min_lr", "weight_decay", "grad_clip", "dropout", "time_budget_min",
+                "ema_decay")
 POSITIVE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_every",
                    "eval_batches", "checkpoint_every")
 # What --resume cannot change: the shapes of the checkpoint's tensors, and the data stream it continues.
@@ -124,6 +125,7 @@ class TrainingConfig:
     eval_every: int | None = None
     eval_batches: int | None = None  # None: every eval reads the whole validation split (up to VAL_MAX_TOKENS)
     keep_best: bool | None = None  # the model dir holds the best eval's weights (else the last step's)
+    ema_decay: float | None = None  # evals and the model dir see a moving average of the weights; 0: none
     checkpoint_every: int | None = None
     seed: int | None = None
     device: str | None = None  # auto, cpu, cuda, cuda:N, mps
@@ -205,6 +207,8 @@ class TrainingConfig:
         for name in ("lr", "embedding_lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:  # weight_decay None: the epochs rule
                 raise TrainError(f"{flag(name)} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainError(f"--ema-decay must be in [0, 1) (0: no moving average), got {self.ema_decay}.")
         if self.min_lr > self.lr:
             raise TrainError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr}).")
         if self.time_budget_min is not None and self.time_budget_min <= 0:

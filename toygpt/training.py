@@ -45,6 +45,7 @@ from toygpt.checkpoint import (CHECKPOINT_DIR, latest_checkpoint, load_checkpoin
 from toygpt.corpus_vocab import CorpusVocab, choose
 from toygpt.distributed import Processes
 from toygpt.best_model import BestModel, best_path, eval_due, prune
+from toygpt.weight_average import set_updates, updates, weight_average
 from toygpt.evaluation import autocast, evaluate, validation_windows
 from toygpt.model_dir import OutputDir, write_model_files
 from toygpt.defaults import EPOCH_RULES
@@ -91,9 +92,17 @@ class RunState:
         return self.elapsed_before + self.run_seconds()
 
 
-def restore_run(checkpoint_dir: Path, model, optimizer, stream, config: TrainingConfig, processes: Processes):
-    """(RunState, scheduler) continuing `checkpoint_dir` exactly: weights, optimizer, schedule, stream and RNGs."""
-    saved = load_checkpoint(checkpoint_dir, model, optimizer, processes.rank, processes.world_size)
+def restore_run(checkpoint_dir: Path, model, optimizer, stream, config: TrainingConfig, processes: Processes,
+                average=None):
+    """(RunState, scheduler) continuing `checkpoint_dir` exactly: weights, optimizer, schedule, stream and RNGs, and
+    `average` (the weights' moving average) where the checkpoint holds one; else it starts from the weights now."""
+    saved = load_checkpoint(checkpoint_dir, model, optimizer, processes.rank, processes.world_size,
+                            None if average is None else average.module)
+    if average is not None:
+        set_updates(average, saved.get("ema_updates", 0))
+        if not saved.get("ema_updates") and processes.is_main:
+            print(f"--resume: {checkpoint_dir} holds no moving average of the weights (--ema-decay was 0, or it was "
+                  "written before there was one); it starts from the weights at this step", file=sys.stderr)
     state = RunState(total_steps=saved["total_steps"], step=saved["step"], budget_fitted=saved["budget_fitted"],
                      elapsed_before=saved["elapsed_s"], tokens_seen=saved["tokens_seen"], start_step=saved["step"],
                      last_checkpoint_step=saved["step"])
@@ -176,20 +185,21 @@ def refit_schedule(state: RunState, optimizer, scheduler, config: TrainingConfig
 
 
 def checkpoint(out_dir: Path, loss_model, optimizer, scheduler, state: RunState, config: TrainingConfig, stream,
-               processes: Processes, best: BestModel | None = None):
+               processes: Processes, best: BestModel | None = None, average=None):
     """Every rank's stream position and RNGs, gathered; rank 0 writes OUTPUT/checkpoint/step-N (the model being
     trained: the compact one with the corpus vocabulary, whose ids the checkpoint records)."""
     vocab = None if loss_model.vocab is None else loss_model.vocab.state_dict()
     trainer_state = {"step": state.step, "total_steps": state.total_steps, "budget_fitted": state.budget_fitted,
                      "elapsed_s": state.elapsed(), "tokens_seen": state.tokens_seen, "args": config.to_record(),
-                     "vocab": vocab}
+                     "vocab": vocab, "ema_updates": 0 if average is None else updates(average)}
     model = loss_model.model
     rank_state = {"stream": stream.state_dict(), "python_random": list(random.getstate())}
     rank_states, rank_rngs = processes.gather_objects(rank_state), processes.gather_objects(rng_state())
     if processes.is_main:
         if best is not None:  # before the checkpoint, which makes it the one --resume reads (best_model.py)
             best.save(out_dir, state.step)
-        save_checkpoint(out_dir, model, optimizer, scheduler, trainer_state, rank_states, rank_rngs)
+        save_checkpoint(out_dir, model, optimizer, scheduler, trainer_state, rank_states, rank_rngs,
+                        None if average is None else average.module)
         prune(out_dir, state.step)
     processes.barrier()
     state.last_checkpoint_step = state.step
@@ -335,6 +345,7 @@ class Run:
     val: ValWindows
     state: RunState
     best: BestModel | None  # --keep-best, rank 0: the best eval so far
+    average: object  # the weights' moving average (weight_average.py), None with --ema-decay 0
     train_tokens: int | None  # the training split's length, where the epochs rules need it (undecided flags)
     train_tokens_counted_all: bool  # False: a long split's count stopped early (training_split_tokens)
 
@@ -364,8 +375,9 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
     stream = TrainWindows(source, config.block_size, seed=config.seed, rank=processes.rank,
                           world_size=processes.world_size)
     val = validation_windows(source, config.block_size, config.eval_batches, config.batch_size)
+    average = weight_average(model, config.ema_decay)  # a copy of the initial weights, until the first update
     if resume_from is not None:
-        state, scheduler = restore_run(resume_from, model, optimizer, stream, config, processes)
+        state, scheduler = restore_run(resume_from, model, optimizer, stream, config, processes, average)
         if processes.is_main:
             print(f"resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
     else:
@@ -375,7 +387,7 @@ def build_run(config: TrainingConfig, source, resume_from, init_model, processes
     best = None
     if config.keep_best and processes.is_main:  # the best as the checkpoint left it (best_model.py)
         best = BestModel.load(resume_from.parents[1], state.step) if resume_from is not None else BestModel()
-    return Run(loss_model, optimizer, scheduler, stream, val, state, best, train_tokens, counted_all)
+    return Run(loss_model, optimizer, scheduler, stream, val, state, best, average, train_tokens, counted_all)
 
 
 def train(config: TrainingConfig) -> dict:
@@ -413,7 +425,9 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                                          config.to_record(), None if resume_from is None else state.step, kept)
     closing.callback(metrics.close)
 
-    # Evals use loss_model as is: their batches differ per rank, no gradient sync.
+    # Evals use loss_model as is (its weights' moving average where there is one): their batches differ per rank, no
+    # gradient sync.
+    eval_model = loss_model if r.average is None else CausalLMLoss(r.average.module, vocab=loss_model.vocab)
     step_model = torch.compile(loss_model) if config.compile else loss_model
     if processes.distributed:
         step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -441,6 +455,8 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             refuse_non_finite(state.train_loss, state, lr, out_dir)
             apply_gradients(loss_model, optimizer, config.grad_clip)
             scheduler.step()
+            if r.average is not None:
+                r.average.update_parameters(loss_model.model)
             state.step += 1
             state.tokens_seen += tokens_per_step
             tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)
@@ -448,7 +464,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             bar.update(state.step, state.total_steps, state.budget_fitted or budget_s is None, state.elapsed(),
                        loss=f"{state.train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if eval_due(state.step, state.total_steps, config.eval_every) and state.step < state.total_steps:
-                last_eval = state.step, evaluate_and_log(loss_model, r.val, config.batch_size, amp_dtype, processes,
+                last_eval = state.step, evaluate_and_log(eval_model, r.val, config.batch_size, amp_dtype, processes,
                                                          metrics, state, r.best)
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
@@ -457,34 +473,38 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
                                               r.train_tokens, tokens_per_step, processes.is_main,
                                               r.train_tokens_counted_all)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
-                checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
+                checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best,
+                           r.average)
         if not stop.is_set():
             bar.finish()
     r.stream.close()
 
     elapsed = state.elapsed()
     if state.last_checkpoint_step != state.step:  # saved before the final eval: a failing eval loses no step
-        checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best)
+        checkpoint(out_dir, loss_model, optimizer, scheduler, state, config, r.stream, processes, r.best, r.average)
     if stop.is_set():
         raise TrainFailed(f"interrupted by Ctrl-C at step {state.step}; its checkpoint is in "
                           f"{out_dir / CHECKPOINT_DIR}. Continue with: {resume_command(config.output_dir)}")
     if last_eval is None or last_eval[0] != state.step:  # the last weights' eval (once: a budget may stop at an eval)
-        last_eval = state.step, evaluate_and_log(loss_model, r.val, config.batch_size, amp_dtype, processes, metrics,
+        last_eval = state.step, evaluate_and_log(eval_model, r.val, config.batch_size, amp_dtype, processes, metrics,
                                                  state, r.best)
-    result = keep_the_best(r.best, loss_model, last_eval[1], out_dir, state.step)
+    result = keep_the_best(r.best, r.average, loss_model, last_eval[1], out_dir, state.step)
     final = finish(output, loss_model, config, state, result, elapsed, processes, metrics)
     processes.barrier()
     return final
 
 
-def keep_the_best(best: BestModel | None, loss_model, last: dict, out_dir: Path, step: int) -> dict:
+def keep_the_best(best: BestModel | None, average, loss_model, last: dict, out_dir: Path, step: int) -> dict:
     """The eval of the model to save: the best's, whose weights go back into the model (the last eval's with
     --no-keep-best, and on ranks other than 0, which write nothing). Its step and the last weights' val loss are
-    recorded beside it. The final eval's weights can be the best: the last checkpoint's best file is rewritten."""
+    recorded beside it. The final eval's weights can be the best: the last checkpoint's best file is rewritten.
+    With a moving average, every eval was the average's: the last one's weights are the average now."""
     if best is None:
+        if average is not None:
+            loss_model.model.load_state_dict(average.module.state_dict())
         return last
     best.save(out_dir, step)  # what --resume with a larger --max-steps continues from
-    if best.step != step:
+    if best.step != step or average is not None:
         best.load_into(loss_model.model)
     return {**best.result, "best_step": best.step, "last_val_loss": last["val_loss"],
             "last_val_bits_per_char": last["val_bits_per_char"]}
@@ -502,13 +522,15 @@ def finish(output: OutputDir, loss_model, config: TrainingConfig, state: RunStat
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "world_size": processes.world_size, "device": str(processes.device),
         "n_params": sum(p.numel() for p in model.parameters()),
+        **({"ema_decay": config.ema_decay} if config.ema_decay else {}),  # the weights are a moving average
     }
     if processes.is_main:
         metrics.log(final)
         metrics.close()  # the trackers' files complete before they are carried into the model dir
         write_output_dir(output, model, config, final)
-        saved = (f"the best eval's weights, step {final['best_step']} (the last step's val loss "
-                 f"{final['last_val_loss']:.4f})" if "best_step" in final else "the last step's weights")
+        weights = "the weights' moving average" if config.ema_decay else "the weights"
+        saved = (f"{weights} of the best eval, step {final['best_step']} (the last step's val loss "
+                 f"{final['last_val_loss']:.4f})" if "best_step" in final else f"{weights} of the last step")
         print(f"final: step {state.step}, val loss {final['val_loss']:.4f}, perplexity {final['val_perplexity']:.2f}, "
               f"bits/char {final['val_bits_per_char']:.4f}; wrote {config.output_dir}: {saved}", file=sys.stderr,
               flush=True)
