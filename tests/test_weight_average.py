@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import small_config
 from test_train import RUN, metrics, run_train
-from toygpt.weight_average import decay_after, updates, weight_average
+from toygpt.weight_average import decay_after, update, updates, weight_average
 
 STEPS = int(RUN[RUN.index("--max-steps") + 1])
 
@@ -33,7 +33,7 @@ def test_the_average_lerps_each_weight_once_tied_ones_included():
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(value)
-        average.update_parameters(model)
+        update(average, model)
         kept = decay_after(n, 0.5)
         expected = kept * expected + (1 - kept) * value  # 1, 1.545..., 2.9..., 5.45...
     assert updates(average) == 4

@@ -45,7 +45,7 @@ from toygpt.checkpoint import (CHECKPOINT_DIR, latest_checkpoint, load_checkpoin
 from toygpt.corpus_vocab import CorpusVocab, choose
 from toygpt.distributed import Processes
 from toygpt.best_model import BestModel, best_path, eval_due, prune
-from toygpt.weight_average import set_updates, updates, weight_average
+from toygpt.weight_average import set_updates, update, updates, weight_average
 from toygpt.evaluation import autocast, evaluate, validation_windows
 from toygpt.model_dir import OutputDir, write_model_files
 from toygpt.defaults import EPOCH_RULES
@@ -456,7 +456,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             apply_gradients(loss_model, optimizer, config.grad_clip)
             scheduler.step()
             if r.average is not None:
-                r.average.update_parameters(loss_model.model)
+                update(r.average, loss_model.model)
             state.step += 1
             state.tokens_seen += tokens_per_step
             tokens_per_s = tokens_per_step / (time.perf_counter() - step_start)

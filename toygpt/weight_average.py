@@ -7,7 +7,7 @@ diffusers' EMAModel does, min(decay, (1 + n) / (10 + n)) after n updates, so the
 hold it as ema.safetensors (its update count in trainer_state.json), so --resume continues it exactly.
 
     average = weight_average(model, decay)      # None where decay is 0: the raw weights
-    average.update_parameters(model)            # after each optimizer step
+    update(average, model)                      # after each optimizer step
     average.module                              # the averaged model: evaluate it, keep it, save it
 """
 
@@ -26,18 +26,23 @@ def decay_after(updates: int, decay: float) -> float:
 
 
 def weight_average(model, decay: float) -> AveragedModel | None:
-    """An AveragedModel of `model` (its parameters; buffers are not trained), or None where decay is 0."""
+    """An AveragedModel of `model` (a copy of its weights, on its device), or None where decay is 0."""
     if not decay:
         return None
-
-    @torch.no_grad()
-    def ema(averaged: list[torch.Tensor], current: list[torch.Tensor], _) -> None:
-        # the count from the CPU buffer, not the device copy passed in: reading that would sync a GPU every step
-        torch._foreach_lerp_(averaged, current, 1.0 - decay_after(updates(average), decay))
-
-    average = AveragedModel(model, multi_avg_fn=ema, use_buffers=False)
+    average = AveragedModel(model, use_buffers=False)
     average.module.requires_grad_(False)
+    average.decay = decay
     return average
+
+
+@torch.no_grad()
+def update(average: AveragedModel, model) -> None:
+    """One step of the average: each weight moves 1 - decay_after(n) of the way to `model`'s (the first copies it).
+    Not AveragedModel.update_parameters: it copies its update count to the weights' device every call, which on a GPU
+    waits for the step's kernels to finish; here the count stays a CPU number. (ToyGPT has no buffers to follow.)"""
+    keep = decay_after(updates(average), average.decay)
+    torch._foreach_lerp_(list(average.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - keep)
+    average.n_averaged += 1
 
 
 def updates(average: AveragedModel) -> int:
