@@ -301,6 +301,10 @@ def main(argv=None):
     p.add_argument("--decode-threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2])
     p.add_argument("--parts", default="124m,trained", help="which halves to run (default both: 124m,trained)")
     args = p.parse_args(argv)
+    if "trained" in args.parts.split(",") and not args.input.is_file():
+        p.error(f"--input {args.input}: no such file; give the text the trained model saw (tiny Shakespeare)")
+    if args.trained_dir is not None and not (args.trained_dir / "config.json").is_file():
+        p.error(f"--trained-dir {args.trained_dir}: no config.json there; give a model dir train.py wrote")
     torch.set_num_threads(args.threads)
     os.environ["HF_HUB_OFFLINE"] = "1"
 

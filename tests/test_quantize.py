@@ -734,6 +734,76 @@ def test_block_kernel_serves_rows_and_unpacks_to_the_stored_int8():
     assert torch.equal(kernel.unpack(packed, scale), q)
 
 
+def repeated_rows(rows=200, distinct=51, cols=96, seed=0):
+    """int8 rows and scales where rows distinct-1.. all equal one shared row, as a corpus vocabulary saves them."""
+    torch.manual_seed(seed)
+    weight = torch.randn(rows, cols) * 0.05
+    weight[distinct - 1:] = weight[distinct - 1]
+    return quantization.quantize_groups(weight)
+
+
+def test_distinct_rows_maps_repeated_rows_and_declines_otherwise(monkeypatch):
+    q, scale = repeated_rows()
+    index, first = int8_toygpt.distinct_rows(q, scale)
+    assert torch.equal(first, torch.arange(51)) and torch.equal(index, torch.arange(200).clamp(max=50))
+    assert int8_toygpt.distinct_rows(*quantization.quantize_groups(torch.randn(200, 96))) is None  # all distinct
+    same_q = q.clone()
+    same_q[:] = q[0]
+    other_scale = scale.clone()
+    other_scale[:] = scale[0]
+    other_scale[7, 1] *= 2  # the same int8 row with another scale is another row
+    assert int8_toygpt.distinct_rows(same_q, other_scale)[1].numel() == 2
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, generator=None: torch.zeros(size, dtype=torch.long))
+    assert int8_toygpt.distinct_rows(q, scale) is None  # every hash collides: the exact check refuses the map
+
+
+@pytest.mark.parametrize("kernel", ["block", "fallback"])
+def test_an_embedding_packs_repeated_rows_once_and_computes_the_same(kernel, monkeypatch, fresh_kernel_choice):
+    """The tied lm_head of a corpus-vocabulary model: the distinct rows are packed once, and logits, lookups,
+    state_dict() and .to() give what the whole weight gives, bit for bit."""
+    monkeypatch.setenv(int8_toygpt.KERNEL_ENV, kernel)
+    q, scale = repeated_rows()
+    embeddings = []
+    for pack_distinct in (True, False):
+        embedding = Int8Embedding(200, 96, group=32)
+        embedding.load_state_dict({"weight": q, "weight_scale": scale})
+        embedding.pack_distinct_rows = pack_distinct
+        embeddings.append(embedding)
+    distinct, whole = embeddings
+    x = torch.randn(2, 3, 96)
+    assert torch.equal(distinct._int8_linear(x), whole._int8_linear(x))
+    assert distinct._row_index is not None and whole._row_index is None
+    if kernel == "block":
+        assert distinct._packed[0].shape[0] == 4 and whole._packed[0].shape[0] == 13  # groups of 16 rows packed
+    ids = torch.tensor([[0, 49, 50, 199], [120, 3, 51, 50]])
+    assert torch.equal(distinct(ids), whole(ids)) and torch.equal(distinct(ids), dequantize(q, scale)[ids])
+    assert torch.equal(distinct.state_dict()["weight"], q)
+    distinct.to(torch.device("cpu"))  # unpacks to the whole int8 weight, packed again on next use
+    assert distinct._row_index is None and torch.equal(distinct.weight, q)
+    assert torch.equal(distinct._int8_linear(x), whole._int8_linear(x))
+
+
+def test_a_corpus_vocabulary_model_runs_int8_on_its_distinct_rows(tmp_path):
+    """A model whose unseen tokens share one row (train.py --vocab corpus saves it so): its int8 copy packs the tied
+    head's distinct rows only, and gives the logits and greedy tokens of the whole head."""
+    model = random_model()
+    with torch.no_grad():
+        model.transformer.wte.weight[300:] = model.transformer.wte.weight[300]
+    quantize_int8(model).save_pretrained(tmp_path / "int8")
+    distinct = ToyGPTForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    whole = ToyGPTForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    whole.transformer.wte.pack_distinct_rows = False
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(distinct(ids).logits, whole(ids).logits)
+    assert distinct.transformer.wte._row_first.numel() == 301
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, disable_compile=True)
+    assert torch.equal(distinct.generate(ids, **kwargs), whole.generate(ids, **kwargs))
+    distinct.save_pretrained(tmp_path / "again")
+    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["transformer.wte.weight"],
+                       load_file(tmp_path / "int8" / "model.safetensors")["transformer.wte.weight"])
+
+
 def test_block_kernel_gives_the_same_bits_on_any_thread_count():
     """Threads split the groups of rows; each output is summed in one order whatever the thread count."""
     q, scale, kernel = packed_block(1000, 256)
@@ -898,3 +968,17 @@ def test_the_speed_warm_up_compiles_the_graph_the_timed_call_runs(monkeypatch):
     monkeypatch.setattr(model, "generate", spy)
     quantization.greedy_tokens_per_second(model, new_tokens=300)
     assert calls == [512, 512]  # the prompt and 300 new tokens: over 256 slots
+
+
+def test_the_benchmark_refuses_a_missing_corpus_or_model_dir_in_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_quantize", REPO / "bench" / "quantize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for argv, problem in [(["--input", str(tmp_path / "none.txt"), "--parts", "trained"], "no such file"),
+                          (["--trained-dir", str(tmp_path), "--input", __file__], "no config.json there")]:
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        assert exit_.value.code == 2 and problem in capsys.readouterr().err
