@@ -913,7 +913,11 @@ def decode_compile_config():
     # the trace already derived those shapes, so on every step the checks only cost time. cpp_wrapper: the step's
     # ~100 kernel calls are made from C++, not from a Python function calling each op through the boxed dispatcher.
     # No mode: transformers' default, "reduce-overhead", is CUDA graphs; torch.compile takes a mode or options.
-    config = CompileConfig(fullgraph=True, mode=None, options={"size_asserts": False, "cpp_wrapper": True})
+    # dynamic=False: only the mask's length (marked) is symbolic. Dynamo's automatic dynamic shapes would compile a
+    # second model of another shape (or cache size) with its weights' sizes symbolic: shape-generic kernels, a step
+    # 2x slower on the tiny model. Each shape and cache size compiles its own graph instead.
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None,
+                           options={"size_asserts": False, "cpp_wrapper": True})
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     return config
 

@@ -78,7 +78,7 @@ def test_the_static_cache_holds_the_call_rounded_up_to_a_power_of_two():
 
 
 def test_a_longer_call_grows_the_cache_and_keeps_the_eager_tokens(no_compiled_step, monkeypatch):
-    """Calls that outgrow the cache get the next power of two (one more compile: dynamo makes the length dynamic);
+    """Calls that outgrow the cache get the next power of two (one more compile, a static graph for that size);
     transformers keeps the larger cache for later, shorter calls."""
     model = no_compiled_step
     monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
@@ -89,6 +89,29 @@ def test_a_longer_call_grows_the_cache_and_keeps_the_eager_tokens(no_compiled_st
         assert fast.past_key_values.layers[0].max_cache_len == slots
         eager = greedy(model, max_new_tokens=new_tokens, cache_implementation="dynamic")
         assert fast.sequences.tolist() == eager.sequences.tolist(), f"{new_tokens} new tokens"
+
+
+def test_a_model_of_another_shape_gets_a_static_graph_of_its_own(monkeypatch):
+    """Models of other shapes in one process (bench/quantize.py runs the 124M model, then the tiny one): dynamo's
+    automatic dynamic shapes would compile the second one with its weights' sizes symbolic, a shape-generic step
+    that ran the tiny model's token 2x slower. Only the mask's length (marked) is dynamic."""
+    import logging
+
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    monkeypatch.setattr(shapes_log, "level", logging.INFO)
+    shapes_log.addHandler(handler)
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    try:
+        for width in (32, 48):
+            torch.manual_seed(0)
+            greedy(quantize_int8(ToyGPTForCausalLM(small_config(n_embd=width, vocab_size=64)).eval()), max_new_tokens=4)
+    finally:
+        shapes_log.removeHandler(handler)
+    assert any("create_symbol" in m and "attention_mask" in m for m in messages)  # the log was seen
+    assert not [m for m in messages if "automatic dynamic" in m]
 
 
 @pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache", "beams", "lookup"])
