@@ -873,10 +873,11 @@ def fast_decode_kwargs(model, kwargs, inputs=None):
         return kwargs  # beams and candidate verification: one token a step is what the compiled step is for
     if not int8_kernel(model.device.type, grouped=group_size(model.config) is not None).traceable:
         return kwargs  # fbgemm's kernel: eager, with transformers' dynamic cache
-    problem = inductor_problem()
+    problem = inductor_problem() or recompile_limit_reached(model)
     if problem is not None:
         warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
-                      f"per token. Install a C++ compiler (e.g. g++), or set {COMPILE_ENV}=0 to silence this.")
+                      f"per token. {FIXES.get(problem, 'Install a C++ compiler (e.g. g++)')}, or set {COMPILE_ENV}=0 "
+                      "to silence this.")
         return kwargs
     fast = {"cache_implementation": "static", "compile_config": decode_compile_config(),
             "max_cache_len": static_cache_length(model.config.block_size, config, kwargs, inputs)}
@@ -906,6 +907,23 @@ def static_cache_length(block_size: int, config, kwargs, inputs=None) -> int:
     while slots < needed:
         slots *= 2
     return min(slots, block_size)
+
+
+RECOMPILE_LIMIT_REACHED = "this process compiled torch._dynamo.config.recompile_limit decode steps already"
+FIXES = {RECOMPILE_LIMIT_REACHED: "Raise it (torch._dynamo.config.recompile_limit = 64) or call torch._dynamo.reset()"}
+
+
+def recompile_limit_reached(model):
+    """RECOMPILE_LIMIT_REACHED where dynamo holds recompile_limit graphs of the model's forward: every ToyGPT model in
+    the process shares that code and each shape and cache size is a graph of its own (decode_compile_config), and
+    one more under fullgraph=True is a hard error, not a fallback. None otherwise, or where this torch cannot say."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        graphs = len(_debug_get_cache_entry_list(type(model).forward))
+    except Exception:  # a private helper: without it, compile as before
+        return None
+    return RECOMPILE_LIMIT_REACHED if graphs >= torch._dynamo.config.recompile_limit else None
 
 
 def decode_compile_config():

@@ -26,6 +26,13 @@ def int8_model():
     return quantize_int8(ToyGPTForCausalLM(small_config(vocab_size=64, initializer_range=0.5)).eval())
 
 
+@pytest.fixture(autouse=True)
+def no_compiled_graphs():
+    """Each test starts with none of dynamo's graphs: dynamo keeps recompile_limit (8) graphs of forward a process,
+    every model's, and these tests compile a shape or cache size each."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def no_compiled_step(int8_model):
     """generate() keeps the compiled step on the model; each test starts without one."""
@@ -101,7 +108,8 @@ def test_a_model_of_another_shape_gets_a_static_graph_of_its_own(monkeypatch):
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())
     shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    monkeypatch.setattr(shapes_log, "level", logging.INFO)
+    level = shapes_log.level
+    shapes_log.setLevel(logging.INFO)  # setLevel, not the attribute: loggers cache isEnabledFor's answers
     shapes_log.addHandler(handler)
     monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
     try:
@@ -110,8 +118,24 @@ def test_a_model_of_another_shape_gets_a_static_graph_of_its_own(monkeypatch):
             greedy(quantize_int8(ToyGPTForCausalLM(small_config(n_embd=width, vocab_size=64)).eval()), max_new_tokens=4)
     finally:
         shapes_log.removeHandler(handler)
+        shapes_log.setLevel(level)
     assert any("create_symbol" in m and "attention_mask" in m for m in messages)  # the log was seen
     assert not [m for m in messages if "automatic dynamic" in m]
+
+
+def test_past_dynamos_recompile_limit_generate_decodes_eagerly_with_a_warning(monkeypatch):
+    """One more graph than recompile_limit would be a hard error under fullgraph=True: generate() says so and
+    decodes eagerly, with the eager tokens."""
+    monkeypatch.setenv("TOYGPT_INT8_COMPILE", "1")
+    torch.manual_seed(0)
+    greedy(quantize_int8(ToyGPTForCausalLM(small_config(n_embd=32, vocab_size=64)).eval()), max_new_tokens=4)
+    torch.manual_seed(0)
+    other = quantize_int8(ToyGPTForCausalLM(small_config(n_embd=48, vocab_size=64)).eval())
+    with torch._dynamo.config.patch(recompile_limit=1), \
+            pytest.warns(UserWarning, match="recompile_limit decode steps already.*torch._dynamo.reset"):
+        fast = greedy(other, max_new_tokens=6)
+    assert not hasattr(other, "_compiled_call")
+    assert fast.sequences.tolist() == greedy(other, max_new_tokens=6, cache_implementation="dynamic").sequences.tolist()
 
 
 @pytest.mark.parametrize("switch", ["disable_compile", "dynamic", "env", "cache", "use_cache", "beams", "lookup"])
