@@ -873,11 +873,11 @@ def fast_decode_kwargs(model, kwargs, inputs=None):
         return kwargs  # beams and candidate verification: one token a step is what the compiled step is for
     if not int8_kernel(model.device.type, grouped=group_size(model.config) is not None).traceable:
         return kwargs  # fbgemm's kernel: eager, with transformers' dynamic cache
-    problem = inductor_problem() or recompile_limit_reached(model)
-    if problem is not None:
+    found = inductor_problem() or recompile_limit_reached(model)
+    if found is not None:
+        problem, fix = found
         warnings.warn(f"ToyGPT int8: decoding without torch.compile ({problem}); generate() runs eagerly, slower "
-                      f"per token. {FIXES.get(problem, 'Install a C++ compiler (e.g. g++)')}, or set {COMPILE_ENV}=0 "
-                      "to silence this.")
+                      f"per token. {fix}, or set {COMPILE_ENV}=0 to silence this.")
         return kwargs
     fast = {"cache_implementation": "static", "compile_config": decode_compile_config(),
             "max_cache_len": static_cache_length(model.config.block_size, config, kwargs, inputs)}
@@ -909,12 +909,8 @@ def static_cache_length(block_size: int, config, kwargs, inputs=None) -> int:
     return min(slots, block_size)
 
 
-RECOMPILE_LIMIT_REACHED = "this process compiled torch._dynamo.config.recompile_limit decode steps already"
-FIXES = {RECOMPILE_LIMIT_REACHED: "Raise it (torch._dynamo.config.recompile_limit = 64) or call torch._dynamo.reset()"}
-
-
 def recompile_limit_reached(model):
-    """RECOMPILE_LIMIT_REACHED where dynamo holds recompile_limit graphs of the model's forward: every ToyGPT model in
+    """(the problem, its fix) where dynamo holds recompile_limit graphs of the model's forward: every ToyGPT model in
     the process shares that code and each shape and cache size is a graph of its own (decode_compile_config), and
     one more under fullgraph=True is a hard error, not a fallback. None otherwise, or where this torch cannot say."""
     try:
@@ -923,7 +919,10 @@ def recompile_limit_reached(model):
         graphs = len(_debug_get_cache_entry_list(type(model).forward))
     except Exception:  # a private helper: without it, compile as before
         return None
-    return RECOMPILE_LIMIT_REACHED if graphs >= torch._dynamo.config.recompile_limit else None
+    if graphs < torch._dynamo.config.recompile_limit:
+        return None
+    return ("this process compiled torch._dynamo.config.recompile_limit decode steps already",
+            "Raise it (torch._dynamo.config.recompile_limit = 64) or call torch._dynamo.reset()")
 
 
 def decode_compile_config():
@@ -942,14 +941,14 @@ def decode_compile_config():
 
 @functools.lru_cache(maxsize=None)
 def inductor_problem():
-    """Why inductor cannot compile for the CPU here (no C++ compiler), or None."""
+    """(why inductor cannot compile for the CPU here, its fix), or None."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
         return None
     except Exception as err:  # the check is inductor's own; any failure of it means "no compiled step"
-        return f"no working C++ compiler for inductor: {type(err).__name__}"
+        return f"no working C++ compiler for inductor: {type(err).__name__}", "Install a C++ compiler (e.g. g++)"
 
 
 def check_quantization(config):
