@@ -186,7 +186,7 @@ def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
     first = choose(TrainingConfig(), 8_437)  # 28.6 epochs
     assert (first.dropout, first.weight_decay) == (0.15, 0.3) and decays() == {0.3}
     assert "dropout 0.15, weight decay 0.3: 8,437 steps" in capsys.readouterr().err
-    # 4,437 steps (where that run ended, 15.0 epochs): the dropout rule moves by 0.045, the weight-decay rule not at all
+    # 4,437 steps (where that run ended, 15.0 epochs): the dropout rule moves by 0.09, the weight-decay rule not at all
     later = choose(first, 4_437)
     epochs = regularization.run_epochs(4_437, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS)
     assert later.dropout == dropout_for(epochs) and first.dropout - later.dropout >= regularization.MIN_CHANGE
@@ -203,13 +203,13 @@ def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
 
 
 def test_a_budget_run_follows_its_latest_fit(tmp_path, small_text, capsys, monkeypatch):
-    """The fits of a real budget run (train.main() in this process) with the pace faked: the first fit says 120 steps
-    (10 epochs of the 6 kB text), the refit at step 20 says 30 (2.5 epochs); the run ends at 30 with the rules'
+    """The fits of a real budget run (train.main() in this process) with the pace faked: the first fit says 180 steps
+    (15 epochs of the 6 kB text), the refit at step 20 says 30 (2.5 epochs); the run ends at 30 with the rules'
     values for 30 steps, in the model, the optimizer and the record."""
     import train
     from toygpt import training
 
-    real_refit, fits = training.refit_schedule, iter([120, 30])
+    real_refit, fits = training.refit_schedule, iter([180, 30])
 
     def faked_refit(state, *args, **kwargs):
         scheduler = real_refit(state, *args, **kwargs)
@@ -227,12 +227,12 @@ def test_a_budget_run_follows_its_latest_fit(tmp_path, small_text, capsys, monke
     state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     train_tokens, args = state["vocab"]["train_tokens"], json.loads((out / "training_args.json").read_text())
     assert state["step"] == 30 and metrics(out)[-1]["step"] == 30
-    at_first_fit = {name: regularization.by_epochs(regularization.run_epochs(120, 128, train_tokens), rule)
+    at_first_fit = {name: regularization.by_epochs(regularization.run_epochs(180, 128, train_tokens), rule)
                     for name, rule in EPOCH_RULES.items()}
     at_end = {name: regularization.by_epochs(regularization.run_epochs(30, 128, train_tokens), rule)
               for name, rule in EPOCH_RULES.items()}
     assert at_first_fit["dropout"] > at_end["dropout"] + regularization.MIN_CHANGE
-    assert f"dropout {at_first_fit['dropout']:g}, weight decay {at_first_fit['weight_decay']:g}: 120 steps" in err
+    assert f"dropout {at_first_fit['dropout']:g}, weight decay {at_first_fit['weight_decay']:g}: 180 steps" in err
     assert f"dropout {at_end['dropout']:g}, weight decay {at_end['weight_decay']:g}: 30 steps" in err
     assert {name: args[name] for name in EPOCH_RULES} == at_end == {name: state["args"][name] for name in EPOCH_RULES}
     assert json.loads((out / "config.json").read_text())["dropout"] == at_end["dropout"]
