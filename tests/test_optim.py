@@ -67,7 +67,7 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     muon, adamw = optim.build_optimizer(model, torch.device("cpu"), optimizer="muon", lr=1e-3, embedding_lr=5e-3,
                                         weight_decay=0.1).optimizers
     names = {id(p): name for name, p in model.named_parameters()}
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, optim.BatchedMuon) and isinstance(adamw, torch.optim.AdamW)
     assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
         n for n, p in model.named_parameters() if ".h." in n and p.dim() == 2}
     embeddings, gains_biases = adamw.param_groups
@@ -76,6 +76,41 @@ def test_muon_takes_the_block_matrices_adamw_the_rest_with_the_embeddings_own_lr
     assert all(p.dim() == 1 for p in gains_biases["params"]) and gains_biases["weight_decay"] == 0.0
     every = [id(p) for group in muon.param_groups + adamw.param_groups for p in group["params"]]
     assert sorted(every) == sorted({id(p) for p in model.parameters()})  # each parameter once (wte tied)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_steps_as_torch_muon_and_shares_its_state(nesterov):
+    """Same update as torch.optim.Muon (to bf16 rounding of the Newton-Schulz iteration) for tall, wide and square
+    matrices, two of a shape and one alone, with weight decay; a parameter without a gradient stays put; the state
+    loads both ways, so checkpoints written before or after the batching resume alike."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (16, 16), (48, 16), (7, 5), (3, 9)]
+    params = [torch.nn.Parameter(torch.randn(shape) * 0.1) for shape in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    hparams = dict(lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", nesterov=nesterov)
+    reference, batched = torch.optim.Muon(params, **hparams), optim.BatchedMuon(twins, **hparams)
+    for _ in range(3):
+        for p, q in zip(params[:-1], twins[:-1]):  # the last has no gradient
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        reference.step()
+        batched.step()
+    for p, q, shape in zip(params, twins, shapes):
+        step_size = 1e-2 * 0.2 * max(shape) ** 0.5  # match_rms_adamw's lr for this shape
+        torch.testing.assert_close(q, p, atol=0.02 * step_size, rtol=0)
+        assert not torch.equal(p, torch.zeros_like(p))
+    assert torch.equal(twins[-1], params[-1]) and twins[-1] not in batched.state
+    for p, q in zip(params[:-1], twins[:-1]):
+        torch.testing.assert_close(batched.state[q]["momentum_buffer"], reference.state[p]["momentum_buffer"])
+    torch.optim.Muon(twins, **hparams).load_state_dict(batched.state_dict())
+    optim.BatchedMuon(params, **hparams).load_state_dict(reference.state_dict())
+
+
+def test_zeropower_batched_orthogonalises_each_matrix_of_the_stack():
+    # Muon's quintic iteration leaves singular values in roughly [0.5, 1.5] instead of exactly 1 (its docstring).
+    stack = torch.randn(3, 32, 8) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]  # scaled apart: per-matrix norms
+    singular_values = torch.linalg.svdvals(optim.zeropower_batched(stack, (3.4445, -4.7750, 2.0315), 5, 1e-7).float())
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.5
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)

@@ -623,6 +623,17 @@ def test_vocab_full_trains_every_row(tmp_path, text_file, run_a):
                      r"training the corpus vocabulary", auto), auto[-2000:]
 
 
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, text_file):
+    """--dtype bfloat16 (the default on a GPU) through the fused head, eager: its fp32 hidden states and bf16
+    products (it once stopped with a dtype error here)."""
+    out = tmp_path / "model"
+    run_train("--input", text_file, "--output-dir", out, *TINY, "--max-steps", 2, "--eval-batches", 1,
+              "--dtype", "bfloat16", "--report-to", "none")
+    final = metrics(out)[-1]
+    assert final["final"] and math.isfinite(final["val_loss"])
+    assert json.loads((out / "training_args.json").read_text())["dtype"] == "bfloat16"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tracked runs (--report-to, toygpt/tracking.py) and the first hour of a new user (issue 21)
 

@@ -34,6 +34,25 @@ def test_fused_linear_cross_entropy_matches_plain_path():
         torch.testing.assert_close(fw.grad, w.grad, rtol=0, atol=1e-5)
 
 
+def test_fused_linear_cross_entropy_under_bf16_autocast_takes_bf16_products_fp32_softmax():
+    # The GPU path (--dtype bfloat16): each chunk's logits product in bf16, copied into the fp32 buffer.
+    torch.manual_seed(0)
+    N, C, V = 23, 32, 1000
+    h0, w0 = torch.randn(N, C), torch.randn(V, C) * 0.3
+    targets = torch.randint(0, V, (N,))
+    h, w = h0.bfloat16().requires_grad_(), w0.bfloat16().requires_grad_()
+    expected = F.cross_entropy((h @ w.t()).float(), targets)
+    expected.backward()
+    fh, fw = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FusedLinearCrossEntropy.apply(fh, fw, targets, -100, 7)
+    loss.backward()
+    assert loss.dtype == torch.float32 and fh.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fh.grad, h.grad.float(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(fw.grad, w.grad.float(), rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("use_shift_labels", [False, True])
 def test_training_loss_equals_the_models_loss_and_gradients(monkeypatch, use_shift_labels):
     monkeypatch.setattr(training_loss, "CHUNK_ROWS", 5)  # 2 x 12 (or 11) rows: uneven chunks

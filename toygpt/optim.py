@@ -1,8 +1,8 @@
 """The optimizers and the learning-rate schedule train.py uses, and the fit of the schedule to a time budget.
 
 --optimizer adamw: AdamW (betas 0.9/0.95) for everything. --optimizer muon: torch.optim.Muon for the blocks' weight
-matrices (its Newton-Schulz orthogonalised momentum, with `match_rms_adamw` so --lr means the same as for AdamW),
-AdamW for the embeddings (token, tied with the head, and position), LayerNorm gains and biases. The tied embedding
+matrices (its Newton-Schulz orthogonalised momentum, with `match_rms_adamw` so --lr means the same as for AdamW; its
+update computed for all same-shaped matrices at once, BatchedMuon), AdamW for the embeddings (token, tied with the head, and position), LayerNorm gains and biases. The tied embedding
 has its own learning rate (--embedding-lr). Weight decay applies to matrices and embeddings, never to gains/biases.
 
 --schedule cosine: linear warmup, cosine decay to --min-lr. --schedule wsd: warmup, a stable phase at --lr, then a
@@ -13,11 +13,60 @@ fitted to --time-budget-min the same way: the total step count is refitted, the 
 from __future__ import annotations
 
 import torch
+from torch.optim._muon import _adjust_lr
 from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
 from toygpt.defaults import OPTIMIZERS, SCHEDULES  # noqa: F401 (re-exported)
 
 WSD_DECAY_FRACTION = 0.3  # the decay phase of --schedule wsd: this share of the (fitted) total steps, at the end
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch.optim.Muon, its Newton-Schulz iteration run once per shape on the stacked matrices of that shape
+    (torch.baddbmm) instead of once per matrix: a transformer's 4 x n_layer matrices come in 4 shapes. Same
+    hyperparameters, state ("momentum_buffer") and update, to bf16 rounding; on a 2-core CPU the tiny preset's
+    optimizer step took 7.6 ms instead of 27 (README, "Training throughput"), and small matrices gain most."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            if not params:
+                continue
+            torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+            updates = [g.lerp(b, group["momentum"]) for g, b in zip(grads, buffers)] if group["nesterov"] else buffers
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
+            for shape, indices in by_shape.items():
+                orthogonal = zeropower_batched(torch.stack([updates[i] for i in indices]), group["ns_coefficients"],
+                                               group["ns_steps"], group["eps"])
+                lr = _adjust_lr(group["lr"], group["adjust_lr_fn"], shape)
+                for i, update in zip(indices, orthogonal.unbind()):
+                    params[i].mul_(1 - group["lr"] * group["weight_decay"])
+                    params[i].add_(update, alpha=-lr)
+        return loss
+
+
+def zeropower_batched(updates: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                      eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz orthogonalisation (bf16, ns_steps quintic steps, each matrix scaled to
+    Frobenius norm 1 first) of a stack of matrices (n, rows, cols) at once."""
+    a, b, c = ns_coefficients
+    x = updates.bfloat16()
+    tall = x.size(1) > x.size(2)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Optimizers:
@@ -87,7 +136,7 @@ def build_optimizer(model, device: torch.device, *, optimizer: str, lr: float, w
     ]
     fused = device.type in _get_fused_kernels_supported_devices()
     if optimizer == "muon":
-        muon = torch.optim.Muon(roles["matrices"], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        muon = BatchedMuon(roles["matrices"], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         return Optimizers(muon, torch.optim.AdamW(adamw_groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
     matrices = {"params": roles["matrices"], "lr": lr, "weight_decay": weight_decay}
     return Optimizers(torch.optim.AdamW([matrices, *adamw_groups], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused))
