@@ -7,9 +7,9 @@ forward is the whole loss. It calls the model's body for the hidden states and a
     loss = loss_model(batch[:, :-1], batch[:, 1:])          # mean over targets != -100; .backward() as usual
     total = loss_model(x, y, reduction="sum")               # under no_grad: toygpt/evaluation.py's summed loss
 
-With gradients enabled and a plain Linear head, lm_head and the loss are fused (FusedLinearCrossEntropy): the
-(tokens, vocab) logits and their gradient never exist at once, at the FLOPs of the plain path. Otherwise (no_grad,
-or an int8 head) the head runs on chunks of rows too. Either way the memory of the head is one chunk's
+With a plain Linear head, lm_head and the loss are fused (linear_cross_entropy; FusedLinearCrossEntropy with
+gradients enabled): the (tokens, vocab) logits and their gradient never exist at once, at the FLOPs of the plain path,
+and every chunk's logits reuse one buffer. Any other head (int8) runs on chunks of rows too. Either way the memory of the head is one chunk's
 (chunk_rows, vocab) logits, not (B * T, vocab): a long context costs what it costs the blocks.
 """
 
@@ -28,6 +28,66 @@ def chunk_rows_for(device: torch.device) -> int:
     return CUDA_CHUNK_ROWS if device.type == "cuda" else CHUNK_ROWS
 
 
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, chunk_rows=None, logit_offset=None,
+                         need_h=False, need_w=False):
+    """The summed cross_entropy(h @ W.T, targets) chunk_rows rows at a time, and with need_h/need_w the gradients
+    of the mean loss for h and W computed in the same pass (FusedLinearCrossEntropy's forward, and the eval's head).
+    h (N, C), weight (V, C), targets (N,) long; logit_offset (V,) is added inside the normaliser only (corpus_vocab's
+    u counts once per unseen id). Returns (loss_sum, count of targets != ignore_index, grad_h or None, grad_w or None).
+    """
+    chunk_rows = chunk_rows or chunk_rows_for(h.device)
+    device_type = h.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax and sums: fp32 at least
+    valid = targets != ignore_index
+    count = valid.sum()
+    scale = 1.0 / count.to(acc).clamp(min=1)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+    loss_sum = torch.zeros((), dtype=acc, device=h.device)
+    if logit_offset is not None:  # corpus_vocab's: one nonzero column (u); add just the columns that need it
+        offset_columns = logit_offset.nonzero().squeeze(1)
+        offset_values = logit_offset[offset_columns].to(acc)
+    # One logits buffer for every chunk: a fresh (chunk_rows, V) block each time costs page faults (CPU: the
+    # tiny preset's logits product took 12 ms instead of 5).
+    buffer = torch.empty(min(chunk_rows, h.size(0)), weight.size(0), dtype=acc, device=h.device)
+    with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
+        w = weight.to(dtype)
+        for start in range(0, h.size(0), chunk_rows):
+            hc = h[start:start + chunk_rows].to(dtype)
+            v = valid[start:start + chunk_rows]
+            t = targets[start:start + chunk_rows].masked_fill(~v, 0)[:, None]  # any in-range index; row scale is 0
+            logits = buffer[:hc.size(0)]  # (n, V)
+            if dtype == acc:
+                torch.mm(hc, w.t(), out=logits)
+            else:
+                logits.copy_(hc @ w.t())
+            target_logit = logits.gather(1, t)
+            if logit_offset is not None:  # in the normaliser only (corpus_vocab: u counts once per unseen id)
+                logits[:, offset_columns] += offset_values
+            top = logits.amax(dim=1, keepdim=True)
+            logits.sub_(top).exp_()
+            total = logits.sum(dim=1, keepdim=True)
+            loss_sum += ((top + total.log() - target_logit).squeeze(1) * v).sum()
+            if not (need_h or need_w):
+                continue
+            row_scale = v[:, None] * scale  # (n, 1): 0 for ignored rows
+            logits.mul_(row_scale / total)  # softmax * scale
+            logits.scatter_add_(1, t, -row_scale)  # - onehot * scale
+            g = logits.to(dtype)
+            if need_h:  # under autocast h may be fp32 (layer_norm's output) while g and w are bf16
+                if g.dtype == grad_h.dtype:
+                    torch.mm(g, w, out=grad_h[start:start + chunk_rows])
+                else:
+                    grad_h[start:start + chunk_rows] = g @ w
+            if need_w:
+                if g.dtype == acc:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w += (g.t() @ hc).to(acc)
+    return loss_sum, count, grad_h, grad_w
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(h @ W.T, targets) for training, chunked over rows, gradients computed in the same pass.
 
@@ -41,57 +101,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index=-100, chunk_rows=None, logit_offset=None):
         # h (N, C), weight (V, C), targets (N,) long.
-        chunk_rows = chunk_rows or chunk_rows_for(h.device)
-        device_type = h.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        acc = torch.float64 if dtype == torch.float64 else torch.float32  # softmax and sums: fp32 at least
-        valid = targets != ignore_index
-        count = valid.sum()
-        scale = 1.0 / count.to(acc).clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        loss_sum = torch.zeros((), dtype=acc, device=h.device)
-        if logit_offset is not None:  # corpus_vocab's: one nonzero column (u); add just the columns that need it
-            offset_columns = logit_offset.nonzero().squeeze(1)
-            offset_values = logit_offset[offset_columns].to(acc)
-        # One logits buffer for every chunk: a fresh (chunk_rows, V) block each time costs page faults (CPU: the
-        # tiny preset's logits product took 12 ms instead of 5).
-        buffer = torch.empty(min(chunk_rows, h.size(0)), weight.size(0), dtype=acc, device=h.device)
-        with torch.autocast(device_type, enabled=False):  # explicit dtypes below; fp32 softmax and accumulation
-            w = weight.to(dtype)
-            for start in range(0, h.size(0), chunk_rows):
-                hc = h[start:start + chunk_rows].to(dtype)
-                v = valid[start:start + chunk_rows]
-                t = targets[start:start + chunk_rows].masked_fill(~v, 0)[:, None]  # any in-range index; row scale is 0
-                logits = buffer[:hc.size(0)]  # (n, V)
-                if dtype == acc:
-                    torch.mm(hc, w.t(), out=logits)
-                else:
-                    logits.copy_(hc @ w.t())
-                target_logit = logits.gather(1, t)
-                if logit_offset is not None:  # in the normaliser only (corpus_vocab: u counts once per unseen id)
-                    logits[:, offset_columns] += offset_values
-                top = logits.amax(dim=1, keepdim=True)
-                logits.sub_(top).exp_()
-                total = logits.sum(dim=1, keepdim=True)
-                loss_sum += ((top + total.log() - target_logit).squeeze(1) * v).sum()
-                if not (need_h or need_w):
-                    continue
-                row_scale = v[:, None] * scale  # (n, 1): 0 for ignored rows
-                logits.mul_(row_scale / total)  # softmax * scale
-                logits.scatter_add_(1, t, -row_scale)  # - onehot * scale
-                g = logits.to(dtype)
-                if need_h:  # under autocast h may be fp32 (layer_norm's output) while g and w are bf16
-                    if g.dtype == grad_h.dtype:
-                        torch.mm(g, w, out=grad_h[start:start + chunk_rows])
-                    else:
-                        grad_h[start:start + chunk_rows] = g @ w
-                if need_w:
-                    if g.dtype == acc:
-                        grad_w.addmm_(g.t(), hc)
-                    else:
-                        grad_w += (g.t() @ hc).to(acc)
+        loss_sum, count, grad_h, grad_w = linear_cross_entropy(h, weight, targets, ignore_index, chunk_rows,
+                                                               logit_offset, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return loss_sum / count  # 0 / 0 = nan when every target is ignored, as F.cross_entropy's mean
 
@@ -155,8 +166,13 @@ class CausalLMLoss(nn.Module):
         h = self.model.transformer(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, C)
         h, targets = h.flatten(0, 1), targets.flatten().to(h.device)  # (N, C), (N,)
         head = self.model.lm_head
-        if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-            loss = FusedLinearCrossEntropy.apply(h, head.weight, targets, self.ignore_index, self.chunk_rows, offset)
-            return loss if reduction == "mean" else loss * (targets != self.ignore_index).sum()
+        if isinstance(head, nn.Linear) and head.bias is None:
+            if torch.is_grad_enabled():
+                loss = FusedLinearCrossEntropy.apply(h, head.weight, targets, self.ignore_index, self.chunk_rows,
+                                                     offset)
+                return loss if reduction == "mean" else loss * (targets != self.ignore_index).sum()
+            total, count, _, _ = linear_cross_entropy(h, head.weight, targets, self.ignore_index, self.chunk_rows,
+                                                      offset)
+            return total if reduction == "sum" else total / count
         total = chunked_cross_entropy_sum(h, head, targets, self.ignore_index, self.chunk_rows, offset)
         return total if reduction == "sum" else total / (targets != self.ignore_index).sum()
