@@ -21,7 +21,7 @@ TINY_STEP_TOKENS = 4 * 256  # the tiny preset's batch x context
 
 
 def dropout_for(epochs):
-    return regularization.by_epochs(epochs, EPOCH_RULES["dropout"])
+    return regularization.rule_value("dropout", epochs)
 
 
 @pytest.mark.parametrize("name", sorted(EPOCH_RULES))
@@ -43,6 +43,19 @@ def test_more_steps_never_get_less_regularisation(name):
         assert regularization.by_epochs(x, rule) == pytest.approx(y)
     assert regularization.by_epochs(0.0, rule) == regularization.first_value(rule)
     assert TRAINING_DEFAULTS["tiny"][name] is None  # the tiny preset uses the rule
+
+
+def test_a_dropout_under_min_change_is_none():
+    # Any dropout costs a CPU the same (its masks: 1.6x the step), so the rule never buys one too small to matter.
+    grid = [i / 10 for i in range(0, 1000)]
+    chosen = [regularization.rule_value("dropout", e) for e in grid]
+    ruled = [regularization.by_epochs(e, EPOCH_RULES["dropout"]) for e in grid]
+    assert all(c == (r if r >= regularization.MIN_CHANGE else 0.0) for c, r in zip(chosen, ruled))
+    assert not any(0.0 < c < regularization.MIN_CHANGE for c in chosen) and max(chosen) == max(ruled)
+    assert any(0.0 < r < regularization.MIN_CHANGE for r in ruled)  # the rule's rise does pass through such values
+    assert all(c <= d for c, d in zip(chosen, chosen[1:]))  # still never less for more epochs
+    assert [regularization.rule_value("weight_decay", e) for e in grid] == [
+        regularization.by_epochs(e, EPOCH_RULES["weight_decay"]) for e in grid]
 
 
 def test_short_runs_keep_the_defaults_that_were_measured_there():
@@ -84,6 +97,8 @@ def test_counting_stops_where_the_rules_no_longer_depend_on_it(names):
 # ----------------------------------------------------------------------------------------------------------------
 # train.py: real runs on 6 kB of Shakespeare (about 1,500 training tokens), 128 tokens a step
 
+LONG_STEPS = 700  # about 58 epochs of that text: past the dropout rule's last point, every rule at its last value
+
 
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory, shakespeare_path):
@@ -110,13 +125,13 @@ def decayed_groups(out):
 def test_a_longer_run_gets_more_regularisation_recorded_everywhere_and_resume_keeps_it(tmp_path, small_text, capsys):
     short_proc, short, state = rule_run(tmp_path / "short", small_text, 15)
     # The full vocabulary has no vocabulary pass: the run counts the split itself.
-    long_proc, long, long_state = rule_run(tmp_path / "long", small_text, 120, "--vocab", "full")
+    long_proc, long, long_state = rule_run(tmp_path / "long", small_text, LONG_STEPS, "--vocab", "full")
     train_tokens = state["vocab"]["train_tokens"]
     assert 1_000 < train_tokens < 2_000 and long_state["vocab"] is None
-    for proc, args, steps in ((short_proc, short, 15), (long_proc, long, 120)):
+    for proc, args, steps in ((short_proc, short, 15), (long_proc, long, LONG_STEPS)):
         epochs = regularization.run_epochs(steps, 128, train_tokens)
-        for name, rule in EPOCH_RULES.items():
-            assert args[name] == regularization.by_epochs(epochs, rule)
+        for name in EPOCH_RULES:
+            assert args[name] == regularization.rule_value(name, epochs)
         assert (f"dropout {args['dropout']:g}, weight decay {args['weight_decay']:g}: {steps} steps of 128 tokens "
                 f"read the training split's {train_tokens:,} tokens {epochs:.1f} times") in proc.stderr
     assert short["dropout"] == 0.0 < long["dropout"] and short["weight_decay"] == 0.1 < long["weight_decay"]
@@ -125,19 +140,19 @@ def test_a_longer_run_gets_more_regularisation_recorded_everywhere_and_resume_ke
     assert long_state["args"]["weight_decay"] == long["weight_decay"]
     # The optimizer trained with the chosen weight decay (Muon's matrices and AdamW's embeddings; gains/biases 0).
     assert decayed_groups(tmp_path / "short") == {0.1} and decayed_groups(tmp_path / "long") == {long["weight_decay"]}
-    # --resume to 8x the steps keeps the recorded choices (the rules do not decide again mid-run), though 120 steps
-    # from the start would get more; train.main() in this process, the runs above being real ones.
-    assert long["dropout"] == dropout_for(regularization.run_epochs(120, 128, train_tokens)) > 0.0
+    # --resume to the long run's steps keeps the recorded choices (the rules do not decide again mid-run), though
+    # that many steps from the start get more; train.main() in this process, the runs above being real ones.
+    assert long["dropout"] == dropout_for(regularization.run_epochs(LONG_STEPS, 128, train_tokens)) > 0.0
     import train
 
     with one_thread():
-        code = train.main(["--output-dir", str(tmp_path / "short"), "--resume", "--max-steps", "120", "--report-to",
-                           "none"])
+        code = train.main(["--output-dir", str(tmp_path / "short"), "--resume", "--max-steps", str(LONG_STEPS),
+                           "--report-to", "none"])
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     resumed = json.loads((tmp_path / "short" / "training_args.json").read_text())
     assert (resumed["dropout"], resumed["weight_decay"]) == (0.0, 0.1) and decayed_groups(tmp_path / "short") == {0.1}
-    assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == 120
+    assert "epochs rule" not in err and metrics(tmp_path / "short")[-1]["step"] == LONG_STEPS
 
 
 def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, capsys):
@@ -167,7 +182,8 @@ def test_a_count_that_stops_early_is_printed_as_a_floor(tmp_path, small_text, ca
 
 def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
     """A budget run's first fit guesses its step count from 10 steps; each later fit decides again from its own count
-    (the development machine's 30-minute run first fitted 8,437 steps). Moves under MIN_CHANGE are left alone."""
+    (the development machine's 30-minute run first fitted 8,437 steps and ran 4,437). Moves under MIN_CHANGE are left
+    alone."""
     from modeling_toygpt import ToyGPTForCausalLM
     from toygpt.optim import build_optimizer
     from toygpt.train_config import TrainingConfig
@@ -183,33 +199,33 @@ def test_a_later_fit_decides_again_where_the_rule_moves_enough(capsys):
     def decays():
         return {group["weight_decay"] for group in optimizer.param_groups if group["weight_decay"] != 0.0}
 
-    first = choose(TrainingConfig(), 8_437)  # 28.6 epochs
+    first = choose(TrainingConfig(), 16_874)  # 57.2 epochs
     assert (first.dropout, first.weight_decay) == (0.15, 0.3) and decays() == {0.3}
-    assert "dropout 0.15, weight decay 0.3: 8,437 steps" in capsys.readouterr().err
-    # 4,437 steps (where that run ended, 15.0 epochs): the dropout rule moves by 0.09, the weight-decay rule not at all
-    later = choose(first, 4_437)
-    epochs = regularization.run_epochs(4_437, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS)
+    assert "dropout 0.15, weight decay 0.3: 16,874 steps" in capsys.readouterr().err
+    # 12,000 steps (40.7 epochs): the dropout rule moves by 0.075, the weight-decay rule not at all
+    later = choose(first, 12_000)
+    epochs = regularization.run_epochs(12_000, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS)
     assert later.dropout == dropout_for(epochs) and first.dropout - later.dropout >= regularization.MIN_CHANGE
     assert later.weight_decay == 0.3 and model.config.dropout == later.dropout
     assert all(block.attn.dropout == later.dropout for block in model.transformer.h)
     err = capsys.readouterr().err
-    assert f"dropout {later.dropout:g}: 4,437 steps" in err and "--dropout sets it" in err
-    # 4,300 steps: the rule moves dropout by less than MIN_CHANGE: nothing changes, nothing is printed.
-    assert abs(dropout_for(regularization.run_epochs(4_300, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS))
+    assert f"dropout {later.dropout:g}: 12,000 steps" in err and "--dropout sets it" in err
+    # 11,800 steps: the rule moves dropout by less than MIN_CHANGE: nothing changes, nothing is printed.
+    assert abs(dropout_for(regularization.run_epochs(11_800, TINY_STEP_TOKENS, TINY_SHAKESPEARE_TRAIN_TOKENS))
                - later.dropout) < regularization.MIN_CHANGE
-    assert choose(later, 4_300) is later and capsys.readouterr().err == ""
+    assert choose(later, 11_800) is later and capsys.readouterr().err == ""
     shorter = choose(later, 500)  # 1.7 epochs: both rules back at their first values
     assert (shorter.dropout, shorter.weight_decay) == (0.0, 0.1) and decays() == {0.1}
 
 
 def test_a_budget_run_follows_its_latest_fit(tmp_path, small_text, capsys, monkeypatch):
-    """The fits of a real budget run (train.main() in this process) with the pace faked: the first fit says 180 steps
-    (15 epochs of the 6 kB text), the refit at step 20 says 30 (2.5 epochs); the run ends at 30 with the rules'
-    values for 30 steps, in the model, the optimizer and the record."""
+    """The fits of a real budget run (train.main() in this process) with the pace faked: the first fit says
+    LONG_STEPS (58 epochs of the 6 kB text), the refit at step 20 says 30 (2.5 epochs); the run ends at 30 with the
+    rules' values for 30 steps, in the model, the optimizer and the record."""
     import train
     from toygpt import training
 
-    real_refit, fits = training.refit_schedule, iter([180, 30])
+    real_refit, fits = training.refit_schedule, iter([LONG_STEPS, 30])
 
     def faked_refit(state, *args, **kwargs):
         scheduler = real_refit(state, *args, **kwargs)
@@ -227,12 +243,13 @@ def test_a_budget_run_follows_its_latest_fit(tmp_path, small_text, capsys, monke
     state = json.loads(next((out / "checkpoint").glob("step-*/trainer_state.json")).read_text())
     train_tokens, args = state["vocab"]["train_tokens"], json.loads((out / "training_args.json").read_text())
     assert state["step"] == 30 and metrics(out)[-1]["step"] == 30
-    at_first_fit = {name: regularization.by_epochs(regularization.run_epochs(180, 128, train_tokens), rule)
-                    for name, rule in EPOCH_RULES.items()}
-    at_end = {name: regularization.by_epochs(regularization.run_epochs(30, 128, train_tokens), rule)
-              for name, rule in EPOCH_RULES.items()}
+    at_first_fit = {name: regularization.rule_value(name, regularization.run_epochs(LONG_STEPS, 128, train_tokens))
+                    for name in EPOCH_RULES}
+    at_end = {name: regularization.rule_value(name, regularization.run_epochs(30, 128, train_tokens))
+              for name in EPOCH_RULES}
     assert at_first_fit["dropout"] > at_end["dropout"] + regularization.MIN_CHANGE
-    assert f"dropout {at_first_fit['dropout']:g}, weight decay {at_first_fit['weight_decay']:g}: 180 steps" in err
+    assert (f"dropout {at_first_fit['dropout']:g}, weight decay {at_first_fit['weight_decay']:g}: {LONG_STEPS} steps"
+            in err)
     assert f"dropout {at_end['dropout']:g}, weight decay {at_end['weight_decay']:g}: 30 steps" in err
     assert {name: args[name] for name in EPOCH_RULES} == at_end == {name: state["args"][name] for name in EPOCH_RULES}
     assert json.loads((out / "config.json").read_text())["dropout"] == at_end["dropout"]

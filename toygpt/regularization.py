@@ -49,6 +49,14 @@ def by_epochs(epochs: float, points) -> float:
     return round(y0 + (y1 - y0) * (epochs - x0) / (x1 - x0), 3)
 
 
+def rule_value(name: str, epochs: float) -> float:
+    """What the rule EPOCH_RULES[name] chooses for a run of `epochs`. A dropout under MIN_CHANGE is none: the rule
+    interpolates it between measured points, below a run's noise, and any dropout costs a CPU 1.6x the step time (the
+    random masks; README, "Quality"), so a budget run would buy it with a third of its steps."""
+    value = by_epochs(epochs, EPOCH_RULES[name])
+    return 0.0 if name == "dropout" and value < MIN_CHANGE else value
+
+
 def first_value(points) -> float:
     """A rule's value for a run too short to have chosen yet (and for every run of fewer epochs than its first point)."""
     return points[0][1]

@@ -314,7 +314,7 @@ def choose_by_epochs(config: TrainingConfig, names, model, optimizer, total_step
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
     chosen = {}
     for name in names:
-        value, before = regularization.by_epochs(epochs, EPOCH_RULES[name]), getattr(config, name)
+        value, before = regularization.rule_value(name, epochs), getattr(config, name)
         if before is None or abs(value - before) >= regularization.MIN_CHANGE:
             chosen[name] = value
     if not chosen:
