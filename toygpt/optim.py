@@ -1,9 +1,10 @@
 """The optimizers and the learning-rate schedule train.py uses, and the fit of the schedule to a time budget.
 
 --optimizer adamw: AdamW (betas 0.9/0.95) for everything. --optimizer muon: torch.optim.Muon for the blocks' weight
-matrices (its Newton-Schulz orthogonalised momentum, with `match_rms_adamw` so --lr means the same as for AdamW; its
-update computed for all same-shaped matrices at once, BatchedMuon), AdamW for the embeddings (token, tied with the head, and position), LayerNorm gains and biases. The tied embedding
-has its own learning rate (--embedding-lr). Weight decay applies to matrices and embeddings, never to gains/biases.
+matrices (its Newton-Schulz orthogonalised momentum, with `match_rms_adamw` so --lr means the same as for AdamW;
+computed for all same-shaped matrices at once: BatchedMuon), AdamW for the embeddings (token, tied with the head, and
+position), LayerNorm gains and biases. The tied embedding has its own learning rate (--embedding-lr). Weight decay
+applies to matrices and embeddings, never to gains/biases.
 
 --schedule cosine: linear warmup, cosine decay to --min-lr. --schedule wsd: warmup, a stable phase at --lr, then a
 cosine decay to --min-lr over the last WSD_DECAY_FRACTION of the steps (transformers' get_wsd_schedule). Both are

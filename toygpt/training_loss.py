@@ -9,8 +9,9 @@ forward is the whole loss. It calls the model's body for the hidden states and a
 
 With a plain Linear head, lm_head and the loss are fused (linear_cross_entropy; FusedLinearCrossEntropy with
 gradients enabled): the (tokens, vocab) logits and their gradient never exist at once, at the FLOPs of the plain path,
-and every chunk's logits reuse one buffer. Any other head (int8) runs on chunks of rows too. Either way the memory of the head is one chunk's
-(chunk_rows, vocab) logits, not (B * T, vocab): a long context costs what it costs the blocks.
+and every chunk's logits reuse one buffer. Any other head (int8) runs on chunks of rows too. Either way the memory
+of the head is one chunk's (chunk_rows, vocab) logits, not (B * T, vocab): a long context costs what it costs the
+blocks.
 """
 
 import torch
