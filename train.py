@@ -31,7 +31,7 @@ def preset_default(name: str) -> str:
     """Each preset's value of `name` (and --init-from's, where it sets one): "default: tiny 0.004, gpt2 0.0006"."""
     def show(value):
         if value is None:  # the presets' unset defaults
-            return "by the epochs the run trains (README)" if name in ("dropout", "weight_decay") else "= --lr"
+            return "by the epochs the run trains (README)" if name == "weight_decay" else "= --lr"
         return format(value, "g") if isinstance(value, float) else str(value)
 
     per_preset = {preset: show({**PRESETS[preset], **TRAINING_DEFAULTS[preset]}[name])

@@ -22,7 +22,7 @@ TRAINING_DEFAULTS = {
     "tiny": dict(
         batch_size=4, grad_accum=1, optimizer="muon", schedule="wsd", lr=4e-3, embedding_lr=8e-3, min_lr=4e-4,
         warmup_steps=20, max_steps=20000, weight_decay=None, grad_clip=1.0, eval_every=200, eval_batches=None,
-        checkpoint_every=200, dropout=None,  # None: by the epochs the run buys (EPOCH_RULES)
+        checkpoint_every=200,  # dropout: the architecture's 0.0 (EPOCH_RULES below says why)
         ema_decay=0.995,  # a moving average of the weights (toygpt/weight_average.py): README, "Quality"
     ),
     "gpt2": dict(
@@ -31,19 +31,16 @@ TRAINING_DEFAULTS = {
         checkpoint_every=1000, ema_decay=0.0,  # unmeasured at this size: the trained weights
     ),
 }
-# The tiny preset's dropout by the epochs a run trains (toygpt/regularization.py): (epochs, dropout) points, linear
-# between them, flat outside. Measured on tiny Shakespeare (README, "Quality"): dropout 0.1 costs 0.07 bits/char at
-# 2 epochs and 0.006 at 6.8 (the 10-minute run here); at 13.6 it gains 0.056 over none and 0.025 over 0.2; at 27.1
-# (8,000 steps) 0.15 beats 0.1 by 0.006 and 0.2 by 0.008. With the moving average of the weights (the preset's since),
-# 0.05 beats 0.1 at 13.6 epochs by 0.013 (seed 1337) and 0.009 (seed 7), and 0.15 loses 0.019 (1337); and none beats
-# 0.05 there by 0.025 (1337) and 0.015 (7), and 0.15 at 27.1 epochs (seed 7). So none up to 27.1; 0.15 at 54.3, where
-# seed 7 improved with it (16,000 steps), none unmeasured. Any dropout costs a CPU 1.6x the step time (random masks).
-EPOCH_DROPOUT = ((27.1, 0.0), (54.3, 0.15))
-# Its weight decay (on matrices and embeddings), the same way: 0.3 beats 0.1 by 0.04-0.05 bits/char at 6.8 epochs
-# (2,000 steps), by 0.015 at 13.6 and 0.012 at 27.1, and costs 0.02 at 2 epochs (the 3-minute demo).
+# The tiny preset's weight decay (on matrices and embeddings) by the epochs a run trains (toygpt/regularization.py):
+# (epochs, value) points, linear between them, flat outside. Measured on tiny Shakespeare (README, "Quality"): 0.3
+# beats 0.1 by 0.04-0.05 bits/char at 6.8 epochs (2,000 steps), by 0.015 at 13.6 and 0.012 at 27.1, and costs 0.02 at
+# 2 epochs (the 3-minute demo).
 EPOCH_WEIGHT_DECAY = ((2.0, 0.1), (6.8, 0.3))
+# Dropout had a rule too (up to 0.15 at 27.1 epochs, measured without the average). With the moving average (the
+# preset's ema_decay) none beat every dropout measured at 13.6, 27.1 and 54.3 epochs (4k, 8k, 16k steps; by 0.015-0.05
+# bits/char), and any dropout costs a CPU 1.6x the step (its random masks), so the tiny preset trains without it.
 # The rules by the TrainingConfig field each decides where the preset leaves it None.
-EPOCH_RULES = {"dropout": EPOCH_DROPOUT, "weight_decay": EPOCH_WEIGHT_DECAY}
+EPOCH_RULES = {"weight_decay": EPOCH_WEIGHT_DECAY}
 # --init-from: a pretrained model is fine-tuned gently (nanoGPT's finetune_shakespeare: a small, decaying lr), with
 # AdamW for every weight (Muon's learning rates above are for training from scratch), and nanoGPT's weight decay
 # (the epochs rule was measured from scratch).

@@ -1,34 +1,30 @@
-"""Dropout and weight decay by the epochs a run buys: how the tiny preset trains many epochs of a small corpus
-without memorising it.
+"""Weight decay by the epochs a run buys: how the tiny preset trains many epochs of a small corpus without memorising
+it (with the moving average of its weights, toygpt/weight_average.py, and keeping the best eval, best_model.py).
 
 A short run sees its training split once or twice and needs little regularisation; a long one (more minutes, a faster
 machine, a GPU) sees it many times, and past a few epochs memorises it: train loss keeps falling while validation
-loss rises. The presets whose TRAINING_DEFAULTS leave `dropout` or `weight_decay` None (tiny) choose them from
+loss rises. The presets whose TRAINING_DEFAULTS leave `weight_decay` None (tiny) choose it from
 
     epochs = total steps x tokens per step (all processes) / tokens in the training split
 
 by EPOCH_RULES (toygpt/defaults.py, measured on tiny Shakespeare: README, "Quality"), each a piecewise-linear,
 non-decreasing rule: more epochs never get less regularisation. A --max-steps run decides before its first step; a
 --time-budget-min run once its schedule is first fitted to the budget (training.FIT_STEPS steps, inside the warmup,
-which run at the weight-decay rule's first value), which is when it knows its step count, and again at every later
-fit: the first fit is a guess from FIT_STEPS steps and a machine's pace drifts (on the development machine a 30-minute
-run first fitted 8,437 steps and ran 4,437), so the rules go by the latest fit's count. A value changes only where the
-rule moves it by MIN_CHANGE or more. The choices are recorded as --dropout and --weight-decay (training_args.json,
-checkpoints, the model config), so --resume keeps them.
+which run at the rule's first value), which is when it knows its step count, and again at every later fit: the first
+fit is a guess from FIT_STEPS steps and a machine's pace drifts (on the development machine a 30-minute run first
+fitted 8,437 steps and ran 4,437), so the rules go by the latest fit's count. A value changes only where the rule
+moves it by MIN_CHANGE or more. The choices are recorded as --weight-decay (training_args.json, checkpoints), so
+--resume keeps them. (Dropout had a rule until the moving average made none the best: toygpt/defaults.py.)
 """
 
 from __future__ import annotations
 
 import bisect
 
-from torch import nn
-
-from modeling_toygpt import CausalSelfAttention
 from toygpt.defaults import EPOCH_RULES
 
 
-# Smaller moves are left alone: each change of dropout makes a compiled training step recompile (dynamo guards its p),
-# and 0.02 of either is within the measured noise of a run (README, "Quality").
+# Smaller moves are left alone: 0.02 of weight decay is within the measured noise of a run (README, "Quality").
 MIN_CHANGE = 0.02
 
 
@@ -50,11 +46,8 @@ def by_epochs(epochs: float, points) -> float:
 
 
 def rule_value(name: str, epochs: float) -> float:
-    """What the rule EPOCH_RULES[name] chooses for a run of `epochs`. A dropout under MIN_CHANGE is none: the rule
-    interpolates it between measured points, below a run's noise, and any dropout costs a CPU 1.6x the step time (the
-    random masks; README, "Quality"), so a budget run would buy it with a third of its steps."""
-    value = by_epochs(epochs, EPOCH_RULES[name])
-    return 0.0 if name == "dropout" and value < MIN_CHANGE else value
+    """What the rule EPOCH_RULES[name] chooses for a run of `epochs`."""
+    return by_epochs(epochs, EPOCH_RULES[name])
 
 
 def first_value(points) -> float:
@@ -72,13 +65,3 @@ def tokens_worth_counting(max_steps: int, tokens_per_step: int, names=tuple(EPOC
     (max_steps bounds it): counting its tokens may stop there."""
     flat_until = min(max(x for x, y in EPOCH_RULES[name] if y == first_value(EPOCH_RULES[name])) for name in names)
     return int(max_steps * tokens_per_step / flat_until) + 1
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Every dropout of a ToyGPT model (nn.Dropout layers and attention's dropout_p) and its config, in place."""
-    model.config.dropout = p
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        elif isinstance(module, CausalSelfAttention):  # its dropout_p, a number
-            module.dropout = p

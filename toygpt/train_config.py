@@ -107,7 +107,7 @@ class TrainingConfig:
     n_head: int | None = None
     n_embd: int | None = None
     block_size: int | None = None
-    dropout: float | None = None  # resolved None (tiny): chosen by the epochs the run buys (regularization.py)
+    dropout: float | None = None
     # Optimisation.
     batch_size: int | None = None  # windows per micro-batch, per process
     grad_accum: int | None = None  # micro-batches per optimizer step
@@ -230,7 +230,6 @@ class TrainingConfig:
 
     def model_config(self) -> ToyGPTConfig:
         """The architecture: the preset's (or --init-from's checkpoint's) with the model fields."""
-        # dropout None (tiny): the architecture's 0.0 until the epochs rule sets it (regularization.py)
         values = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
         try:
             if self.start is not None:  # --init-from: the checkpoint's config (recorded), with these fields

@@ -294,7 +294,7 @@ def corpus_vocabulary(config: TrainingConfig, source, resume_from,
 
 def training_split_tokens(config: TrainingConfig, source, counted: int | None,
                           processes: Processes) -> tuple[int | None, bool]:
-    """The epochs rules' denominator, where a rule decides --dropout or --weight-decay, and whether it is the whole
+    """The epochs rules' denominator, where a rule decides --weight-decay, and whether it is the whole
     split's: the vocabulary pass's count, else a count (rank 0's, shared) that stops where the rules no longer depend
     on it."""
     undecided = regularization.undecided(config)
@@ -306,11 +306,11 @@ def training_split_tokens(config: TrainingConfig, source, counted: int | None,
     return counted, counted < needed
 
 
-def choose_by_epochs(config: TrainingConfig, names, model, optimizer, total_steps: int, train_tokens: int,
+def choose_by_epochs(config: TrainingConfig, names, optimizer, total_steps: int, train_tokens: int,
                      tokens_per_step: int, is_main: bool, counted_all: bool = True) -> TrainingConfig:
-    """The epochs rules (regularization.py) for `names`, the fields the run left to them, applied to the model and
-    optimizer being trained and recorded as --dropout and --weight-decay. A value chosen before (a budget run's
-    earlier fit) changes only where the rule now moves it by regularization.MIN_CHANGE or more."""
+    """The epochs rules (regularization.py) for `names`, the fields the run left to them, applied to the optimizer
+    and recorded as --weight-decay. A value chosen before (a budget run's earlier fit) changes only where the rule
+    now moves it by regularization.MIN_CHANGE or more."""
     epochs = regularization.run_epochs(total_steps, tokens_per_step, train_tokens)
     chosen = {}
     for name in names:
@@ -319,8 +319,6 @@ def choose_by_epochs(config: TrainingConfig, names, model, optimizer, total_step
             chosen[name] = value
     if not chosen:
         return config
-    if "dropout" in chosen:
-        regularization.set_dropout(model, chosen["dropout"])
     if "weight_decay" in chosen:
         set_weight_decay(optimizer, chosen["weight_decay"])
     if is_main:
@@ -440,7 +438,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
     # step count (a resumed run keeps what its checkpoint recorded: the fields are set by then).
     by_rules = regularization.undecided(config)
     if by_rules and budget_s is None:
-        config = choose_by_epochs(config, by_rules, loss_model.model, optimizer, state.total_steps, r.train_tokens,
+        config = choose_by_epochs(config, by_rules, optimizer, state.total_steps, r.train_tokens,
                                   tokens_per_step, processes.is_main, r.train_tokens_counted_all)
 
     bar = progress.TrainProgress(state.step, state.total_steps, budget_s, state.elapsed_before,
@@ -469,7 +467,7 @@ def run(config: TrainingConfig, source, resume_from: Path | None, init_model, ou
             if refit_due(state, config.eval_every, budget_s):
                 scheduler = refit_schedule(state, optimizer, scheduler, config, budget_s, processes)
                 if by_rules:  # the step count the rules go by is the latest fit's, not the first 10 steps' guess
-                    config = choose_by_epochs(config, by_rules, loss_model.model, optimizer, state.total_steps,
+                    config = choose_by_epochs(config, by_rules, optimizer, state.total_steps,
                                               r.train_tokens, tokens_per_step, processes.is_main,
                                               r.train_tokens_counted_all)
             if state.step % config.checkpoint_every == 0 and state.step < state.total_steps:
