@@ -37,7 +37,7 @@ TRAINING_DEFAULTS = {
 # 2 epochs (the 3-minute demo).
 EPOCH_WEIGHT_DECAY = ((2.0, 0.1), (6.8, 0.3))
 # Dropout had a rule too (up to 0.15 at 27.1 epochs, measured without the average). With the moving average (the
-# preset's ema_decay) none beat every dropout measured at 13.6, 27.1 and 54.3 epochs (4k, 8k, 16k steps; by 0.015-0.05
+# preset's ema_decay) none beat every dropout measured at 13.6, 27.1 and 54.3 epochs (4k, 8k, 16k steps; by 0.015-0.051
 # bits/char), and any dropout costs a CPU 1.6x the step (its random masks), so the tiny preset trains without it.
 # The rules by the TrainingConfig field each decides where the preset leaves it None.
 EPOCH_RULES = {"weight_decay": EPOCH_WEIGHT_DECAY}
